@@ -1,0 +1,198 @@
+"""The `regimen` command.
+
+Exit codes: 0 success, 2 bad input (recipe, arguments), 1 anything else.
+Errors are printed as one line each with the fix; no traceback unless
+``REGIMEN_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from orchestrator.errors import RecipeError, RegimenError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Regimen: YAML training recipes -> DeepSpeed jobs on Ray, tracked in MLflow.",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Overrides such as optimizer.lr=3e-4.", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _load(recipe: Path, overrides: list[str] | None) -> Any:
+    from orchestrator.recipe.expand import expand
+    from orchestrator.recipe.loader import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    return loaded, expand(loaded)
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Check a recipe (and every sweep variant); print every problem with its fix."""
+    loaded, variants = _load(recipe, overrides)
+    out.print(f"{recipe}: valid ({len(variants)} variant{'s' if len(variants) != 1 else ''})")
+
+
+@app.command()
+def plan(recipe: RecipeArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
+    """Show the variants and each one's step schedule, without training."""
+    from orchestrator.recipe.plan import plan_of
+
+    loaded, variants = _load(recipe, overrides)
+    plans = [plan_of(v) for v in variants]
+    if as_json:
+        print(json.dumps({"recipe": str(recipe), "variants": plans}, default=str))
+        return
+    from orchestrator.recipe.plan import render_plan
+
+    for p in plans:
+        out.print(render_plan(p))
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema (point your editor's YAML plugin at it)."""
+    from orchestrator.recipe.schema import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    as_json: JsonOpt = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: an embedded local Ray.")
+    ] = None,
+) -> None:
+    """Train a recipe (every sweep variant) on Ray; MLflow records everything."""
+    from orchestrator.control.controller import run_variants
+
+    loaded, variants = _load(recipe, overrides)
+    with _Progress(enabled=not as_json and sys.stderr.isatty()) as progress:
+        results = run_variants(
+            variants, recipe_name=loaded.recipe.name, address=address, on_progress=progress.update
+        )
+    for r in results:
+        style = "green" if r.status == "FINISHED" else "red"
+        err.print(
+            f"[{style}]{r.status}[/] {r.variant}: steps={r.steps} loss={_fmt(r.final_loss)} "
+            f"rollbacks={r.rollbacks} run={r.run_id}"
+            + (f"\n  error: {r.error}" if r.error else "")
+        )
+    if as_json:
+        summary = results[0].to_json() if len(results) == 1 else _sweep_summary(results)
+        print(json.dumps(summary, default=str))
+    if any(r.status != "FINISHED" for r in results):
+        raise typer.Exit(1)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _sweep_summary(results: list[Any]) -> dict[str, Any]:
+    ok = all(r.status == "FINISHED" for r in results)
+    return {
+        "run_id": None,
+        "status": "FINISHED" if ok else "FAILED",
+        "steps": sum(r.steps for r in results),
+        "final_loss": None,
+        "rollbacks": sum(r.rollbacks for r in results),
+        "checkpoint": None,
+        "variants": [r.to_json() for r in results],
+    }
+
+
+class _Progress:
+    """A rich progress bar per job (step, loss, ETA), fed by the controller's polling."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                TimeRemainingColumn(),
+                console=err,
+            )
+            self.bar.__enter__()
+        return self
+
+    def update(self, name: str, progress: dict[str, Any]) -> None:
+        if not self.enabled or not progress:
+            return
+        if name not in self.tasks:
+            self.tasks[name] = self.bar.add_task(name, total=progress.get("total"), loss="-")
+        self.bar.update(
+            self.tasks[name], completed=progress.get("step", 0), loss=_fmt(progress.get("loss"))
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(None, None, None)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning Regimen errors into clean messages and exit codes."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        app(args=argv, standalone_mode=False)
+    except RecipeError as exc:
+        for problem in exc.problems:  # contract: FILE:LINE: dotted.key: message, one a line
+            print(problem, file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except RegimenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted: the MLflow run was marked KILLED")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001  (no tracebacks for users)
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2 if isinstance(exc, click.UsageError) else 1)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("REGIMEN_DEBUG") == "1":
+            raise
+        err.print(f"[red]error:[/] {type(exc).__name__}: {exc} (REGIMEN_DEBUG=1 shows the traceback)")
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Run one job as a Ray Train ``TorchTrainer`` whose workers run Regimen's training loop.
+
+The driver passes the resolved recipe as YAML text (not a pickle), the run
+directory and the MLflow run; each worker rebuilds the recipe and trains. A
+small ``ProgressBoard`` actor carries rank 0's progress back for the terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from orchestrator.recipe.schema import Recipe
+
+_QUIET_ENV = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONWARNINGS": "ignore",
+    "DS_ACCELERATOR": "cpu",
+}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` or start an embedded local Ray (idempotent)."""
+    if ray.is_initialized():
+        return
+    env = dict(_QUIET_ENV)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") or _has_cuda():
+        env.pop("DS_ACCELERATOR")
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": env},
+        "log_to_driver": os.environ.get("REGIMEN_WORKER_LOGS", "0") == "1",
+        "include_dashboard": False,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        kwargs.pop("include_dashboard")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Latest progress of a job, written by rank 0, read by the driver."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] = {}
+
+    def update(self, progress: dict[str, Any]) -> None:
+        self.latest = progress
+
+    def get(self) -> dict[str, Any]:
+        return self.latest
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs."""
+    import ray.train
+
+    from orchestrator.engine.loop import WorkerContext, train
+    from orchestrator.recipe.loader import load_recipe_text
+
+    context = ray.train.get_context()
+    recipe = load_recipe_text(config["recipe_yaml"], name="recipe.yaml")
+    board = config.get("progress")
+    last = [0.0]
+
+    def report(progress: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if board is not None and (now - last[0] > 0.25 or progress["step"] == progress["total"]):
+            last[0] = now
+            board.update.remote(progress)
+
+    ctx = WorkerContext(
+        run_dir=Path(config["run_dir"]),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        tracking_uri=config.get("tracking_uri"),
+        run_id=config.get("run_id"),
+        resume_step=config.get("resume_step"),
+        on_progress=report,
+    )
+    train(recipe, ctx)
+
+
+def make_trainer(
+    recipe: Recipe,
+    recipe_yaml: str,
+    run_dir: Path,
+    *,
+    tracking_uri: str | None,
+    run_id: str | None,
+    resume_step: int | None = None,
+    progress: Any = None,
+) -> Any:
+    """A ready-to-``fit`` TorchTrainer for one job."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    res = recipe.resources
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        per_worker["GPU"] = res.gpus_per_worker
+    if res.memory_per_worker_gb:
+        per_worker["memory"] = res.memory_per_worker_gb * 2**30
+    return TorchTrainer(
+        _worker_entry,
+        train_loop_config={
+            "recipe_yaml": recipe_yaml,
+            "run_dir": str(run_dir),
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "resume_step": resume_step,
+            "progress": progress,
+        },
+        torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=res.workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker=per_worker,
+            placement_strategy=res.placement,
+            accelerator_type=res.accelerator_type,
+        ),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str((run_dir / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=res.max_restarts),
+        ),
+    )

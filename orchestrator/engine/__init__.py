@@ -1,0 +1,1 @@
+"""The worker side: models, data, DeepSpeed glue, checkpoints and the training loop."""

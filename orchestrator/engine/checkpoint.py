@@ -1,0 +1,411 @@
+"""Atomic, verified checkpoints of DeepSpeed engines.
+
+Layout of one committed checkpoint ``root/step-00000100/``::
+
+    ds/...                     DeepSpeed's own files (``engine.save_checkpoint(tmp, tag="ds")``):
+                               model states + one ZeRO optimizer shard per rank
+    regimen/rank00000.pt       each rank's ``rank_state`` (techniques, data sampler, RNG, ...)
+    manifest.json              {format, step, world_size, created, meta, files: {relpath: {sha256, bytes}}}
+
+A save writes everything into ``root/.tmp-step-00000100``, fsyncs it, writes the
+manifest last and renames the directory into place, so a crash at any point
+leaves either the complete checkpoint or nothing that :meth:`CheckpointStore.list`
+would return. Leftover ``.tmp-*`` directories are removed by the next save.
+
+Loading and ``weights_only``: DeepSpeed 0.19 reads its own files with
+``torch.load(..., weights_only=False)`` (``TorchCheckpointEngine.load`` and the
+ZeRO shard loaders), i.e. with full pickle. That is acceptable here only because
+:meth:`CheckpointStore.load_engine` first checks every file against the SHA-256
+manifest written at save time, before DeepSpeed opens any of them. Regimen's own
+files are always read with ``weights_only=True``.
+
+The store assumes a filesystem shared by all ranks (rank 0 hashes every rank's
+files) and DeepSpeed's default, synchronous checkpoint engine.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.errors import CheckpointError
+
+__all__ = ["CheckpointInfo", "CheckpointStore", "atomic_write_bytes", "atomic_write_json"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DS_TAG = "ds"
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+_PRIMITIVES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, replace, fsync dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (see atomic_write_bytes)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _check_weights_only(obj: Any, where: str) -> None:
+    """Raise CheckpointError unless ``obj`` would load with ``torch.load(weights_only=True)``."""
+    t = type(obj)
+    if t in _PRIMITIVES or t in (torch.Tensor, torch.nn.Parameter):
+        return
+    if t in (list, tuple, torch.Size):
+        for i, v in enumerate(obj):
+            _check_weights_only(v, f"{where}[{i}]")
+        return
+    if t in (dict, OrderedDict):
+        for k, v in obj.items():
+            if type(k) not in (str, int, bool, float, type(None)):
+                raise CheckpointError(f"{where}: key {k!r} of type {type(k).__name__} is not allowed")
+            _check_weights_only(v, f"{where}[{k!r}]")
+        return
+    raise CheckpointError(
+        f"{where}: {t.__module__}.{t.__qualname__} cannot be checkpointed: rank_state may hold only "
+        "tensors, None/bool/int/float/str/bytes, lists, tuples and dicts (so that it loads with "
+        "torch.load(weights_only=True)); convert it, e.g. numpy -> torch.tensor / .tolist(), "
+        "numpy scalar -> float(), set -> sorted list, an object -> its state_dict()"
+    )
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+        os.fsync(f.fileno())
+    return h.hexdigest(), n
+
+
+def _dist() -> Any:
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+
+def _gather(obj: Any) -> list[Any]:
+    """All-gather a small picklable object; also a barrier. Identity without torch.distributed."""
+    d = _dist()
+    if d is None:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def _raise_first(errors: list[str | None]) -> None:
+    for i, e in enumerate(errors):
+        if e is not None:
+            raise CheckpointError(e if len(errors) == 1 else f"rank {i}: {e}")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint: its step, its directory and its parsed manifest."""
+
+    step: int
+    path: Path
+    manifest: dict
+
+
+class CheckpointStore:
+    """Atomic checkpoints under `root`: temp dir, fsync, manifest with SHA-256, rename; retention.
+
+    ``save`` and ``load_engine`` are collective: every rank must call them, in the same
+    order, with the same step. ``keep`` newest checkpoints survive retention (0 keeps all),
+    plus any step for which ``protect(step)`` is True (e.g. the spike guard's rollback target).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int = 3,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        protect: Callable[[int], bool] | None = None,
+    ) -> None:
+        if keep < 0 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad CheckpointStore args: keep={keep}, rank={rank}/{world_size}")
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+        self.world_size = world_size
+        self.protect = protect
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}"
+
+    def _check_world(self) -> str | None:
+        d = _dist()
+        if d is not None and (d.get_world_size(), d.get_rank()) != (self.world_size, self.rank):
+            return (
+                f"CheckpointStore was built for rank {self.rank}/{self.world_size} but "
+                f"torch.distributed says {d.get_rank()}/{d.get_world_size()}"
+            )
+        return None
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self, engine: Any, step: int, rank_state: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> CheckpointInfo:
+        """Collectively save ``engine`` + this rank's ``rank_state`` as checkpoint ``step``.
+
+        Every rank must call it. ``rank_state`` may hold only tensors, None/bool/int/float/
+        str/bytes, lists, tuples and dicts (exact types; numpy values are rejected) so that it
+        loads with ``torch.load(weights_only=True)``; anything else raises CheckpointError on
+        all ranks before anything is written. ``meta`` must be JSON-serialisable; it lands in
+        the manifest. Re-saving an existing step replaces it. Returns the committed info.
+        """
+        tmp = self.root / f".tmp-step-{step:08d}"
+        err = self._check_world()
+        try:
+            if not isinstance(step, int) or step < 0:
+                raise CheckpointError(f"checkpoint step must be an int >= 0, got {step!r}")
+            _check_weights_only(rank_state, "rank_state")
+            meta = dict(meta or {})
+            json.dumps(meta)
+            if getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", bool)():
+                raise CheckpointError("decoupled (async) DeepSpeed checkpoint engines are unsupported")
+            if self.rank == 0:
+                self.cleanup_partial()
+        except (CheckpointError, TypeError, ValueError, OSError) as e:
+            err = err or f"cannot save checkpoint {step}: {e}"
+        _raise_first(_gather(err))
+
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        try:
+            own = tmp / "regimen" / f"rank{self.rank:05d}.pt"
+            own.parent.mkdir(parents=True, exist_ok=True)
+            with open(own, "wb") as f:
+                torch.save(rank_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            err = None
+        except OSError as e:
+            err = f"cannot write {own}: {e}"
+        _raise_first(_gather(err))
+
+        manifest: dict[str, Any] | None = None
+        if self.rank == 0:
+            try:
+                manifest = self._commit(tmp, step, meta)
+                err = None
+            except Exception as e:
+                err = f"checkpoint {step} was not committed ({type(e).__name__}: {e}); "
+                err += f"the previous checkpoints are untouched, {tmp} is left for cleanup"
+        results = _gather((err, manifest))
+        _raise_first([e for e, _ in results])
+        info = CheckpointInfo(step, self._dir(step), results[0][1])
+        if self.rank == 0:
+            try:
+                self._retain(step)
+            except OSError as e:  # retention must never fail training
+                log.warning("checkpoint retention failed: %s", e)
+        return info
+
+    def _commit(self, tmp: Path, step: int, meta: dict[str, Any]) -> dict[str, Any]:
+        files: dict[str, dict[str, Any]] = {}
+        dirs = [tmp]
+        for p in sorted(tmp.rglob("*")):
+            if p.is_dir():
+                dirs.append(p)
+            elif p.name != MANIFEST:
+                digest, size = _sha256(p)  # also fsyncs the file
+                files[p.relative_to(tmp).as_posix()] = {"sha256": digest, "bytes": size}
+        for d in dirs:
+            _fsync_dir(d)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "world_size": self.world_size,
+            "created": time.time(),
+            "meta": meta,
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        final = self._dir(step)
+        if final.exists():  # re-save of a step (e.g. after a rollback): move the old one aside
+            old = self.root / f".tmp-old-{final.name}-{time.monotonic_ns()}"
+            os.rename(final, old)
+            _fsync_dir(self.root)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        return manifest
+
+    def _retain(self, just_saved: int) -> None:
+        if self.keep == 0:
+            return
+        infos = self.list()
+        for info in infos[: max(0, len(infos) - self.keep)]:
+            if info.step == just_saved or (self.protect is not None and self.protect(info.step)):
+                continue
+            self._remove(info.path)
+
+    def _remove(self, path: Path) -> None:
+        doomed = self.root / f".tmp-del-{path.name}-{time.monotonic_ns()}"
+        os.rename(path, doomed)  # atomic: never a half-deleted dir that still has a manifest
+        _fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    # ------------------------------------------------------------------ query
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints (``step-N`` dirs with a readable, matching manifest), by step."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for p in self.root.iterdir():
+            m = _STEP_RE.match(p.name)
+            if not m or not p.is_dir():
+                continue
+            try:
+                manifest = json.loads((p / MANIFEST).read_text())
+            except (OSError, ValueError):
+                continue
+            step = int(m.group(1))
+            if (
+                isinstance(manifest, dict)
+                and manifest.get("format") == FORMAT
+                and manifest.get("step") == step
+                and isinstance(manifest.get("files"), dict)
+            ):
+                out.append(CheckpointInfo(step, p, manifest))
+        return sorted(out, key=lambda i: i.step)
+
+    def latest(self, at_or_before: int | None = None) -> CheckpointInfo | None:
+        """The newest committed checkpoint, optionally with ``step <= at_or_before``; else None."""
+        infos = [i for i in self.list() if at_or_before is None or i.step <= at_or_before]
+        return infos[-1] if infos else None
+
+    def verify(self, info: CheckpointInfo) -> None:
+        """Recompute every file's size and SHA-256; CheckpointError naming the first bad file."""
+        for rel, want in sorted(info.manifest["files"].items()):
+            p = info.path / rel
+            problem = None
+            if not p.is_file():
+                problem = "is missing"
+            else:
+                digest, size = _sha256(p)
+                if size != want["bytes"] or digest != want["sha256"]:
+                    problem = f"has {size} bytes sha256 {digest[:16]}…, manifest says "
+                    problem += f"{want['bytes']} bytes sha256 {want['sha256'][:16]}…"
+            if problem:
+                raise CheckpointError(self._corrupt(info, f"{p} {problem}"))
+
+    def _corrupt(self, info: CheckpointInfo, detail: str) -> str:
+        prev = self.latest(at_or_before=info.step - 1)
+        fix = (
+            f"resume from the earlier checkpoint at step {prev.step} ({prev.path})"
+            if prev
+            else "no earlier checkpoint exists; restart the run from scratch"
+        )
+        return (
+            f"checkpoint step {info.step} is corrupt or was tampered with: {detail}. "
+            f"Do not load it; {fix}, and delete {info.path}."
+        )
+
+    # ------------------------------------------------------------------ load
+    def load_rank_state(self, info: CheckpointInfo, rank: int) -> dict[str, Any]:
+        """This file's bytes are checked against the manifest, then ``torch.load(weights_only=True)``."""
+        rel = f"regimen/rank{rank:05d}.pt"
+        want = info.manifest["files"].get(rel)
+        if want is None:
+            raise CheckpointError(
+                f"checkpoint step {info.step} has no state for rank {rank} ({info.path / rel}); "
+                f"it was saved with world size {info.manifest.get('world_size')}"
+            )
+        try:
+            data = (info.path / rel).read_bytes()
+        except OSError as e:
+            raise CheckpointError(self._corrupt(info, f"{info.path / rel}: {e}")) from e
+        if hashlib.sha256(data).hexdigest() != want["sha256"]:
+            raise CheckpointError(self._corrupt(info, f"{info.path / rel} fails its sha256 check"))
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+    def load_engine(
+        self, engine: Any, info: CheckpointInfo, *, load_optimizer_states: bool = True
+    ) -> None:
+        """Collective: verify (rank 0, result shared with all ranks), then DeepSpeed-load ``info``.
+
+        Raises CheckpointError on every rank, before DeepSpeed reads anything, if the
+        checkpoint fails verification or was saved with another world size. LR scheduler
+        states are not loaded (Regimen's schedules are restored from rank_state).
+        """
+        err = self._check_world()
+        saved_ws = info.manifest.get("world_size")
+        if err is None and saved_ws != self.world_size:
+            err = (
+                f"checkpoint step {info.step} ({info.path}) was saved with world size {saved_ws} "
+                f"but this run has {self.world_size}; resume with {saved_ws} workers "
+                "(ZeRO optimizer shards and rank states cannot be re-partitioned)"
+            )
+        if err is None and self.rank == 0:
+            try:
+                self.verify(info)
+            except CheckpointError as e:
+                err = str(e)
+        _raise_first(_gather(err))
+        load_path, _ = engine.load_checkpoint(
+            str(info.path),
+            tag=DS_TAG,
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=False,
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {info.path / DS_TAG}")
+
+    def cleanup_partial(self) -> list[Path]:
+        """Remove leftover ``.tmp-*`` dirs of interrupted saves/deletes (rank 0 only); the list."""
+        if self.rank != 0 or not self.root.is_dir():
+            return []
+        removed = [p for p in self.root.iterdir() if p.name.startswith(".tmp-") and p.is_dir()]
+        for p in removed:
+            shutil.rmtree(p)
+        return removed

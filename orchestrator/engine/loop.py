@@ -1,0 +1,406 @@
+"""The training loop every rank runs: build, resume, step with technique hooks, checkpoint.
+
+Ray is not needed here: the loop takes a :class:`WorkerContext` and expects
+``torch.distributed`` to be initialised (Ray Train does it; tests may do it by
+hand). Rank 0 additionally streams metrics to MLflow through an async sink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore, atomic_write_json
+from orchestrator.engine.data import BatchSource, build_data
+from orchestrator.engine.ds_config import build_ds_config
+from orchestrator.engine.models import build_model
+from orchestrator.engine.optim import StepGate, build_optimizer
+from orchestrator.errors import RollbackExhausted
+from orchestrator.recipe.schema import Recipe
+from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
+from orchestrator.techniques.registry import build_techniques
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class WorkerContext:
+    """Where this job lives and how it reports. Identical on every rank but for ``rank``."""
+
+    run_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    resume_step: int | None = None
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    stop_after_steps: int | None = None
+
+
+@dataclass
+class Built:
+    """The DeepSpeed engine and what the loop needs next to it."""
+
+    engine: Any
+    gate: StepGate
+    optimizer: Any
+
+
+@dataclass
+class LoopState:
+    """What the loop itself carries between steps (and into checkpoints)."""
+
+    cursor: int = 0
+    skip_ranges: list[tuple[int, int]] = field(default_factory=list)
+    rollbacks: int = 0
+    skipped_steps: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def initialize_engine(
+    model: torch.nn.Module, techniques: list[Technique], recipe: Recipe, ctx: WorkerContext
+) -> Built:
+    """Let techniques shape param groups and config, then ``deepspeed.initialize``."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    setup = Setup(
+        recipe=recipe,
+        model=model,
+        param_groups=[{"params": params, "name": "all"}],
+        ds_config=build_ds_config(recipe),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    for technique in techniques:
+        technique.configure(setup)
+    optimizer = build_optimizer(setup.param_groups, recipe.optimizer)
+    for wrap in setup.wrap_optimizer:
+        optimizer = wrap(optimizer)
+    gate = StepGate(optimizer)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=setup.ds_config, dist_init_required=False
+    )
+    return Built(engine=engine, gate=gate, optimizer=optimizer)
+
+
+def _agree(values: list[float], op: str) -> list[float]:
+    """All-reduce a few floats (``sum`` or ``max``) so every rank sees the same numbers."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def _forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = engine(**batch)
+    return out if isinstance(out, torch.Tensor) else out.loss
+
+
+class Trainer:
+    """One job on one rank. ``run()`` trains to the end and returns the summary (rank 0's is saved)."""
+
+    def __init__(self, recipe: Recipe, ctx: WorkerContext):
+        self.recipe = recipe
+        self.ctx = ctx
+        self.store = CheckpointStore(
+            ctx.run_dir / "checkpoints",
+            keep=recipe.checkpoint.keep,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            protect=self._protected,
+        )
+        self.techniques = build_techniques(recipe)
+        self.loop = LoopState()
+        self.protected_steps: set[int] = set()
+        self.sink: Any = None
+        self.events: list[dict[str, Any]] = []
+
+    # -- setup -------------------------------------------------------------------------------
+    def _protected(self, step: int) -> bool:
+        return step in self.protected_steps
+
+    def _emit(self, kind: str, **payload: Any) -> None:
+        event = {"kind": kind, "step": self.state.step, "time": time.time(), **payload}
+        self.events.append(event)
+        if self.sink is not None:
+            self.sink.event(kind, self.state.step, **payload)
+
+    def _build(self) -> None:
+        recipe, ctx = self.recipe, self.ctx
+        torch.set_num_threads(recipe.resources.threads_per_worker or max(1, int(recipe.resources.cpus_per_worker)))
+        _seed_everything(recipe.seed)
+        self.data = build_data(recipe.data)
+        self.batches = BatchSource(
+            self.data.train, recipe.seed, recipe.schedule.micro_batch_size, ctx.rank, ctx.world_size
+        )
+        self.model = build_model(recipe.model, recipe.seed)
+        self.state = TrainState(
+            recipe=recipe,
+            total_steps=recipe.schedule.steps,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            lr=recipe.optimizer.lr,
+            model=self.model,
+            emit=self._emit,
+        )
+        resume = self.store.latest(ctx.resume_step) if ctx.resume_step != -1 else None
+        rank_state = self.store.load_rank_state(resume, ctx.rank) if resume else None
+        if rank_state is not None:
+            for technique in self.techniques:
+                technique.load_state_dict(rank_state["techniques"].get(technique.name, {}))
+        self.built = initialize_engine(self.model, self.techniques, recipe, ctx)
+        self.state.engine = self.built.engine
+        if resume is not None and rank_state is not None:
+            self.store.load_engine(self.built.engine, resume)
+            self._restore_loop(rank_state)
+            self._emit("resume", from_step=resume.step, checkpoint=str(resume.path))
+
+    def _restore_loop(self, rank_state: dict[str, Any], keep_skips: bool = False) -> None:
+        skips = self.loop.skip_ranges
+        self.state.step = int(rank_state["step"])
+        self.state.lr_scale = float(rank_state["lr_scale"])
+        self.loop.cursor = int(rank_state["cursor"])
+        self.loop.skip_ranges = [tuple(r) for r in rank_state["skip_ranges"]]  # type: ignore[misc]
+        if keep_skips:
+            self.loop.skip_ranges = sorted(set(self.loop.skip_ranges) | set(skips))
+        _set_rng_state(rank_state["rng"])
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "cursor": self.loop.cursor,
+            "lr_scale": self.state.lr_scale,
+            "skip_ranges": [list(r) for r in self.loop.skip_ranges],
+            "rng": _rng_state(),
+            "techniques": {t.name: t.state_dict() for t in self.techniques},
+        }
+
+    # -- steps -------------------------------------------------------------------------------
+    def _apply_lr(self) -> None:
+        lr = self.state.lr * self.state.lr_scale
+        for group in self.built.engine.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_multiplier", 1.0)
+
+    def _skip_data_ranges(self) -> None:
+        for start, end in self.loop.skip_ranges:
+            if start <= self.loop.cursor < end:
+                self._emit("skip_data", start=self.loop.cursor, end=end)
+                self.loop.cursor = end
+
+    def _max_verdict(self, verdicts: list[Verdict]) -> Verdict:
+        local = max(verdicts, default=Verdict.PROCEED)
+        return Verdict(int(_agree([float(local)], "max")[0]))
+
+    def _train_step(self) -> dict[str, float]:
+        state, engine, schedule = self.state, self.built.engine, self.recipe.schedule
+        started = time.perf_counter()
+        state.metrics = {}
+        for technique in self.techniques:
+            technique.on_step_begin(state)
+        if state.request_rebuild:
+            self._rebuild_engine()
+        self._apply_lr()
+        self._skip_data_ranges()
+        engine.train()
+        loss_sum = 0.0
+        for micro in range(schedule.grad_accumulation):
+            batch = self.batches.micro_batch_at(self.loop.cursor, micro)
+            loss = _forward_loss(engine, batch)
+            engine.backward(loss)
+            loss_sum += float(loss.detach())
+            if micro < schedule.grad_accumulation - 1:
+                engine.step()
+        state.loss = _agree([loss_sum / schedule.grad_accumulation], "sum")[0] / self.ctx.world_size
+        verdict = self._max_verdict([t.on_before_optimizer_step(state) for t in self.techniques])
+        self.built.gate.skip_next = verdict >= Verdict.SKIP_STEP
+        engine.step()
+        skipped = self.built.gate.skip_next or verdict >= Verdict.SKIP_STEP
+        self.built.gate.skip_next = False
+        self.loop.skipped_steps += int(skipped)
+        norm = engine.get_global_grad_norm()
+        state.grad_norm = float(norm) if norm is not None else float("nan")
+        state.step += 1
+        self.loop.cursor += self.recipe.global_batch_size
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "loss": state.loss,
+            "lr": state.lr * state.lr_scale,
+            "grad_norm": state.grad_norm,
+            "step_time_s": elapsed,
+            "samples_per_s": self.recipe.global_batch_size / elapsed,
+            "skipped": float(skipped),
+            **state.metrics,
+        }
+        end_verdict = self._max_verdict([t.on_step_end(state, metrics) for t in self.techniques])
+        if end_verdict == Verdict.ROLLBACK:
+            self._rollback()
+        elif end_verdict == Verdict.STOP:
+            raise RollbackExhausted(state.stop_reason or f"a technique stopped training at step {state.step}")
+        return metrics
+
+    def _rebuild_engine(self) -> None:
+        old = self.built.engine
+        self.built = initialize_engine(old.module, self.techniques, self.recipe, self.ctx)
+        self.state.engine = self.built.engine
+        self.state.request_rebuild = False
+        if hasattr(old, "destroy"):
+            old.destroy()
+
+    def _rollback(self) -> None:
+        state = self.state
+        target: CheckpointInfo | None = self.store.latest(state.rollback_to)
+        if target is None:
+            raise RollbackExhausted(
+                f"step {state.step}: a rollback was requested but no checkpoint exists at or before "
+                f"step {state.rollback_to}: checkpoint more often (checkpoint.every)"
+            )
+        from_step = state.step
+        rank_state = self.store.load_rank_state(target, self.ctx.rank)
+        for technique in self.techniques:
+            if getattr(technique, "restore_on_rollback", True):
+                technique.load_state_dict(rank_state["techniques"].get(technique.name, {}))
+        if state.request_rebuild:
+            self._rebuild_engine()
+        self.store.load_engine(self.built.engine, target, load_optimizer_states=not getattr(state, "reset_moments", False))
+        self._restore_loop(rank_state, keep_skips=True)
+        self.loop.rollbacks += 1
+        state.rollback_to = None
+        for technique in self.techniques:
+            technique.on_rollback(state, target.step)
+        self._emit("rollback", from_step=from_step, to_step=target.step, skip_ranges=self.loop.skip_ranges)
+
+    # -- eval, checkpoints, reporting --------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over a fixed slice of the eval split, averaged across ranks."""
+        evalset = self.data.eval
+        if evalset is None or len(evalset) == 0:
+            return None
+        engine, mb = self.built.engine, self.recipe.schedule.micro_batch_size
+        engine.eval()
+        total, count = 0.0, 0
+        for b in range(self.recipe.schedule.eval_batches):
+            start = (b * self.ctx.world_size + self.ctx.rank) * mb
+            idx = [(start + j) % len(evalset) for j in range(mb)]
+            batch = {k: torch.stack([evalset[i][k] for i in idx]) for k in evalset[0]}
+            total += float(_forward_loss(engine, batch))
+            count += 1
+        engine.train()
+        summed = _agree([total, float(count)], "sum")
+        return summed[0] / max(1.0, summed[1])
+
+    def checkpoint(self) -> CheckpointInfo:
+        """Write a checkpoint of the current step (collective)."""
+        if self.sink is not None:
+            self.sink.flush(timeout_s=5.0)
+        info = self.store.save(self.built.engine, self.state.step, self._rank_state(), meta={"cursor": self.loop.cursor})
+        self._emit("checkpoint", path=str(info.path))
+        return info
+
+    def _open_sink(self) -> None:
+        if self.ctx.rank != 0 or not self.ctx.tracking_uri or not self.ctx.run_id:
+            return
+        from orchestrator.tracking.sink import MetricSink
+
+        self.sink = MetricSink(self.ctx.tracking_uri, self.ctx.run_id, spool_dir=self.ctx.run_dir / "spool")
+
+    def run(self) -> dict[str, Any]:
+        """Train from the latest checkpoint (if any) to ``schedule.steps``; return the summary."""
+        self._build()
+        self._open_sink()
+        state, recipe, ctx = self.state, self.recipe, self.ctx
+        for technique in self.techniques:
+            technique.on_train_start(state)
+        last_metrics: dict[str, float] = {}
+        every = recipe.checkpoint.every
+        steps_this_run = 0
+        try:
+            while state.step < recipe.schedule.steps:
+                last_metrics = self._train_step()
+                steps_this_run += 1
+                if recipe.schedule.eval_every and state.step % recipe.schedule.eval_every == 0:
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        last_metrics["eval_loss"] = eval_loss
+                if self.sink is not None and state.step % recipe.schedule.log_every == 0:
+                    self.sink.log(state.step, last_metrics)
+                if ctx.on_progress is not None and ctx.rank == 0:
+                    ctx.on_progress({"step": state.step, "total": recipe.schedule.steps, "loss": state.loss})
+                if every and state.step % every == 0 and state.step < recipe.schedule.steps:
+                    self.checkpoint()
+                if ctx.stop_after_steps is not None and steps_this_run >= ctx.stop_after_steps:
+                    return self._summary(last_metrics, None, finished=False)
+            eval_loss = self.evaluate()
+            final = self.checkpoint() if recipe.checkpoint.at_end else None
+            for technique in self.techniques:
+                technique.on_train_end(state)
+            if eval_loss is not None:
+                last_metrics["eval_loss"] = eval_loss
+                if self.sink is not None:
+                    self.sink.log(state.step, {"eval_loss": eval_loss})
+            return self._summary(last_metrics, final, finished=True)
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+
+    def _summary(self, metrics: dict[str, float], final: CheckpointInfo | None, finished: bool) -> dict[str, Any]:
+        summary = {
+            "steps": self.state.step,
+            "final_loss": metrics.get("loss"),
+            "eval_loss": metrics.get("eval_loss"),
+            "rollbacks": self.loop.rollbacks,
+            "skipped_steps": self.loop.skipped_steps,
+            "checkpoint": str(final.path) if final else None,
+            "finished": finished,
+            "data_fingerprint": self.data.fingerprint,
+            "events": self.events,
+        }
+        if self.ctx.rank == 0:
+            atomic_write_json(self.ctx.run_dir / SUMMARY_FILE, summary)
+        return summary
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary rank 0 wrote at the end of a job, or None."""
+    path = run_dir / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def train(recipe: Recipe, ctx: WorkerContext) -> dict[str, Any]:
+    """Run one job on this rank (the function every Ray Train worker calls)."""
+    os.makedirs(ctx.run_dir, exist_ok=True)
+    return Trainer(recipe, ctx).run()

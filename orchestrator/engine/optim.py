@@ -1,0 +1,44 @@
+"""The base optimizer and the skip gate that lets the loop skip an update cleanly.
+
+DeepSpeed (every ZeRO stage) calls the client optimizer's ``step()`` and then
+clears gradients itself. Gating that call skips the update *and* leaves the
+moments untouched, while DeepSpeed's own bookkeeping runs as usual.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from orchestrator.recipe.schema import OptimizerConfig
+
+
+def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The torch optimizer the recipe names, over the given param groups."""
+    groups = [{k: v for k, v in g.items()} for g in param_groups]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False
+    )
+
+
+class StepGate:
+    """Wraps ``optimizer.step`` so the loop can suppress exactly one update."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.skip_next = False
+        self.skipped = 0
+        self._step = optimizer.step
+        optimizer.step = self._gated_step  # type: ignore[method-assign]
+
+    def _gated_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.skip_next:
+            self.skip_next = False
+            self.skipped += 1
+            return None
+        return self._step(*args, **kwargs)

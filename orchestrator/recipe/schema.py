@@ -1,0 +1,218 @@
+"""The recipe schema: small typed sections, each forbidding unknown keys.
+
+A recipe is plain YAML validated into :class:`Recipe`. Technique sections are
+assembled from the technique registry, so registering a technique is enough to
+make its config part of the schema (and of `regimen schema`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, fields are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    """Which network to train.
+
+    `kind: hf_config` builds a Hugging Face model with random weights from `config`;
+    `kind: hf_pretrained` loads `path` (a local directory) with `from_pretrained`;
+    `kind: factory` calls the user's `module:function` with `factory_args` (runs user code).
+    """
+
+    kind: Literal["hf_config", "hf_pretrained", "factory"] = "hf_config"
+    architecture: Literal["llama", "mistral", "qwen2", "gpt2"] = Field(
+        "llama", description="HF architecture for kind=hf_config."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="HF config fields (hidden_size, num_hidden_layers, ...)."
+    )
+    path: str | None = Field(None, description="Local directory for kind=hf_pretrained.")
+    factory: str | None = Field(None, description="'package.module:function' for kind=factory.")
+    factory_args: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ModelConfig:
+        if self.kind == "hf_pretrained" and not self.path:
+            raise ValueError("kind 'hf_pretrained' needs 'path': set model.path to a local model dir")
+        if self.kind == "factory" and (not self.factory or ":" not in self.factory):
+            raise ValueError(
+                "kind 'factory' needs 'factory: package.module:function' (the colon is required)"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """Where training samples come from.
+
+    `stdlib_bytes` reads the Python standard library's own source as byte tokens
+    (needs no download); `text_files` reads `paths` as bytes; `factory` calls
+    `module:function(seq_len=..., **factory_args)` returning a torch Dataset.
+    """
+
+    kind: Literal["stdlib_bytes", "text_files", "factory"] = "stdlib_bytes"
+    paths: list[str] = Field(default_factory=list, description="Files for kind=text_files.")
+    factory: str | None = None
+    factory_args: dict[str, Any] = Field(default_factory=dict)
+    seq_len: PositiveInt = 128
+    max_bytes: PositiveInt = Field(2_000_000, description="Cap on bytes read for byte corpora.")
+    eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DataConfig:
+        if self.kind == "text_files" and not self.paths:
+            raise ValueError("kind 'text_files' needs 'paths': list the files to read")
+        if self.kind == "factory" and (not self.factory or ":" not in self.factory):
+            raise ValueError("kind 'factory' needs 'factory: package.module:function'")
+        return self
+
+
+class OptimizerConfig(Section):
+    """The base optimizer (techniques may wrap it). `lr` is the peak learning rate."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD only.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 disables.")
+
+
+class ScheduleConfig(Section):
+    """How long to train and how batches are formed.
+
+    Global batch = micro_batch_size x grad_accumulation x workers.
+    """
+
+    steps: PositiveInt = Field(..., description="Optimizer steps to train.")
+    micro_batch_size: PositiveInt = 8
+    grad_accumulation: PositiveInt = 1
+    log_every: PositiveInt = 1
+    eval_every: NonNegativeInt = Field(0, description="Evaluate every N steps; 0 = only at end.")
+    eval_batches: PositiveInt = 4
+
+
+class CheckpointConfig(Section):
+    """Where and how often checkpoints are written (atomic, with a SHA-256 manifest)."""
+
+    every: NonNegativeInt = Field(50, description="Checkpoint every N steps; 0 = only at end.")
+    keep: NonNegativeInt = Field(3, description="Newest checkpoints kept; 0 keeps all.")
+    storage: str = Field("./runs", description="Root directory of run storage.")
+    at_end: bool = True
+
+
+class ResourcesConfig(Section):
+    """What each job asks Ray for."""
+
+    workers: PositiveInt = 2
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    memory_per_worker_gb: float | None = Field(None, gt=0.0)
+    accelerator_type: str | None = None
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_restarts: NonNegativeInt = Field(2, description="Worker-crash restarts before failing.")
+    threads_per_worker: PositiveInt | None = Field(
+        None, description="torch intra-op threads per worker; default = cpus_per_worker."
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow settings. `password`/`token` style values are redacted everywhere."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "regimen"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class SweepConfig(Section):
+    """Variants: `grid` is the cross product of its lists; `zip` advances its lists together.
+
+    Keys are dotted recipe paths, e.g. `optimizer.lr: [1e-3, 3e-3]`.
+    """
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+    max_concurrent: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _zip_lengths(self) -> SweepConfig:
+        lengths = {len(v) for v in self.zip.values()}
+        if len(lengths) > 1:
+            raise ValueError("all 'zip' lists must have the same length")
+        for key, values in {**self.grid, **self.zip}.items():
+            if not values:
+                raise ValueError(f"sweep list for '{key}' is empty: give at least one value")
+        return self
+
+
+def _techniques_model() -> type[Section]:
+    """Build the `techniques:` section from the registry: one optional field per technique."""
+    from orchestrator.techniques.registry import registered
+
+    fields: dict[str, Any] = {
+        spec.name: (spec.config | None, Field(None, description=spec.summary))
+        for spec in registered()
+        if spec.section == "techniques"
+    }
+    return create_model("TechniquesConfig", __base__=Section, **fields)
+
+
+TechniquesConfig = _techniques_model()
+
+
+def _stability_model() -> type[Section]:
+    from orchestrator.techniques.registry import registered
+
+    for spec in registered():
+        if spec.section == "stability":
+            return spec.config
+    return Section
+
+
+StabilityConfig = _stability_model()
+
+
+class Recipe(Section):
+    """A whole training regime. Load one with :func:`orchestrator.recipe.load_recipe`."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)
+    description: str = ""
+    seed: NonNegativeInt = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    techniques: TechniquesConfig = Field(default_factory=TechniquesConfig)  # type: ignore[valid-type]
+    stability: StabilityConfig | None = None  # type: ignore[valid-type]
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Native DeepSpeed config keys, merged with what Regimen derives.",
+    )
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step across all workers."""
+        s = self.schedule
+        return s.micro_batch_size * s.grad_accumulation * self.resources.workers
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage the DeepSpeed section asks for (0 when absent)."""
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))

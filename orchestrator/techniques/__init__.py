@@ -1,0 +1,1 @@
+"""Training techniques: one module each, one interface (``base.Technique``), one registry."""
