@@ -157,6 +157,61 @@ class _Progress:
             self.bar.__exit__(None, None, None)
 
 
+TrackingOpt = Annotated[
+    str, typer.Option("--tracking-uri", help="MLflow tracking URI holding the run.")
+]
+
+
+def _continue(
+    run_id: str, tracking_uri: str, as_json: bool, address: str | None, **kw: Any
+) -> None:
+    from orchestrator.control.resume import continue_run
+
+    r = continue_run(run_id, tracking_uri=tracking_uri, address=address, **kw)
+    style = "green" if r.status == "FINISHED" else "red"
+    err.print(
+        f"[{style}]{r.status}[/] {r.variant}: steps={r.steps} loss={_fmt(r.final_loss)} "
+        f"rollbacks={r.rollbacks} run={r.run_id} (continues {run_id})"
+        + (f"\n  error: {r.error}" if r.error else "")
+    )
+    if as_json:
+        print(json.dumps({**r.to_json(), "parent_run_id": run_id}, default=str))
+    if r.status != "FINISHED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of the job to continue.")],
+    tracking_uri: TrackingOpt = "sqlite:///mlflow.db",
+    as_json: JsonOpt = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+) -> None:
+    """Continue a stopped, failed or killed run from its last committed checkpoint (new run)."""
+    _continue(run_id, tracking_uri, as_json, address)
+
+
+@app.command()
+def rollback(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of the job to roll back.")],
+    to_step: Annotated[int, typer.Option("--to-step", help="Checkpoint at or before N.")],
+    skip_batches: Annotated[
+        int, typer.Option("--skip-batches", min=0, help="Global batches to skip from there.")
+    ] = 0,
+    lr_scale: Annotated[
+        float | None, typer.Option("--lr-scale", min=0.0, help="Scale the LR from there on.")
+    ] = None,
+    tracking_uri: TrackingOpt = "sqlite:///mlflow.db",
+    as_json: JsonOpt = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+) -> None:
+    """Start a new segment of a run from the checkpoint at or before --to-step."""
+    _continue(
+        run_id, tracking_uri, as_json, address, to_step=to_step, skip_batches=skip_batches,
+        lr_scale=lr_scale,
+    )  # fmt: skip
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

@@ -72,7 +72,7 @@ def run_job(
     from orchestrator.tracking.runs import end_run, log_summary, open_run, set_tags
 
     recipe = variant.recipe
-    tracking = recipe.tracking
+    tracking = recipe.tracking.model_copy(update={"uri": absolute_tracking_uri(recipe.tracking.uri)})
     recipe_yaml = dump_recipe(recipe)
     tags = {**tracking.tags, "regimen.variant": variant.name, **(extra_tags or {})}
     new_run_id = open_run(
@@ -140,6 +140,22 @@ def run_job(
     return result
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """Pin a relative sqlite/file URI to the driver's working directory.
+
+    Ray workers run in their own working directory: a relative ``sqlite:///mlflow.db``
+    there would be a different database.
+    """
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme) :]
+            if path and not path.startswith("/") and path != ":memory:":
+                return scheme + str(Path(path).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
 def _poll(board: Any) -> dict[str, Any]:
     import ray
 
@@ -175,6 +191,7 @@ def run_variants(
     ensure_ray(address)
     parent = None
     tracking = variants[0].recipe.tracking
+    tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
     if len(variants) > 1:
         parent = open_run(
             tracking.uri,

@@ -5,7 +5,8 @@ Layout of one committed checkpoint ``root/step-00000100/``::
     ds/...                     DeepSpeed's own files (``engine.save_checkpoint(tmp, tag="ds")``):
                                model states + one ZeRO optimizer shard per rank
     regimen/rank00000.pt       each rank's ``rank_state`` (techniques, data sampler, RNG, ...)
-    manifest.json              {format, step, world_size, created, meta, files: {relpath: {sha256, bytes}}}
+    manifest.json              {format, step, world_size, created, meta,
+                                files: {relpath: {sha256, bytes}}}, written last
 
 A save writes everything into ``root/.tmp-step-00000100``, fsyncs it, writes the
 manifest last and renames the directory into place, so a crash at any point
@@ -14,10 +15,12 @@ would return. Leftover ``.tmp-*`` directories are removed by the next save.
 
 Loading and ``weights_only``: DeepSpeed 0.19 reads its own files with
 ``torch.load(..., weights_only=False)`` (``TorchCheckpointEngine.load`` and the
-ZeRO shard loaders), i.e. with full pickle. That is acceptable here only because
-:meth:`CheckpointStore.load_engine` first checks every file against the SHA-256
-manifest written at save time, before DeepSpeed opens any of them. Regimen's own
-files are always read with ``weights_only=True``.
+ZeRO shard loaders), i.e. with full pickle, and it must: under torch 2.13 the ZeRO-1/2
+optimizer shards pickle a ``deepspeed.runtime.fp16.loss_scaler.LossScaler`` object and
+fail a ``weights_only=True`` load (the model-states file alone would pass). That is
+acceptable only because :meth:`CheckpointStore.load_engine` first checks every file
+against the SHA-256 manifest written at save time, before DeepSpeed opens any of them.
+Regimen's own files are always read with ``weights_only=True``.
 
 The store assumes a filesystem shared by all ranks (rank 0 hashes every rank's
 files) and DeepSpeed's default, synchronous checkpoint engine.
@@ -52,6 +55,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 DS_TAG = "ds"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
+_Paths = list[Path]
 _PRIMITIVES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
 
 
@@ -67,7 +71,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, replace, fsync dir."""
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, replace, fsync."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.part")
     try:
@@ -82,7 +86,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (see atomic_write_bytes)."""
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (atomic_write_bytes)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -98,11 +102,11 @@ def _check_weights_only(obj: Any, where: str) -> None:
     if t in (dict, OrderedDict):
         for k, v in obj.items():
             if type(k) not in (str, int, bool, float, type(None)):
-                raise CheckpointError(f"{where}: key {k!r} of type {type(k).__name__} is not allowed")
+                raise CheckpointError(f"{where}: dict key {k!r} ({type(k).__name__}) not allowed")
             _check_weights_only(v, f"{where}[{k!r}]")
         return
     raise CheckpointError(
-        f"{where}: {t.__module__}.{t.__qualname__} cannot be checkpointed: rank_state may hold only "
+        f"{where}: {t.__module__}.{t.__qualname__} cannot be checkpointed: it may hold only "
         "tensors, None/bool/int/float/str/bytes, lists, tuples and dicts (so that it loads with "
         "torch.load(weights_only=True)); convert it, e.g. numpy -> torch.tensor / .tolist(), "
         "numpy scalar -> float(), set -> sorted list, an object -> its state_dict()"
@@ -180,15 +184,11 @@ class CheckpointStore:
         return self.root / f"step-{step:08d}"
 
     def _check_world(self) -> str | None:
-        d = _dist()
-        if d is not None and (d.get_world_size(), d.get_rank()) != (self.world_size, self.rank):
-            return (
-                f"CheckpointStore was built for rank {self.rank}/{self.world_size} but "
-                f"torch.distributed says {d.get_rank()}/{d.get_world_size()}"
-            )
-        return None
+        d, mine = _dist(), (self.rank, self.world_size)
+        if d is None or (d.get_rank(), d.get_world_size()) == mine:
+            return None
+        return f"store is rank/world {mine}, torch.distributed {d.get_rank(), d.get_world_size()}"
 
-    # ------------------------------------------------------------------ save
     def save(
         self, engine: Any, step: int, rank_state: dict[str, Any], meta: dict[str, Any] | None = None
     ) -> CheckpointInfo:
@@ -206,13 +206,12 @@ class CheckpointStore:
             if not isinstance(step, int) or step < 0:
                 raise CheckpointError(f"checkpoint step must be an int >= 0, got {step!r}")
             _check_weights_only(rank_state, "rank_state")
-            meta = dict(meta or {})
-            json.dumps(meta)
+            json.dumps(meta_d := dict(meta or {}))
             if getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", bool)():
-                raise CheckpointError("decoupled (async) DeepSpeed checkpoint engines are unsupported")
+                raise CheckpointError("decoupled (async) DeepSpeed checkpoint engines unsupported")
             if self.rank == 0:
                 self.cleanup_partial()
-        except (CheckpointError, TypeError, ValueError, OSError) as e:
+        except Exception as e:  # shared below, so no rank is left waiting in a collective
             err = err or f"cannot save checkpoint {step}: {e}"
         _raise_first(_gather(err))
 
@@ -225,14 +224,14 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             err = None
-        except OSError as e:
-            err = f"cannot write {own}: {e}"
+        except Exception as e:
+            err = f"cannot write {own}: {type(e).__name__}: {e}"
         _raise_first(_gather(err))
 
         manifest: dict[str, Any] | None = None
         if self.rank == 0:
             try:
-                manifest = self._commit(tmp, step, meta)
+                manifest = self._commit(tmp, step, meta_d)
                 err = None
             except Exception as e:
                 err = f"checkpoint {step} was not committed ({type(e).__name__}: {e}); "
@@ -258,26 +257,16 @@ class CheckpointStore:
                 files[p.relative_to(tmp).as_posix()] = {"sha256": digest, "bytes": size}
         for d in dirs:
             _fsync_dir(d)
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "world_size": self.world_size,
-            "created": time.time(),
-            "meta": meta,
-            "files": files,
-        }
+        manifest: dict[str, Any] = {"format": FORMAT, "step": step, "world_size": self.world_size}
+        manifest |= {"created": time.time(), "meta": meta, "files": files}
         atomic_write_json(tmp / MANIFEST, manifest)
         final = self._dir(step)
+        old = self.root / f".tmp-old-{final.name}-{time.monotonic_ns()}"
         if final.exists():  # re-save of a step (e.g. after a rollback): move the old one aside
-            old = self.root / f".tmp-old-{final.name}-{time.monotonic_ns()}"
             os.rename(final, old)
-            _fsync_dir(self.root)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
         return manifest
 
     def _retain(self, just_saved: int) -> None:
@@ -295,13 +284,10 @@ class CheckpointStore:
         _fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    # ------------------------------------------------------------------ query
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints (``step-N`` dirs with a readable, matching manifest), by step."""
-        out = []
-        if not self.root.is_dir():
-            return out
-        for p in self.root.iterdir():
+        out: list[CheckpointInfo] = []
+        for p in self.root.iterdir() if self.root.is_dir() else ():
             m = _STEP_RE.match(p.name)
             if not m or not p.is_dir():
                 continue
@@ -310,12 +296,8 @@ class CheckpointStore:
             except (OSError, ValueError):
                 continue
             step = int(m.group(1))
-            if (
-                isinstance(manifest, dict)
-                and manifest.get("format") == FORMAT
-                and manifest.get("step") == step
-                and isinstance(manifest.get("files"), dict)
-            ):
+            ok = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+            if ok and manifest.get("format") == FORMAT and manifest.get("step") == step:
                 out.append(CheckpointInfo(step, p, manifest))
         return sorted(out, key=lambda i: i.step)
 
@@ -329,8 +311,8 @@ class CheckpointStore:
         for rel, want in sorted(info.manifest["files"].items()):
             p = info.path / rel
             problem = None
-            if not p.is_file():
-                problem = "is missing"
+            if not isinstance(want, dict) or not p.is_file():
+                problem = "is missing or has a malformed manifest entry"
             else:
                 digest, size = _sha256(p)
                 if size != want["bytes"] or digest != want["sha256"]:
@@ -351,9 +333,9 @@ class CheckpointStore:
             f"Do not load it; {fix}, and delete {info.path}."
         )
 
-    # ------------------------------------------------------------------ load
     def load_rank_state(self, info: CheckpointInfo, rank: int) -> dict[str, Any]:
-        """This file's bytes are checked against the manifest, then ``torch.load(weights_only=True)``."""
+        """``rank``'s saved rank_state: bytes checked against the manifest, then
+        ``torch.load(weights_only=True, map_location="cpu")``. Not collective."""
         rel = f"regimen/rank{rank:05d}.pt"
         want = info.manifest["files"].get(rel)
         if want is None:
@@ -389,19 +371,30 @@ class CheckpointStore:
         if err is None and self.rank == 0:
             try:
                 self.verify(info)
-            except CheckpointError as e:
-                err = str(e)
+            except Exception as e:  # shared below, so no rank is left waiting in a collective
+                err = (
+                    str(e) if isinstance(e, CheckpointError) else f"cannot verify {info.path}: {e}"
+                )
         _raise_first(_gather(err))
         load_path, _ = engine.load_checkpoint(
-            str(info.path),
-            tag=DS_TAG,
-            load_optimizer_states=load_optimizer_states,
+            str(info.path), tag=DS_TAG, load_optimizer_states=load_optimizer_states,
             load_lr_scheduler_states=False,
-        )
+        )  # fmt: skip
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {info.path / DS_TAG}")
 
-    def cleanup_partial(self) -> list[Path]:
+    def discard_after(self, step: int) -> _Paths:
+        """Delete committed checkpoints with a step > ``step`` (rank 0 only); the removed dirs.
+
+        Call it after a rollback to ``step``: checkpoints of the abandoned timeline would
+        otherwise stay ``latest()`` and outrank new ones in retention.
+        """
+        doomed = [i.path for i in self.list() if i.step > step] if self.rank == 0 else []
+        for p in doomed:
+            self._remove(p)
+        return doomed
+
+    def cleanup_partial(self) -> _Paths:
         """Remove leftover ``.tmp-*`` dirs of interrupted saves/deletes (rank 0 only); the list."""
         if self.rank != 0 or not self.root.is_dir():
             return []

@@ -64,6 +64,7 @@ class LoopState:
     skip_ranges: list[tuple[int, int]] = field(default_factory=list)
     rollbacks: int = 0
     skipped_steps: int = 0
+    segment: int = 0
 
 
 def _rng_state() -> dict[str, Any]:
@@ -148,10 +149,21 @@ class Trainer:
         self.protected_steps: set[int] = set()
         self.sink: Any = None
         self.events: list[dict[str, Any]] = []
+        self._prev_start = 0.0
+        self._rolled_back = False
+        self.segment_run_id: str | None = ctx.run_id
 
     # -- setup -------------------------------------------------------------------------------
     def _protected(self, step: int) -> bool:
-        return step in self.protected_steps
+        """Keep explicit targets and every checkpoint a spike rollback could still return to."""
+        if step in self.protected_steps:
+            return True
+        guards = [t for t in self.techniques if hasattr(t, "rollback_floor")]
+        floors = [t.rollback_floor(self.state.step) for t in guards]
+        if not floors:
+            return False
+        target = self.store.latest(min(floors))
+        return target is not None and step >= target.step
 
     def _emit(self, kind: str, **payload: Any) -> None:
         event = {"kind": kind, "step": self.state.step, "time": time.time(), **payload}
@@ -176,6 +188,7 @@ class Trainer:
             lr=recipe.optimizer.lr,
             model=self.model,
             emit=self._emit,
+            run_dir=str(ctx.run_dir),
         )
         resume = self.store.latest(ctx.resume_step) if ctx.resume_step != -1 else None
         rank_state = self.store.load_rank_state(resume, ctx.rank) if resume else None
@@ -188,6 +201,29 @@ class Trainer:
             self.store.load_engine(self.built.engine, resume)
             self._restore_loop(rank_state)
             self._emit("resume", from_step=resume.step, checkpoint=str(resume.path))
+        self._apply_manual_segment()
+
+    def _apply_manual_segment(self) -> None:
+        """`regimen rollback --skip-batches/--lr-scale`: the driver's ``segment.json``.
+
+        Applied once: when this rank starts from the checkpoint the rollback chose and the
+        checkpoint predates that segment (a later checkpoint carries the ranges itself).
+        """
+        path = self.ctx.run_dir / "segment.json"
+        if not path.exists():
+            return
+        seg = json.loads(path.read_text())
+        if self.state.step != seg["from_step"] or self.loop.segment >= seg["segment"]:
+            return
+        extra = {(int(a), int(b)) for a, b in seg.get("skip_ranges") or []}
+        self.loop.skip_ranges = sorted(set(self.loop.skip_ranges) | extra)
+        if seg.get("lr_scale") is not None:
+            self.state.lr_scale = float(seg["lr_scale"])
+        self.loop.segment = int(seg["segment"])
+        self._emit(
+            "manual_rollback", to_step=seg["from_step"], skipped=sorted(extra),
+            lr_scale=self.state.lr_scale,
+        )  # fmt: skip
 
     def _restore_loop(self, rank_state: dict[str, Any], keep_skips: bool = False) -> None:
         skips = self.loop.skip_ranges
@@ -197,6 +233,9 @@ class Trainer:
         self.loop.skip_ranges = [tuple(r) for r in rank_state["skip_ranges"]]  # type: ignore[misc]
         if keep_skips:
             self.loop.skip_ranges = sorted(set(self.loop.skip_ranges) | set(skips))
+        else:  # a resume: counters continue; a rollback keeps counting forward instead
+            self.loop.rollbacks = int(rank_state.get("rollbacks", 0))
+            self.loop.segment = int(rank_state.get("segment", 0))
         _set_rng_state(rank_state["rng"])
 
     def _rank_state(self) -> dict[str, Any]:
@@ -205,6 +244,8 @@ class Trainer:
             "cursor": self.loop.cursor,
             "lr_scale": self.state.lr_scale,
             "skip_ranges": [list(r) for r in self.loop.skip_ranges],
+            "rollbacks": self.loop.rollbacks,
+            "segment": self.loop.segment,
             "rng": _rng_state(),
             "techniques": {t.name: t.state_dict() for t in self.techniques},
         }
@@ -235,6 +276,7 @@ class Trainer:
             self._rebuild_engine()
         self._apply_lr()
         self._skip_data_ranges()
+        state.cursor = self.loop.cursor
         engine.train()
         loss_sum = 0.0
         for micro in range(schedule.grad_accumulation):
@@ -255,7 +297,10 @@ class Trainer:
         state.grad_norm = float(norm) if norm is not None else float("nan")
         state.step += 1
         self.loop.cursor += self.recipe.global_batch_size
-        elapsed = time.perf_counter() - started
+        # A whole loop iteration (hooks, logging, progress) counts, not just the math:
+        # measured start-to-start, so the previous iteration's tail is included.
+        elapsed = started - self._prev_start if self._prev_start else time.perf_counter() - started
+        self._prev_start = started
         metrics = {
             "loss": state.loss,
             "lr": state.lr * state.lr_scale,
@@ -267,7 +312,10 @@ class Trainer:
         }
         end_verdict = self._max_verdict([t.on_step_end(state, metrics) for t in self.techniques])
         if end_verdict == Verdict.ROLLBACK:
+            if self.sink is not None:  # the spike's own metrics stay at their step, in this segment
+                self.sink.log(state.step, metrics)
             self._rollback()
+            self._rolled_back = True
         elif end_verdict == Verdict.STOP:
             raise RollbackExhausted(state.stop_reason or f"a technique stopped training at step {state.step}")
         return metrics
@@ -281,6 +329,13 @@ class Trainer:
             old.destroy()
 
     def _rollback(self) -> None:
+        """Restore the newest checkpoint at or before ``state.rollback_to`` in place.
+
+        Technique states come back from the checkpoint except for techniques with
+        ``restore_on_rollback = False`` (the spike guard's counters). Skip ranges of
+        earlier rollbacks are kept and ``state.skip_request`` is added; the checkpoints
+        of the abandoned timeline are discarded; a new lineage segment starts.
+        """
         state = self.state
         target: CheckpointInfo | None = self.store.latest(state.rollback_to)
         if target is None:
@@ -288,6 +343,7 @@ class Trainer:
                 f"step {state.step}: a rollback was requested but no checkpoint exists at or before "
                 f"step {state.rollback_to}: checkpoint more often (checkpoint.every)"
             )
+        started = time.perf_counter()
         from_step = state.step
         rank_state = self.store.load_rank_state(target, self.ctx.rank)
         for technique in self.techniques:
@@ -295,13 +351,54 @@ class Trainer:
                 technique.load_state_dict(rank_state["techniques"].get(technique.name, {}))
         if state.request_rebuild:
             self._rebuild_engine()
-        self.store.load_engine(self.built.engine, target, load_optimizer_states=not getattr(state, "reset_moments", False))
+        self.store.load_engine(self.built.engine, target)
+        if state.reset_moments:  # fresh moments: torch optimizers re-create their state lazily
+            opt = getattr(self.built.optimizer, "optimizer", self.built.optimizer)
+            getattr(opt, "state", {}).clear()
         self._restore_loop(rank_state, keep_skips=True)
+        requested = [(int(a), int(b)) for a, b in state.skip_request if b > a]
+        self.loop.skip_ranges = sorted(set(self.loop.skip_ranges) | set(requested))
+        self.store.discard_after(target.step)
         self.loop.rollbacks += 1
-        state.rollback_to = None
+        reason = dict(state.rollback_reason)
+        state.rollback_to, state.skip_request, state.reset_moments = None, [], False
+        state.rollback_reason = {}
         for technique in self.techniques:
             technique.on_rollback(state, target.step)
-        self._emit("rollback", from_step=from_step, to_step=target.step, skip_ranges=self.loop.skip_ranges)
+        self.last_recovery_s = time.perf_counter() - started
+        payload = {
+            "from_step": from_step,
+            "to_step": target.step,
+            "skipped": [list(r) for r in requested],
+            "skip_ranges": [list(r) for r in self.loop.skip_ranges],
+            "lr_scale": state.lr_scale,
+            "reason": reason,
+            "restore_s": self.last_recovery_s,
+        }
+        self._emit("rollback", **payload)
+        self._new_segment("rollback", target.step, payload)
+
+    def _new_segment(self, kind: str, restored_step: int, payload: dict[str, Any]) -> None:
+        """Rank 0: a child MLflow run for what follows; the sink switches to it."""
+        self.loop.segment += 1
+        if self.sink is None or not self.ctx.tracking_uri or not self.ctx.run_id:
+            return
+        from orchestrator.control.resume import open_segment_run
+        from orchestrator.tracking.sink import MetricSink
+
+        self.sink.close(timeout_s=10.0)
+        self.segment_run_id = open_segment_run(
+            self.ctx.tracking_uri,
+            self.ctx.run_id,
+            segment=self.loop.segment,
+            kind=kind,
+            restored_step=restored_step,
+            payload=payload,
+            rollbacks=self.loop.rollbacks,
+        )
+        self.sink = MetricSink(
+            self.ctx.tracking_uri, self.segment_run_id, spool_dir=self.ctx.run_dir / "spool"
+        )
 
     # -- eval, checkpoints, reporting --------------------------------------------------------
     @torch.no_grad()
@@ -337,6 +434,27 @@ class Trainer:
         from orchestrator.tracking.sink import MetricSink
 
         self.sink = MetricSink(self.ctx.tracking_uri, self.ctx.run_id, spool_dir=self.ctx.run_dir / "spool")
+        if any(e["kind"] == "resume" for e in self.events):  # a restart: close dead segments
+            from orchestrator.control.resume import close_segments
+
+            try:
+                close_segments(
+                    self.ctx.tracking_uri, self.ctx.run_id, "KILLED", "worker died; job restarted"
+                )
+            except Exception:  # noqa: BLE001  (lineage bookkeeping must not stop training)
+                pass
+
+    def _end_segment(self, status: str) -> None:
+        """Rank 0: end the current rollback segment run (the controller ends the job run)."""
+        if self.sink is None or self.segment_run_id in (None, self.ctx.run_id):
+            return
+        from orchestrator.tracking.runs import end_run
+
+        try:
+            uri, run_id = self.ctx.tracking_uri or "", self.segment_run_id or ""
+            end_run(uri, run_id, status)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001
+            pass
 
     def run(self) -> dict[str, Any]:
         """Train from the latest checkpoint (if any) to ``schedule.steps``; return the summary."""
@@ -348,10 +466,14 @@ class Trainer:
         last_metrics: dict[str, float] = {}
         every = recipe.checkpoint.every
         steps_this_run = 0
+        status = "FAILED"
         try:
             while state.step < recipe.schedule.steps:
                 last_metrics = self._train_step()
                 steps_this_run += 1
+                if self._rolled_back:  # already logged at the spike's step; nothing to checkpoint
+                    self._rolled_back = False
+                    continue
                 if recipe.schedule.eval_every and state.step % recipe.schedule.eval_every == 0:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
@@ -363,6 +485,7 @@ class Trainer:
                 if every and state.step % every == 0 and state.step < recipe.schedule.steps:
                     self.checkpoint()
                 if ctx.stop_after_steps is not None and steps_this_run >= ctx.stop_after_steps:
+                    status = "KILLED"
                     return self._summary(last_metrics, None, finished=False)
             eval_loss = self.evaluate()
             final = self.checkpoint() if recipe.checkpoint.at_end else None
@@ -372,10 +495,12 @@ class Trainer:
                 last_metrics["eval_loss"] = eval_loss
                 if self.sink is not None:
                     self.sink.log(state.step, {"eval_loss": eval_loss})
+            status = "FINISHED"
             return self._summary(last_metrics, final, finished=True)
         finally:
             if self.sink is not None:
                 self.sink.close()
+                self._end_segment(status)
 
     def _summary(self, metrics: dict[str, float], final: CheckpointInfo | None, finished: bool) -> dict[str, Any]:
         summary = {

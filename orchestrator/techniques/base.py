@@ -89,6 +89,14 @@ class TrainState:
     request_rebuild: bool = False
     rollback_to: int | None = None
     stop_reason: str | None = None
+    # Rollback requests (spike guard): stream ranges [start, end) to skip after the restore,
+    # whether to reset optimizer moments, and why (lineage). ``cursor`` is the stream position
+    # of the current step's first sample; ``run_dir`` is the job's storage directory.
+    skip_request: list[tuple[int, int]] = field(default_factory=list)
+    reset_moments: bool = False
+    rollback_reason: dict[str, Any] = field(default_factory=dict)
+    cursor: int = 0
+    run_dir: str | None = None
 
 
 class Technique:

@@ -7,7 +7,7 @@ Registering is all a technique needs to be part of the recipe schema, of
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.techniques.base import Technique, TechniqueConfig
@@ -25,6 +25,8 @@ class TechniqueSpec:
     or a top-level section such as ``stability``.
     ``check`` returns cross-section problems as ``(dotted_key, message)`` pairs.
     ``describe`` gives what `regimen plan` shows for it (phase boundaries, switches).
+    ``example`` is a config that makes the technique act within a few steps of a tiny
+    model: the conformance test runs every technique with it.
     """
 
     name: str
@@ -35,6 +37,7 @@ class TechniqueSpec:
     section: str = "techniques"
     check: Callable[[TechniqueConfig, Recipe], list[tuple[str, str]]] | None = None
     describe: Callable[[TechniqueConfig, Recipe], dict[str, Any]] | None = None
+    example: dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, TechniqueSpec] = {}

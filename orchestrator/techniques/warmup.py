@@ -127,5 +127,6 @@ register(
         summary="Linear warmup then linear/cosine/constant/WSD decay of the LR.",
         check=_check,
         describe=_describe,
+        example={"schedule": "cosine", "warmup_steps": 2},
     )
 )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from orchestrator.engine.checkpoint import CheckpointStore, atomic_write_bytes, atomic_write_json
+from orchestrator.errors import CheckpointError
 
-from orchestrator.engine.checkpoint import (  # noqa: E402
-    CheckpointStore,
-    atomic_write_bytes,
-    atomic_write_json,
-)
-from orchestrator.errors import CheckpointError  # noqa: E402
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +27,7 @@ def dist_world() -> Iterator[None]:
     """A one-process gloo group, initialised once per process and never torn down."""
     import torch.distributed as dist
 
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -288,3 +288,79 @@ def test_atomic_write_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.undo()
     assert json.loads(p.read_text()) == {"a": [1, 2], "b": 1}
     assert [q.name for q in tmp_path.iterdir()] == ["a.json"]
+
+
+_TWO_RANKS = """
+import os, sys, socket
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+sys.path[:0] = [{repo!r}, {here!r}]
+from test_checkpoint import make_engine, train_step, snapshot, same
+from orchestrator.engine.checkpoint import CheckpointStore
+from orchestrator.errors import CheckpointError
+
+def expect_error(fn, r, out):
+    try:
+        fn()
+    except CheckpointError as e:
+        out.append(f"rank{{r}} error ok: {{e}}")
+        return
+    raise AssertionError(f"rank {{r}}: no CheckpointError")
+
+def worker(r, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                      WORLD_SIZE="2", LOCAL_RANK=str(r), DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", rank=r, world_size=2)
+    out = []
+    engine = make_engine(stage=2)
+    train_step(engine, seed=10 + r)
+    store = CheckpointStore(root, keep=2, rank=r, world_size=2)
+    info = store.save(engine, 1, {{"rank": r, "t": torch.full((2,), float(r))}})
+    names = sorted(info.manifest["files"])
+    assert "regimen/rank00000.pt" in names and "regimen/rank00001.pt" in names, names
+    assert sum("optim_states" in n for n in names) == 2, names
+    saved = snapshot(engine)
+    train_step(engine, seed=20 + r)
+    store.load_engine(engine, info)
+    assert same(snapshot(engine), saved)
+    assert store.load_rank_state(info, r)["rank"] == r
+    # one rank's bad rank_state fails the save on every rank, nothing written
+    bad = {{"x": {{1}}}} if r == 1 else {{}}
+    expect_error(lambda: store.save(engine, 2, bad), r, out)
+    assert [i.step for i in store.list()] == [1]
+    dist.barrier()
+    if r == 0:
+        f = info.path / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        f.write_bytes(f.read_bytes()[:-1] + b"x")
+    dist.barrier()
+    expect_error(lambda: store.load_engine(engine, info), r, out)
+    print("\\n".join(out), flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, sys.argv[1]), nprocs=2)
+    print("ALL OK")
+"""
+
+
+def test_two_ranks_save_load_and_shared_errors(tmp_path: Path) -> None:
+    """Two gloo processes, ZeRO-2: per-rank shards/states, and errors raised on every rank."""
+    script = tmp_path / "two_ranks.py"
+    here = str(Path(__file__).resolve().parent)
+    script.write_text(textwrap.dedent(_TWO_RANKS.format(repo=str(REPO), here=here)))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=REPO,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "ALL OK" in proc.stdout
+    for r in (0, 1):
+        assert out.count(f"rank{r} error ok") == 2, out[-4000:]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out

@@ -1,0 +1,120 @@
+"""Steady-state step time of `regimen run` against a bare DeepSpeed script, side by side.
+
+Both train the same tiny LLaMA on the same byte data with 2 CPU workers (gloo,
+ZeRO-1, fp32), micro-batch 8, seq 128. The bare script is the minimal loop a
+person would write (forward, backward, step, loss.item()); Regimen runs its full
+loop (techniques, all-reduced verdicts, async MLflow metrics, checkpoints off
+the measured window) under Ray Train. The median step time over steps
+[warm, steps) is compared.
+
+    python bench/overhead.py [--steps 120] [--warm 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
+    """The bare DeepSpeed loop on one rank (no Ray, no Regimen loop)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+    )
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from orchestrator.engine.data import BatchSource, build_data
+    from orchestrator.engine.ds_config import build_ds_config
+    from orchestrator.engine.models import build_model
+    from orchestrator.recipe.loader import load_recipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    recipe = load_recipe(recipe_path).recipe
+    data = build_data(recipe.data)
+    source = BatchSource(data.train, recipe.seed, recipe.schedule.micro_batch_size, rank, world)
+    model = build_model(recipe.model, recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr, foreach=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(recipe))
+    times = []
+    cursor = 0
+    for _ in range(recipe.schedule.steps):
+        t0 = time.perf_counter()
+        batch = source.micro_batch_at(cursor, 0)
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        float(loss.detach())
+        cursor += recipe.global_batch_size
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def run_bare(recipe_path: Path, workdir: Path) -> list[float]:
+    """Spawn 2 bare ranks; return rank 0's step times."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    out = workdir / "bare.json"
+    mp.spawn(bare_worker, args=(2, free_port(), str(recipe_path), str(out)), nprocs=2, join=True)
+    return json.loads(out.read_text())
+
+
+def run_regimen(recipe_path: Path, workdir: Path) -> list[float]:
+    """`regimen run --json` in a subprocess; step times read back from MLflow."""
+    import mlflow
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(recipe_path), "--json"],
+        cwd=workdir, env=env, capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"regimen run failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    history = client.get_metric_history(summary["run_id"], "step_time_s")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warm", type=int, default=20)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="regimen-bench-"))
+    recipe = yaml.safe_load((REPO / "recipes/quickstart.yaml").read_text())
+    recipe["schedule"].update(steps=args.steps, eval_every=0)
+    recipe["checkpoint"].update(every=0, at_end=False, storage=str(workdir / "runs"))
+    recipe["techniques"]["warmup"]["warmup_steps"] = 5
+    recipe["tracking"]["uri"] = f"sqlite:///{workdir}/mlflow.db"
+    path = workdir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    bare = run_bare(path, workdir)[args.warm :]
+    ours = run_regimen(path, workdir)[args.warm :]
+    b, r = statistics.median(bare), statistics.median(ours)
+    print(f"| runner | median step (ms) | steps measured |\n|---|---|---|")
+    print(f"| bare DeepSpeed (2 ranks, gloo) | {b * 1e3:.1f} | {len(bare)} |")
+    print(f"| regimen run (Ray Train, 2 workers) | {r * 1e3:.1f} | {len(ours)} |")
+    print(f"\nratio regimen/bare = {r / b:.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Fault injection for tests and demos (`techniques.fault_injection`).
+
+Faults, each by step index (the 0-based optimizer step being run):
+
+* ``nan_at_step``: the loss of that step becomes NaN (so are its gradients).
+* ``spike_at_step`` + ``spike_steps`` + ``spike_factor``: the loss tensor is multiplied by
+  the factor for ``spike_steps`` steps: the spike is real (gradients scale with it).
+* ``grad_blowup_at_step`` + ``grad_factor``: the loss value is unchanged but its gradient is
+  multiplied by the factor (an identity with a scaled backward), on every ZeRO stage.
+* ``kill_at_step`` on ``kill_rank``: ``kill_mode: exit`` ends the worker process at once
+  (``os._exit``, like an OOM kill); ``raise`` raises an error in the worker.
+* ``kill_in_checkpoint_at_step``: ends the process on ``kill_rank`` while the checkpoint of
+  that step is being written (after DeepSpeed's files, before the manifest commit).
+
+Each fault fires once per run, even across rollbacks (the technique is not rolled back)
+and process restarts (a marker file ``<run_dir>/faults/<fault>.fired``, read at train
+start, written by the firing rank before it acts).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState
+
+FAULTS = ("nan", "spike", "grad_blowup", "kill", "kill_in_checkpoint")
+
+
+class FaultInjectionConfig(TechniqueConfig):
+    """`techniques.fault_injection`: deliberate faults at given steps (tests, demos)."""
+
+    nan_at_step: int | None = Field(None, ge=0)
+    spike_at_step: int | None = Field(None, ge=0)
+    spike_steps: int = Field(1, ge=1)
+    spike_factor: float = Field(100.0, gt=0.0)
+    grad_blowup_at_step: int | None = Field(None, ge=0)
+    grad_factor: float = Field(1e4, gt=0.0)
+    kill_at_step: int | None = Field(None, ge=0)
+    kill_in_checkpoint_at_step: int | None = Field(None, ge=1)
+    kill_rank: int = Field(0, ge=0)
+    kill_mode: Literal["exit", "raise"] = "exit"
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+class FaultInjection(Technique):
+    """Wraps the model's forward to corrupt the loss; kills processes on cue."""
+
+    name = "fault_injection"
+    restore_on_rollback = False
+
+    def __init__(self, cfg: FaultInjectionConfig):
+        self.cfg = cfg
+        self.fired: list[str] = []
+        self.rank = 0
+        self.run_dir: Path | None = None
+        self._loss_factor = 1.0  # for the current step
+        self._grad_factor = 1.0
+        self._spike_until = -1
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _marker(self, fault: str) -> Path | None:
+        return self.run_dir / "faults" / f"{fault}.fired" if self.run_dir else None
+
+    def _fire(self, fault: str, state: TrainState, mark: bool = True) -> None:
+        self.fired.append(fault)
+        marker = self._marker(fault)
+        if mark and marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"step {state.step} rank {state.rank}\n")
+        state.emit("fault_injected", fault=fault, at_step=state.step, rank=state.rank)
+
+    def _kill(self, what: str) -> None:
+        if self.cfg.kill_mode == "raise":
+            raise RuntimeError(f"fault injection: {what}")
+        os._exit(17)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def configure(self, setup: Setup) -> None:
+        model, technique = setup.model, self
+        if getattr(model, "_regimen_fault_wrapped", False):
+            return
+        original = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if technique._loss_factor == 1.0 and technique._grad_factor == 1.0:
+                return out
+            loss = out if isinstance(out, torch.Tensor) else out.loss
+            if technique._loss_factor != 1.0:
+                loss = loss * technique._loss_factor
+            if technique._grad_factor != 1.0:
+                loss = _ScaleGrad.apply(loss, technique._grad_factor)
+            if isinstance(out, torch.Tensor):
+                return loss
+            out.loss = loss
+            return out
+
+        model.forward = forward  # type: ignore[method-assign]
+        model._regimen_fault_wrapped = True  # type: ignore[attr-defined]
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.rank = state.rank
+        self.run_dir = Path(state.run_dir) if state.run_dir else None
+        for fault in FAULTS:
+            marker = self._marker(fault)
+            if marker is not None and marker.exists() and fault not in self.fired:
+                self.fired.append(fault)
+        step_at = self.cfg.kill_in_checkpoint_at_step
+        engine = state.engine
+        if step_at is not None and engine is not None and "kill_in_checkpoint" not in self.fired:
+            save, technique = engine.save_checkpoint, self
+
+            def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+                result = save(*args, **kwargs)
+                if state.step == step_at and "kill_in_checkpoint" not in technique.fired:
+                    technique.fired.append("kill_in_checkpoint")
+                    if state.rank == technique.cfg.kill_rank:
+                        technique._fire("kill_in_checkpoint", state)
+                        technique._kill(f"killed while writing checkpoint {step_at}")
+                return result
+
+            engine.save_checkpoint = save_checkpoint
+
+    def on_step_begin(self, state: TrainState) -> None:
+        cfg, step = self.cfg, state.step
+        self._loss_factor = self._grad_factor = 1.0
+        if cfg.kill_at_step == step and "kill" not in self.fired:
+            if state.rank == cfg.kill_rank:
+                self._fire("kill", state)
+                self._kill(f"killed at step {step} on rank {state.rank}")
+            self.fired.append("kill")
+        if cfg.nan_at_step == step and "nan" not in self.fired:
+            self._fire("nan", state, mark=state.rank == 0)
+            self._loss_factor = float("nan")
+        if cfg.spike_at_step == step and "spike" not in self.fired:
+            self._fire("spike", state, mark=state.rank == 0)
+            self._spike_until = step + cfg.spike_steps
+        if step < self._spike_until:
+            self._loss_factor *= cfg.spike_factor
+        if cfg.grad_blowup_at_step == step and "grad_blowup" not in self.fired:
+            self._fire("grad_blowup", state, mark=state.rank == 0)
+            self._grad_factor = cfg.grad_factor
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Any:
+        self._loss_factor = self._grad_factor = 1.0
+        return super().on_step_end(state, metrics)
+
+    def on_rollback(self, state: TrainState, step: int) -> None:
+        self._spike_until = -1  # the spike window belongs to the abandoned timeline
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fired": list(self.fired), "spike_until": self._spike_until}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.fired = list(dict.fromkeys([*self.fired, *state["fired"]]))
+            self._spike_until = int(state["spike_until"])
+
+
+def _register() -> None:
+    from orchestrator.techniques.registry import TechniqueSpec, register
+
+    register(
+        TechniqueSpec(
+            name="fault_injection",
+            config=FaultInjectionConfig,
+            build=lambda cfg, recipe: FaultInjection(cfg),  # type: ignore[arg-type]
+            order=5,
+            summary="Deliberate faults (NaN, loss spike, gradient blow-up, worker kill) for tests.",
+            describe=lambda cfg, recipe: cfg.model_dump(exclude_none=True),
+            example={"spike_at_step": 1, "spike_factor": 1.0},
+        )
+    )
+
+
+_register()

@@ -1,0 +1,375 @@
+"""Spike guard: detect loss / gradient spikes, skip the step, roll back, skip the data, cool down.
+
+Config lives at the recipe's top level (``stability:``). Detectors, each evaluated
+before the optimizer step (so a bad step can be skipped: no update, no moment change):
+
+* ``nan``: a NaN/Inf loss or gradient norm: anomalous at once, no history needed.
+* ``loss_z`` / ``grad_z``: a one-sided robust z-score over a rolling window of healthy
+  steps, ``(x - median) / (1.4826 * MAD)``; armed once ``min_history`` values exist.
+* ``loss_ratio`` (optional): ``loss / median > max_loss_ratio``.
+
+The gradient norm is measured before the update from ``p.grad`` (sqrt of the mean over
+ranks of each rank's squared norm: the global norm under ZeRO-0, a consistent proxy
+under ZeRO-1); where DeepSpeed has already moved the gradients away (ZeRO-2) the engine's
+norm of the step is checked after the step instead and can only count toward a rollback.
+
+Escalation: every anomalous step is skipped. After ``patience`` consecutive anomalies
+the guard asks for a ROLLBACK to the last *good* checkpoint: one followed by at least
+``good_after`` healthy steps (the loop restores the newest checkpoint at or before
+``state.rollback_to``). The stream positions of ``skip_batches`` global batches from
+the spike onset are skipped (``state.skip_request``); the LR is scaled by ``lr_scale``
+for ``cooldown_steps`` steps; ``reset_moments`` zeroes the optimizer moments. After
+``max_rollbacks`` rollbacks the next one becomes STOP with a message naming every
+spike and what was tried. The guard's counters are not rolled back
+(``restore_on_rollback = False``) and are all in its ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from pydantic import Field
+
+from orchestrator.techniques.base import Technique, TechniqueConfig, TrainState, Verdict
+from orchestrator.techniques.registry import TechniqueSpec, register
+
+if TYPE_CHECKING:
+    from orchestrator.recipe.schema import Recipe
+
+MAD_TO_SIGMA = 1.4826
+
+
+class StabilityConfig(TechniqueConfig):
+    """`stability:`: spike detection and the skip -> rollback -> stop escalation."""
+
+    window: int = Field(128, ge=4, description="Rolling window of healthy steps for z-scores.")
+    threshold: float = Field(
+        6.0, gt=0.0, description="Robust z-score (sigmas) that counts as a spike."
+    )
+    min_history: int = Field(16, ge=2, description="Healthy steps seen before z-scores are armed.")
+    detect_nan: bool = True
+    loss_zscore: bool = True
+    grad_norm_zscore: bool = True
+    max_loss_ratio: float | None = Field(
+        None, gt=1.0, description="Spike if loss > ratio x median."
+    )
+    patience: int = Field(
+        2, ge=1, description="Consecutive anomalies (each skipped) before rollback."
+    )
+    good_after: int = Field(2, ge=0, description="Healthy steps a checkpoint needs to be trusted.")
+    skip_batches: int = Field(8, ge=0, description="Global batches skipped from the spike onset.")
+    lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="LR factor after a rollback.")
+    cooldown_steps: int = Field(
+        0, ge=0, description="Steps lr_scale lasts after a rollback; 0 = to the end."
+    )
+    reset_moments: bool = Field(False, description="Zero the optimizer moments on rollback.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks before the job fails.")
+
+
+def robust_z(value: float, history: list[float]) -> float:
+    """One-sided robust z-score of ``value`` against ``history`` (median / MAD)."""
+    t = torch.tensor(history, dtype=torch.float64)
+    med = float(t.median())
+    mad = float((t - med).abs().median())
+    scale = MAD_TO_SIGMA * mad
+    if scale <= 1e-12 * max(1.0, abs(med)):
+        scale = 1e-6 * max(1.0, abs(med))  # flat history: any real jump is a spike
+    return (value - med) / scale
+
+
+def _pre_step_grad_norm(state: TrainState) -> float | None:
+    """Norm of the gradients about to be applied, agreed across ranks; None if none are held."""
+    model = state.model
+    if model is None:
+        return None
+    sq = torch.zeros((), dtype=torch.float64)
+    found = False
+    for p in model.parameters():
+        if p.grad is not None:
+            found = True
+            sq += p.grad.detach().double().pow(2).sum()
+    flag = torch.tensor([sq.item(), float(found)], dtype=torch.float64)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and state.world_size > 1:
+        dist.all_reduce(flag)
+    if flag[1] < state.world_size:  # some rank holds no gradients (ZeRO-2): not measurable here
+        return None
+    return (
+        math.sqrt(flag[0].item() / state.world_size) if math.isfinite(flag[0].item()) else math.inf
+    )
+
+
+class SpikeGuard(Technique):
+    """Detects spikes and escalates: skip step, roll back with a data skip, stop."""
+
+    name = "spike_guard"
+    restore_on_rollback = False
+
+    def __init__(self, cfg: StabilityConfig, global_batch: int):
+        self.cfg = cfg
+        self.global_batch = global_batch
+        self.loss_hist: list[float] = []
+        self.grad_hist: list[float] = []
+        self.anomaly_steps: list[int] = []
+        self.streak = 0
+        self.onset: list[int] | None = None  # [step, cursor] of the current streak's first anomaly
+        self.reason: dict[str, Any] = {}
+        self.rollbacks: list[dict[str, Any]] = []
+        self.cooldown_until = -1
+        self.anomalies = 0
+        self._pending: float | None = None  # grad norm measured before the step
+        self._scores: dict[str, float] = {}
+
+    # -- detection ---------------------------------------------------------------------------
+    def _check(self, loss: float, grad: float | None) -> dict[str, Any] | None:
+        cfg = self.cfg
+        if cfg.detect_nan and (
+            not math.isfinite(loss) or (grad is not None and not math.isfinite(grad))
+        ):
+            which, value = ("loss", loss) if not math.isfinite(loss) else ("grad_norm", grad)
+            return {"detector": "nan", "signal": which, "value": value, "threshold": None}
+        armed = len(self.loss_hist) >= cfg.min_history
+        found: dict[str, Any] | None = None
+        if armed and math.isfinite(loss):
+            if cfg.loss_zscore:
+                z = robust_z(loss, self.loss_hist)
+                self._scores["spike/loss_z"] = z
+                if z > cfg.threshold:
+                    found = {
+                        "detector": "loss_z",
+                        "value": z,
+                        "loss": loss,
+                        "threshold": cfg.threshold,
+                    }
+            if cfg.max_loss_ratio is not None:
+                ratio = loss / max(1e-12, float(torch.tensor(self.loss_hist).median()))
+                self._scores["spike/loss_ratio"] = ratio
+                if found is None and ratio > cfg.max_loss_ratio:
+                    found = {
+                        "detector": "loss_ratio",
+                        "value": ratio,
+                        "loss": loss,
+                        "threshold": cfg.max_loss_ratio,
+                    }
+        if armed and grad is not None and math.isfinite(grad) and cfg.grad_norm_zscore:
+            z = robust_z(grad, self.grad_hist) if len(self.grad_hist) >= cfg.min_history else 0.0
+            self._scores["spike/grad_z"] = z
+            if found is None and z > cfg.threshold:
+                found = {
+                    "detector": "grad_z",
+                    "value": z,
+                    "grad_norm": grad,
+                    "threshold": cfg.threshold,
+                }
+        return found
+
+    def _record_healthy(self, loss: float, grad: float | None) -> None:
+        self.loss_hist = [*self.loss_hist, loss][-self.cfg.window :]
+        if grad is not None and math.isfinite(grad):
+            self.grad_hist = [*self.grad_hist, grad][-self.cfg.window :]
+
+    # -- hooks -------------------------------------------------------------------------------
+    def on_step_begin(self, state: TrainState) -> None:
+        if self.cooldown_until >= 0 and state.step >= self.cooldown_until:
+            state.lr_scale, self.cooldown_until = 1.0, -1
+            state.emit("cooldown_end")
+
+    def on_before_optimizer_step(self, state: TrainState) -> Verdict:
+        self._scores = {}
+        grad = (
+            _pre_step_grad_norm(state)
+            if (self.cfg.grad_norm_zscore or self.cfg.detect_nan)
+            else None
+        )
+        self._pending = grad
+        found = self._check(state.loss, grad)
+        state.metrics.update(self._scores)
+        if found is None:
+            return Verdict.PROCEED
+        self._anomaly(state, found)
+        return Verdict.SKIP_STEP
+
+    def _anomaly(self, state: TrainState, found: dict[str, Any]) -> None:
+        self.anomalies += 1
+        self.streak += 1
+        step = state.step  # index of the step being run
+        self.anomaly_steps = [*self.anomaly_steps, step][-256:]
+        if self.onset is None:
+            self.onset = [step, state.cursor]
+            self.reason = {**found, "step": step}
+        state.metrics["spike/anomaly"] = 1.0
+        state.emit("spike", at_step=step, streak=self.streak, **found)
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
+        step = state.step - 1  # the step just run
+        anomalous = bool(self.anomaly_steps) and self.anomaly_steps[-1] == step
+        if not anomalous and self._pending is None and self.cfg.grad_norm_zscore:
+            # ZeRO-2: gradients were not visible before the step; check the engine's norm now.
+            self._scores = {}
+            found = self._check(state.loss, state.grad_norm)
+            metrics.update(self._scores)
+            if found is not None:
+                self._anomaly(state, found)
+                anomalous = True
+        metrics["spike/rollbacks"] = float(len(self.rollbacks))
+        if not anomalous:
+            self.streak, self.onset = 0, None
+            self._record_healthy(
+                state.loss, self._pending if self._pending is not None else state.grad_norm
+            )
+            return Verdict.PROCEED
+        if self.streak < self.cfg.patience:
+            return Verdict.SKIP_STEP
+        return self._escalate(state)
+
+    def _escalate(self, state: TrainState) -> Verdict:
+        cfg = self.cfg
+        assert self.onset is not None
+        onset_step, onset_cursor = self.onset
+        skip = (onset_cursor, onset_cursor + cfg.skip_batches * self.global_batch)
+        if len(self.rollbacks) >= cfg.max_rollbacks:
+            state.stop_reason = self._stop_message(state)
+            return Verdict.STOP
+        target = self.trusted_bound(onset_step)
+        record = {
+            "at_step": state.step,
+            "onset_step": onset_step,
+            "to_step_at_most": target,
+            "reason": dict(self.reason),
+            "skip_range": list(skip) if cfg.skip_batches else None,
+            "lr_scale": cfg.lr_scale,
+            "reset_moments": cfg.reset_moments,
+        }
+        self.rollbacks.append(record)
+        state.rollback_to = target
+        state.skip_request = [skip] if cfg.skip_batches else []
+        state.reset_moments = cfg.reset_moments
+        state.rollback_reason = record
+        self.streak, self.onset = 0, None
+        return Verdict.ROLLBACK
+
+    def trusted_bound(self, onset_step: int) -> int:
+        """Latest step c <= onset - good_after whose next ``good_after`` steps had no anomaly."""
+        g = self.cfg.good_after
+        bound = onset_step - g
+        earlier = sorted({a for a in self.anomaly_steps if a < onset_step}, reverse=True)
+        for a in earlier:
+            if bound <= a < bound + max(1, g):
+                bound = a - g
+        return max(0, bound)
+
+    def rollback_floor(self, step: int) -> int:
+        """The earliest step a rollback decided at ``step`` may return to (checkpoint retention)."""
+        onset = self.onset[0] if self.onset is not None else step
+        return self.trusted_bound(onset)
+
+    def on_rollback(self, state: TrainState, step: int) -> None:
+        record = self.rollbacks[-1] if self.rollbacks else None
+        if record is not None and record.get("to_step") is None:
+            record["to_step"] = step
+        if self.cfg.lr_scale != 1.0:
+            state.lr_scale = self.cfg.lr_scale
+            self.cooldown_until = step + self.cfg.cooldown_steps if self.cfg.cooldown_steps else -1
+        self._pending = None
+
+    def _stop_message(self, state: TrainState) -> str:
+        tried = "; ".join(
+            f"spike at step {r['onset_step']} "
+            f"({r['reason'].get('detector')}={_fmt(r['reason'].get('value'))}) "
+            f"-> rolled back to step {r.get('to_step', r['to_step_at_most'])}"
+            + (
+                f", skipped samples [{r['skip_range'][0]}, {r['skip_range'][1]})"
+                if r["skip_range"]
+                else ""
+            )
+            + (f", lr x{r['lr_scale']}" if r["lr_scale"] != 1.0 else "")
+            + (", moments reset" if r["reset_moments"] else "")
+            for r in self.rollbacks
+        )
+        now = self.reason
+        return (
+            f"spike guard: {len(self.rollbacks)} rollback(s) used (stability.max_rollbacks="
+            f"{self.cfg.max_rollbacks}) and the loss spiked again at step {now.get('step')} "
+            f"({now.get('detector')}={_fmt(now.get('value'))}, threshold {now.get('threshold')}). "
+            f"Tried: {tried or 'nothing (max_rollbacks is 0)'}. Fix: lower optimizer.lr, raise "
+            "stability.skip_batches or stability.max_rollbacks, or set stability.lr_scale < 1."
+        )
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss_hist": list(self.loss_hist),
+            "grad_hist": list(self.grad_hist),
+            "anomaly_steps": list(self.anomaly_steps),
+            "streak": self.streak,
+            "onset": list(self.onset) if self.onset is not None else None,
+            "reason": _plain(self.reason),
+            "rollbacks": _plain(self.rollbacks),
+            "cooldown_until": self.cooldown_until,
+            "anomalies": self.anomalies,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.loss_hist = [float(v) for v in state["loss_hist"]]
+        self.grad_hist = [float(v) for v in state["grad_hist"]]
+        self.anomaly_steps = [int(v) for v in state["anomaly_steps"]]
+        self.streak = int(state["streak"])
+        self.onset = list(state["onset"]) if state["onset"] is not None else None
+        self.reason = dict(state["reason"])
+        self.rollbacks = [dict(r) for r in state["rollbacks"]]
+        self.cooldown_until = int(state["cooldown_until"])
+        self.anomalies = int(state["anomalies"])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _plain(obj: Any) -> Any:
+    """Only checkpoint-safe types (weights_only load): floats, ints, str, None, lists, dicts."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    return float(obj)
+
+
+def _check_cfg(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
+    cfg = cast(StabilityConfig, cfg)
+    problems = []
+    if cfg.min_history > cfg.window:
+        problems.append(
+            (
+                "stability.min_history",
+                f"min_history {cfg.min_history} exceeds window {cfg.window}: lower it",
+            )
+        )
+    if cfg.max_rollbacks and recipe.checkpoint.every == 0:
+        problems.append(
+            (
+                "checkpoint.every",
+                "the spike guard rolls back to checkpoints: set checkpoint.every > 0 (e.g. 50)",
+            )
+        )
+    return problems
+
+
+register(
+    TechniqueSpec(
+        name="spike_guard",
+        config=StabilityConfig,
+        build=lambda cfg, recipe: SpikeGuard(cfg, recipe.global_batch_size),  # type: ignore[arg-type]
+        order=90,
+        summary="NaN / robust z-score spike detection; skip, roll back, skip data, cool down.",
+        section="stability",
+        check=_check_cfg,
+        describe=lambda cfg, recipe: cfg.model_dump(),
+        example={"window": 8, "min_history": 3, "threshold": 6.0, "patience": 1, "skip_batches": 2},
+    )
+)

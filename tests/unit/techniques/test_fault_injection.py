@@ -1,0 +1,77 @@
+"""Fault injection in-process (world size 1): real spikes, NaN, grad blow-up, once-only kills."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import tiny_recipe
+
+from orchestrator.engine.checkpoint import CheckpointStore
+from orchestrator.engine.loop import Trainer, WorkerContext
+
+
+def _trainer(tmp_path, name, faults=None, steps=4, every=2):
+    sections = {"schedule": {"steps": steps}, "checkpoint": {"every": every}}
+    if faults is not None:
+        sections["techniques"] = {"fault_injection": faults}
+    return Trainer(tiny_recipe(tmp_path, **sections), WorkerContext(run_dir=tmp_path / name))
+
+
+def _trace(trainer):
+    """Run and return (loss, gradient norm before the update) of every step."""
+    seen, norms = [], []
+    step, verdict = trainer._train_step, trainer._max_verdict
+
+    def spy_verdict(verdicts):  # first call of a step: after backward, before the update
+        grads = [p.grad for p in trainer.built.engine.module.parameters() if p.grad is not None]
+        if grads and len(norms) == len(seen):
+            norms.append(float(sum(g.double().pow(2).sum() for g in grads)) ** 0.5)
+        return verdict(verdicts)
+
+    def spy():
+        out = step()
+        seen.append((out["loss"], norms[-1]))
+        return out
+
+    trainer._train_step, trainer._max_verdict = spy, spy_verdict
+    trainer.run()
+    return seen
+
+
+def test_spike_nan_and_grad_blowup_are_real(tmp_path, gloo_world):
+    clean = _trace(_trainer(tmp_path, "clean", steps=3))
+    spike = _trace(_trainer(tmp_path, "spike", {"spike_at_step": 1, "spike_factor": 50.0}, steps=3))
+    assert spike[0][0] == clean[0][0]
+    assert spike[1][0] == pytest.approx(50 * clean[1][0], rel=1e-5)  # the loss tensor was scaled
+    assert spike[1][1] > 10 * clean[1][1]  # and so were its gradients
+    blow = _trace(
+        _trainer(tmp_path, "blow", {"grad_blowup_at_step": 1, "grad_factor": 1e3}, steps=3)
+    )
+    assert blow[1][0] == pytest.approx(clean[1][0], rel=1e-6)  # same loss value ...
+    assert blow[1][1] > 100 * clean[1][1]  # ... a blown-up gradient
+    nan = _trace(_trainer(tmp_path, "nan", {"nan_at_step": 2}, steps=3))
+    assert math.isnan(nan[2][0]) and not math.isnan(nan[1][0])
+
+
+def test_kill_fires_once_across_a_restart(tmp_path, gloo_world):
+    faults = {"kill_at_step": 3, "kill_mode": "raise"}
+    with pytest.raises(RuntimeError, match="fault injection: killed at step 3"):
+        _trainer(tmp_path, "run", faults, steps=6).run()
+    assert (tmp_path / "run" / "faults" / "kill.fired").exists()
+    resumed = _trainer(tmp_path, "run", faults, steps=6)  # same run dir: a restarted worker
+    summary = resumed.run()
+    assert summary["finished"] and summary["steps"] == 6
+    assert resumed.events[0]["kind"] == "resume" and resumed.events[0]["from_step"] == 2
+
+
+def test_kill_during_checkpoint_write_leaves_no_loadable_checkpoint(tmp_path, gloo_world):
+    faults = {"kill_in_checkpoint_at_step": 4, "kill_mode": "raise"}
+    with pytest.raises(RuntimeError, match="while writing checkpoint 4"):
+        _trainer(tmp_path, "run", faults, steps=6).run()
+    store = CheckpointStore(tmp_path / "run" / "checkpoints", keep=0)
+    assert [i.step for i in store.list()] == [2]  # the half-written step 4 is invisible
+    assert any(p.name.startswith(".tmp-") for p in store.root.iterdir())
+    summary = _trainer(tmp_path, "run", faults, steps=6).run()
+    assert summary["finished"] and summary["events"][0]["from_step"] == 2
+    assert [i.step for i in store.list()] == [2, 4, 6]

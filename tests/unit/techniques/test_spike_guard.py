@@ -1,0 +1,139 @@
+"""Spike guard in-process (world size 1): detection, skip, rollback with exact skip ranges, stop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from orchestrator.engine.loop import Trainer, WorkerContext
+from orchestrator.errors import RollbackExhausted
+from orchestrator.techniques.spike_guard import SpikeGuard, StabilityConfig, robust_z
+
+GUARD = {"window": 16, "min_history": 4, "patience": 1, "good_after": 1, "skip_batches": 2}
+GUARD |= {"grad_norm_zscore": False}  # a 4-step grad-norm history is too noisy for 6 sigma
+
+
+def _recipe(tmp_path, steps=12, stability=None, faults=None, **extra):
+    sections = {"schedule": {"steps": steps}, "checkpoint": {"every": 2}, **extra}
+    if stability is not None:
+        sections["stability"] = stability
+    if faults:
+        sections["techniques"] = {"fault_injection": faults}
+    return tiny_recipe(tmp_path, **sections)
+
+
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.built.engine.module.state_dict().items()}
+
+
+def _kinds(summary, kind):
+    return [e for e in summary["events"] if e["kind"] == kind]
+
+
+def test_robust_z_is_one_sided_and_median_based():
+    hist = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95]
+    assert robust_z(1.0, hist) == pytest.approx(0.0, abs=1e-9)
+    assert robust_z(10.0, hist) > 50 and robust_z(0.1, hist) < 0
+    assert robust_z(1.0001, [2.0] * 8) < 0 and robust_z(3.0, [2.0] * 8) > 1e3  # flat history
+
+
+def test_trusted_bound_skips_checkpoints_near_earlier_anomalies():
+    guard = SpikeGuard(StabilityConfig(good_after=2), global_batch=4)
+    assert guard.trusted_bound(10) == 8
+    guard.anomaly_steps = [9]  # a skipped anomaly at step 9: checkpoint 8 is not trusted
+    assert guard.trusted_bound(10) == 7
+
+
+def test_spike_rolls_back_skips_exact_window_and_matches_clean_run(tmp_path, gloo_world):
+    recipe = _recipe(tmp_path, stability=GUARD, faults={"spike_at_step": 9, "spike_factor": 100.0})
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "spiky"))
+    summary = trainer.run()
+    (spike,) = _kinds(summary, "spike")
+    assert spike["at_step"] == 9 and spike["detector"] == "loss_z" and spike["value"] > 6
+    (rollback,) = _kinds(summary, "rollback")
+    # checkpoint 8 has one healthy step after it (good_after=1); onset cursor = 9 steps x 4
+    assert rollback["from_step"] == 10 and rollback["to_step"] == 8
+    assert rollback["skipped"] == [[36, 44]] and trainer.loop.skip_ranges == [(36, 44)]
+    assert _kinds(summary, "skip_data") == [_kinds(summary, "skip_data")[0]]
+    assert (
+        _kinds(summary, "skip_data")[0]["start"] == 36
+        and _kinds(summary, "skip_data")[0]["end"] == 44
+    )
+    assert (
+        summary["steps"] == 12
+        and summary["rollbacks"] == 1
+        and math.isfinite(summary["final_loss"])
+    )
+    guard = next(t for t in trainer.techniques if t.name == "spike_guard")
+    assert len(guard.state_dict()["rollbacks"]) == 1  # counters survived the restore
+
+    # The same training with the window skipped from the start and no fault: identical weights.
+    clean = Trainer(_recipe(tmp_path, stability=GUARD), WorkerContext(run_dir=tmp_path / "clean"))
+    build = clean._build
+
+    def build_with_skip() -> None:
+        build()
+        clean.loop.skip_ranges = [(36, 44)]
+
+    clean._build = build_with_skip  # type: ignore[method-assign]
+    clean.run()
+    a, b = _weights(trainer), _weights(clean)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_is_skipped_without_update_below_patience(tmp_path, gloo_world):
+    cfg = {**GUARD, "patience": 2}
+    recipe = _recipe(tmp_path, steps=6, stability=cfg, faults={"nan_at_step": 3})
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "nan"))
+    before: dict[str, torch.Tensor] = {}
+    step = trainer._train_step
+
+    def spy() -> dict[str, float]:
+        if trainer.state.step == 3:
+            before.update(_weights(trainer))
+            opt = trainer.built.optimizer
+            before["_moments"] = torch.cat([s["exp_avg_sq"].flatten() for s in opt.state.values()])
+        out = step()
+        if trainer.state.step == 4:
+            after = _weights(trainer)
+            assert all(torch.equal(before[k], after[k]) for k in after), (
+                "a NaN step changed weights"
+            )
+            opt = trainer.built.optimizer
+            now = torch.cat([s["exp_avg_sq"].flatten() for s in opt.state.values()])
+            assert torch.equal(before["_moments"], now), "a skipped step changed the moments"
+        return out
+
+    trainer._train_step = spy  # type: ignore[method-assign]
+    summary = trainer.run()
+    (spike,) = _kinds(summary, "spike")
+    assert spike["detector"] == "nan" and spike["at_step"] == 3
+    assert summary["skipped_steps"] == 1 and summary["rollbacks"] == 0
+    assert math.isfinite(summary["final_loss"]) and before
+
+
+def test_rollback_budget_exhausted_stops_with_steps_and_actions(tmp_path, gloo_world):
+    cfg = {**GUARD, "max_rollbacks": 1, "lr_scale": 0.5, "cooldown_steps": 2, "reset_moments": True}
+    faults = {"spike_at_step": 6, "spike_steps": 1, "spike_factor": 100.0, "nan_at_step": 9}
+    trainer = Trainer(
+        _recipe(tmp_path, stability=cfg, faults=faults), WorkerContext(run_dir=tmp_path / "x")
+    )
+    with pytest.raises(RollbackExhausted) as info:
+        trainer.run()
+    msg = str(info.value)
+    assert "max_rollbacks=1" in msg and "step 9" in msg and "spike at step 6" in msg
+    assert "rolled back to step 4" in msg and "lr x0.5" in msg and "moments reset" in msg
+    assert "skipped samples [24, 32)" in msg
+    kinds = [e["kind"] for e in trainer.events]
+    assert "cooldown_end" in kinds  # lr_scale 0.5 for 2 steps after the rollback, then 1.0
+
+
+def test_no_spike_no_effect(tmp_path, gloo_world):
+    guarded = Trainer(
+        _recipe(tmp_path, steps=6, stability=GUARD), WorkerContext(run_dir=tmp_path / "g")
+    )
+    s = guarded.run()
+    assert s["rollbacks"] == 0 and s["skipped_steps"] == 0 and not _kinds(s, "spike")
