@@ -31,7 +31,11 @@ sys.path.insert(0, str(REPO))
 def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
     """The bare DeepSpeed loop on one rank (no Ray, no Regimen loop)."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK="0",
     )
     import deepspeed
     import torch
@@ -49,7 +53,9 @@ def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) ->
     source = BatchSource(data.train, recipe.seed, recipe.schedule.micro_batch_size, rank, world)
     model = build_model(recipe.model, recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr, foreach=False)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(recipe))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=build_ds_config(recipe)
+    )
     times = []
     cursor = 0
     for _ in range(recipe.schedule.steps):
@@ -84,7 +90,11 @@ def run_regimen(recipe_path: Path, workdir: Path) -> list[float]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "run", str(recipe_path), "--json"],
-        cwd=workdir, env=env, capture_output=True, text=True, check=False,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise SystemExit(f"regimen run failed:\n{proc.stderr[-3000:]}")
@@ -110,7 +120,7 @@ def main() -> None:
     bare = run_bare(path, workdir)[args.warm :]
     ours = run_regimen(path, workdir)[args.warm :]
     b, r = statistics.median(bare), statistics.median(ours)
-    print(f"| runner | median step (ms) | steps measured |\n|---|---|---|")
+    print("| runner | median step (ms) | steps measured |\n|---|---|---|")
     print(f"| bare DeepSpeed (2 ranks, gloo) | {b * 1e3:.1f} | {len(bare)} |")
     print(f"| regimen run (Ray Train, 2 workers) | {r * 1e3:.1f} | {len(ours)} |")
     print(f"\nratio regimen/bare = {r / b:.3f}  (target <= 1.05)")

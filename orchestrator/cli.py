@@ -30,7 +30,8 @@ out = Console(highlight=False, soft_wrap=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OverridesArg = Annotated[
-    list[str] | None, typer.Argument(help="Overrides such as optimizer.lr=3e-4.", show_default=False)
+    list[str] | None,
+    typer.Argument(help="Overrides such as optimizer.lr=3e-4.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -46,7 +47,7 @@ def _load(recipe: Path, overrides: list[str] | None) -> Any:
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe (and every sweep variant); print every problem with its fix."""
-    loaded, variants = _load(recipe, overrides)
+    _, variants = _load(recipe, overrides)
     out.print(f"{recipe}: valid ({len(variants)} variant{'s' if len(variants) != 1 else ''})")
 
 
@@ -55,7 +56,7 @@ def plan(recipe: RecipeArg, overrides: OverridesArg = None, as_json: JsonOpt = F
     """Show the variants and each one's step schedule, without training."""
     from orchestrator.recipe.plan import plan_of
 
-    loaded, variants = _load(recipe, overrides)
+    _, variants = _load(recipe, overrides)
     plans = [plan_of(v) for v in variants]
     if as_json:
         print(json.dumps({"recipe": str(recipe), "variants": plans}, default=str))
@@ -95,8 +96,7 @@ def run(
         style = "green" if r.status == "FINISHED" else "red"
         err.print(
             f"[{style}]{r.status}[/] {r.variant}: steps={r.steps} loss={_fmt(r.final_loss)} "
-            f"rollbacks={r.rollbacks} run={r.run_id}"
-            + (f"\n  error: {r.error}" if r.error else "")
+            f"rollbacks={r.rollbacks} run={r.run_id}" + (f"\n  error: {r.error}" if r.error else "")
         )
     if as_json:
         summary = results[0].to_json() if len(results) == 1 else _sweep_summary(results)
@@ -212,6 +212,11 @@ def rollback(
     )  # fmt: skip
 
 
+from orchestrator.cluster import commands as _cluster  # noqa: E402
+
+_cluster.register(app)  # submit, status, logs, stop, list
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001  (no tracebacks for users)
+    except Exception as exc:
         import click
 
         if isinstance(exc, click.exceptions.ClickException):
@@ -244,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         if os.environ.get("REGIMEN_DEBUG") == "1":
             raise
-        err.print(f"[red]error:[/] {type(exc).__name__}: {exc} (REGIMEN_DEBUG=1 shows the traceback)")
+        err.print(
+            f"[red]error:[/] {type(exc).__name__}: {exc} (REGIMEN_DEBUG=1 shows the traceback)"
+        )
         sys.exit(1)
     sys.exit(0)
 

@@ -59,7 +59,7 @@ class RollbackExhausted(RegimenError):
 
 
 class TrainingFailed(RegimenError):
-    """A job failed for a reason other than the ones above (worker crash past the restart budget)."""
+    """A job failed for another reason (e.g. worker crashes past the restart budget)."""
 
 
 class JobStopped(RegimenError):

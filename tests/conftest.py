@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny recipes, an in-process gloo group, an MLflow sqlite store, a Ray session."""
+"""Shared fixtures: tiny recipes, an in-process gloo group, MLflow sqlite, a Ray session."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def free_port() -> int:
 
 def tiny_recipe(tmp_path: Path, **sections: Any) -> Any:
     """A validated tiny Recipe; keyword sections are deep-merged over the defaults."""
+    from orchestrator.errors import RecipeError
     from orchestrator.recipe.dotted import deep_merge
     from orchestrator.recipe.loader import _Problems, validate_data
-    from orchestrator.errors import RecipeError
 
     data = deep_merge(TINY_RECIPE, sections)
     data.setdefault("checkpoint", {})["storage"] = str(tmp_path / "runs")

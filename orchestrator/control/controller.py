@@ -7,9 +7,12 @@ run is ended with one of the three final statuses before control returns.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,17 +65,21 @@ def run_job(
     resume_step: int | None = None,
     on_progress: ProgressFn | None = None,
     extra_tags: dict[str, str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> JobResult:
     """Train one variant on the connected Ray cluster and end its MLflow run truthfully.
 
     With ``run_id`` given, the job continues that run's storage (resume) under
-    a new MLflow run that points back to it.
+    a new MLflow run that points back to it. Setting ``cancel`` (from another
+    thread) ends the run KILLED and returns a KILLED result.
     """
     from orchestrator.cluster.launch import ProgressBoard, make_trainer
     from orchestrator.tracking.runs import end_run, log_summary, open_run, set_tags
 
     recipe = variant.recipe
-    tracking = recipe.tracking.model_copy(update={"uri": absolute_tracking_uri(recipe.tracking.uri)})
+    tracking = recipe.tracking.model_copy(
+        update={"uri": absolute_tracking_uri(recipe.tracking.uri)}
+    )
     recipe_yaml = dump_recipe(recipe)
     tags = {**tracking.tags, "regimen.variant": variant.name, **(extra_tags or {})}
     new_run_id = open_run(
@@ -87,7 +94,9 @@ def run_job(
     run_dir = Path(recipe.checkpoint.storage).resolve() / (run_id or new_run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_tags(tracking.uri, new_run_id, {"regimen.run_dir": str(run_dir)})
-    result = JobResult(variant=variant.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir))
+    result = JobResult(
+        variant=variant.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir)
+    )
     board = ProgressBoard.remote()  # type: ignore[attr-defined]
     trainer = make_trainer(
         recipe,
@@ -103,7 +112,7 @@ def run_job(
     def fit() -> None:
         try:
             trainer.fit()
-        except BaseException as exc:  # noqa: BLE001  (reported to the driver thread)
+        except BaseException as exc:
             outcome["error"] = exc
 
     worker = threading.Thread(target=fit, name=f"fit-{variant.name}", daemon=True)
@@ -113,12 +122,17 @@ def run_job(
             worker.join(timeout=0.5)
             if on_progress is not None:
                 on_progress(variant.name, _poll(board))
+            if cancel is not None and cancel.is_set():
+                end_run(tracking.uri, new_run_id, "KILLED", reason="sweep interrupted")
+                _fill_from_summary(result, run_dir)
+                result.status, result.error = "KILLED", "interrupted"
+                return result
         if outcome["error"] is not None:
             raise outcome["error"]
     except KeyboardInterrupt:
         end_run(tracking.uri, new_run_id, "KILLED", reason="interrupted (Ctrl-C or SIGTERM)")
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         result.status, result.error = "FAILED", _root_cause(exc)
         end_run(tracking.uri, new_run_id, "FAILED", reason=result.error)
         _fill_from_summary(result, run_dir)
@@ -135,7 +149,9 @@ def run_job(
         }.items()
         if v is not None
     }
-    log_summary(tracking.uri, new_run_id, metrics, tags={"regimen.checkpoint": result.checkpoint or ""})
+    log_summary(
+        tracking.uri, new_run_id, metrics, tags={"regimen.checkpoint": result.checkpoint or ""}
+    )
     end_run(tracking.uri, new_run_id, "FINISHED")
     return result
 
@@ -161,7 +177,7 @@ def _poll(board: Any) -> dict[str, Any]:
 
     try:
         return dict(ray.get(board.get.remote(), timeout=2.0))
-    except Exception:  # noqa: BLE001  (progress is best effort)
+    except Exception:
         return {}
 
 
@@ -184,32 +200,76 @@ def run_variants(
     address: str | None = None,
     on_progress: ProgressFn | None = None,
 ) -> list[JobResult]:
-    """Run every variant (sequentially) under a parent MLflow run when there are several."""
+    """Run every variant under a parent MLflow run when there are several.
+
+    Variants run concurrently, up to ``sweep.max_concurrent`` at once, each its
+    own TorchTrainer in its own driver thread; Ray queues those that do not fit
+    yet. One variant failing does not stop the others; the parent run ends
+    FINISHED only if every variant did. Before anything starts, resources that
+    can never fit the connected cluster are refused (``ResourceFitError``, exit 2).
+    """
+    from orchestrator.cluster.fit import check_variants
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.tracking.runs import end_run, open_run
 
     ensure_ray(address)
+    check_variants(variants)
+    job_tags = (
+        {"regimen.job_id": os.environ["REGIMEN_JOB_ID"]} if "REGIMEN_JOB_ID" in os.environ else {}
+    )
     parent = None
     tracking = variants[0].recipe.tracking
     tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
-    if len(variants) > 1:
-        parent = open_run(
-            tracking.uri,
-            tracking.experiment,
-            recipe_name,
-            tags={"regimen.role": "sweep", "regimen.variants": str(len(variants))},
-        )
-    results: list[JobResult] = []
+    if len(variants) == 1:
+        return [run_job(variants[0], on_progress=on_progress, extra_tags=job_tags)]
+    parent = open_run(
+        tracking.uri,
+        tracking.experiment,
+        recipe_name,
+        tags={"regimen.role": "sweep", "regimen.variants": str(len(variants)), **job_tags},
+    )
+    sweep = variants[0].recipe.sweep
+    limit = max(1, min(len(variants), sweep.max_concurrent if sweep else 1))
+    cancel = threading.Event()
+
+    def one(variant: Variant) -> JobResult:
+        if cancel.is_set():
+            return JobResult(variant=variant.name, run_id="", status="KILLED", error="not started")
+        try:
+            return run_job(
+                variant,
+                parent_run_id=parent,
+                on_progress=on_progress,
+                extra_tags=job_tags,
+                cancel=cancel,
+            )
+        except Exception as exc:  # e.g. MLflow refused to open the run: this variant only
+            return JobResult(
+                variant=variant.name, run_id="", status="FAILED", error=_root_cause(exc)
+            )
+
+    pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="variant")
+    futures = [pool.submit(one, v) for v in variants]
     try:
-        for variant in variants:
-            results.append(run_job(variant, parent_run_id=parent, on_progress=on_progress))
+        while not all(f.done() for f in futures):
+            wait_quietly(0.2)
     except KeyboardInterrupt:
-        if parent:
-            end_run(tracking.uri, parent, "KILLED", reason="interrupted")
+        cancel.set()
+        for f in futures:
+            f.cancel()
+        futures_wait(futures, timeout=15)
+        pool.shutdown(wait=False, cancel_futures=True)
+        end_run(tracking.uri, parent, "KILLED", reason="interrupted")
         raise
-    if parent:
-        failed = [r for r in results if r.status != "FINISHED"]
-        end_run(tracking.uri, parent, "FAILED" if failed else "FINISHED")
+    pool.shutdown(wait=True)
+    results = [f.result() for f in futures]
+    failed = [r for r in results if r.status != "FINISHED"]
+    end_run(
+        tracking.uri,
+        parent,
+        "FAILED" if failed else "FINISHED",
+        reason=("; ".join(f"{r.variant}: {r.status}" for r in failed) or None) if failed else None,
+    )
     return results
 
 

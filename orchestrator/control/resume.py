@@ -188,6 +188,7 @@ def continue_run(
         where = f"at or before step {to_step}" if to_step is not None else "at all"
         raise UsageError(f"run {run_id} has no committed checkpoint {where} in {store.root}")
     stale = _mark_stale(tracking_uri, run_id)
+    (run_dir / "stopped.json").unlink(missing_ok=True)  # a person decided to go on
     kind = "resume" if to_step is None else "rollback"
     root = old.data.tags.get("regimen.root_run_id", run_id)
     segment = int(old.data.tags.get("regimen.segment", "0")) + 1

@@ -75,12 +75,16 @@ class Split:
 
 def build_data(cfg: DataConfig) -> Split:
     """Train/eval datasets for a recipe's data section."""
+    if cfg.kind == "digits":
+        return build_digits(cfg.eval_fraction)
     if cfg.kind == "factory":
         made = resolve_factory(cfg.factory or "", "data.factory")(
             seq_len=cfg.seq_len, **cfg.factory_args
         )
         train, evalset = made if isinstance(made, tuple) else (made, None)
-        return Split(train, evalset, fingerprint=f"factory:{cfg.factory}", description=str(cfg.factory))
+        return Split(
+            train, evalset, fingerprint=f"factory:{cfg.factory}", description=str(cfg.factory)
+        )
     paths = stdlib_sources() if cfg.kind == "stdlib_bytes" else [Path(p) for p in cfg.paths]
     raw = read_bytes(paths, cfg.max_bytes)
     if len(raw) < 2 * (cfg.seq_len + 1):
@@ -90,8 +94,52 @@ def build_data(cfg: DataConfig) -> Split:
     split_at = len(tokens) - n_eval_tokens
     fingerprint = hashlib.sha256(raw).hexdigest()
     train = TokenDataset(tokens[:split_at], cfg.seq_len, fingerprint)
-    evalset = TokenDataset(tokens[split_at:], cfg.seq_len, fingerprint) if n_eval_tokens > cfg.seq_len else None
+    evalset = (
+        TokenDataset(tokens[split_at:], cfg.seq_len, fingerprint)
+        if n_eval_tokens > cfg.seq_len
+        else None
+    )
     desc = f"{cfg.kind}: {len(paths)} files, {len(raw)} bytes"
+    return Split(train, evalset, fingerprint, desc)
+
+
+DIGITS_SPLIT_SEED = 0  # the train/eval split is fixed, whatever the recipe's seed
+
+
+@dataclass
+class TensorDataset:
+    """Labelled images: sample ``i`` is ``{"pixel_values": images[i], "labels": labels[i]}``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+def build_digits(eval_fraction: float) -> Split:
+    """scikit-learn's 8x8 digits (ships with the package): a fixed seeded split, normalised
+    with the train split's mean and std, images ``1 x 8 x 8`` (MLPs flatten them)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UsageError("data.kind digits needs scikit-learn: pip install scikit-learn") from None
+    raw = load_digits()
+    images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1)
+    labels = torch.tensor(raw.target, dtype=torch.long)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    n_eval = int(len(labels) * eval_fraction)
+    train_idx, eval_idx = perm[n_eval:], perm[:n_eval]
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    ident = raw.images.tobytes() + raw.target.tobytes() + f"eval={n_eval}".encode()
+    fingerprint = hashlib.sha256(ident).hexdigest()
+    train = TensorDataset(images[train_idx], labels[train_idx])
+    evalset = TensorDataset(images[eval_idx], labels[eval_idx]) if n_eval else None
+    desc = f"digits: {len(train_idx)} train / {n_eval} eval images, 1x8x8, 10 classes"
     return Split(train, evalset, fingerprint, desc)
 
 

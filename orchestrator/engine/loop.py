@@ -7,6 +7,7 @@ hand). Rank 0 additionally streams metrics to MLflow through an async sink.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore, atomic_write_json
 from orchestrator.engine.data import BatchSource, build_data
 from orchestrator.engine.ds_config import build_ds_config
-from orchestrator.engine.models import build_model
+from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.engine.optim import StepGate, build_optimizer
 from orchestrator.errors import RollbackExhausted
 from orchestrator.recipe.schema import Recipe
@@ -31,6 +32,7 @@ from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
 from orchestrator.techniques.registry import build_techniques
 
 SUMMARY_FILE = "summary.json"
+STOPPED_FILE = "stopped.json"  # a STOP verdict; `regimen resume` removes it
 
 
 @dataclass
@@ -68,7 +70,7 @@ class LoopState:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
@@ -117,6 +119,19 @@ def initialize_engine(
     return Built(engine=engine, gate=gate, optimizer=optimizer)
 
 
+def release_engine(engine: Any) -> None:
+    """Make a DeepSpeed engine collectable: ``destroy()`` (ZeRO grad hooks) and remove the
+    forward hooks it put on the module, whose closures would otherwise keep the engine, its
+    optimizer and all optimizer state alive as long as the module lives."""
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, name, None)
+        if handle is not None and hasattr(handle, "remove"):
+            handle.remove()
+            setattr(engine, name, None)
+
+
 def _agree(values: list[float], op: str) -> list[float]:
     """All-reduce a few floats (``sum`` or ``max``) so every rank sees the same numbers."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -132,7 +147,7 @@ def _forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Trainer:
-    """One job on one rank. ``run()`` trains to the end and returns the summary (rank 0's is saved)."""
+    """One job on one rank. ``run()`` trains to the end and returns the summary."""
 
     def __init__(self, recipe: Recipe, ctx: WorkerContext):
         self.recipe = recipe
@@ -149,6 +164,7 @@ class Trainer:
         self.protected_steps: set[int] = set()
         self.sink: Any = None
         self.events: list[dict[str, Any]] = []
+        self.eval_results: dict[str, float] = {}
         self._prev_start = 0.0
         self._rolled_back = False
         self.segment_run_id: str | None = ctx.run_id
@@ -173,13 +189,18 @@ class Trainer:
 
     def _build(self) -> None:
         recipe, ctx = self.recipe, self.ctx
-        torch.set_num_threads(recipe.resources.threads_per_worker or max(1, int(recipe.resources.cpus_per_worker)))
+        if (ctx.run_dir / STOPPED_FILE).exists():
+            raise RollbackExhausted(json.loads((ctx.run_dir / STOPPED_FILE).read_text())["reason"])
+        torch.set_num_threads(
+            recipe.resources.threads_per_worker or max(1, int(recipe.resources.cpus_per_worker))
+        )
         _seed_everything(recipe.seed)
         self.data = build_data(recipe.data)
         self.batches = BatchSource(
             self.data.train, recipe.seed, recipe.schedule.micro_batch_size, ctx.rank, ctx.world_size
         )
-        self.model = build_model(recipe.model, recipe.seed)
+        self.task = task_for(recipe.model)
+        self.model = build_task_model(recipe.model, recipe.seed)
         self.state = TrainState(
             recipe=recipe,
             total_steps=recipe.schedule.steps,
@@ -267,13 +288,14 @@ class Trainer:
         return Verdict(int(_agree([float(local)], "max")[0]))
 
     def _train_step(self) -> dict[str, float]:
-        state, engine, schedule = self.state, self.built.engine, self.recipe.schedule
+        state, schedule = self.state, self.recipe.schedule
         started = time.perf_counter()
         state.metrics = {}
         for technique in self.techniques:
             technique.on_step_begin(state)
         if state.request_rebuild:
             self._rebuild_engine()
+        engine = self.built.engine  # after a rebuild: the new one (the old one is freed)
         self._apply_lr()
         self._skip_data_ranges()
         state.cursor = self.loop.cursor
@@ -281,7 +303,7 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(schedule.grad_accumulation):
             batch = self.batches.micro_batch_at(self.loop.cursor, micro)
-            loss = _forward_loss(engine, batch)
+            loss = self.task.loss(engine, batch)
             engine.backward(loss)
             loss_sum += float(loss.detach())
             if micro < schedule.grad_accumulation - 1:
@@ -317,16 +339,24 @@ class Trainer:
             self._rollback()
             self._rolled_back = True
         elif end_verdict == Verdict.STOP:
-            raise RollbackExhausted(state.stop_reason or f"a technique stopped training at step {state.step}")
+            reason = state.stop_reason or f"a technique stopped training at step {state.step}"
+            if self.ctx.rank == 0:  # a Ray Train restart must not retry a deliberate stop
+                stop = {"step": state.step, "reason": reason}
+                atomic_write_json(self.ctx.run_dir / STOPPED_FILE, stop)
+            raise RollbackExhausted(reason)
         return metrics
 
     def _rebuild_engine(self) -> None:
-        old = self.built.engine
-        self.built = initialize_engine(old.module, self.techniques, self.recipe, self.ctx)
+        """Release the engine (its optimizer state is freed) and build a new one on the same module."""
+        started = time.perf_counter()
+        module = self.built.engine.module
+        release_engine(self.built.engine)
+        self.built = self.state.engine = None  # type: ignore[assignment]
+        gc.collect()
+        self.built = initialize_engine(module, self.techniques, self.recipe, self.ctx)
         self.state.engine = self.built.engine
         self.state.request_rebuild = False
-        if hasattr(old, "destroy"):
-            old.destroy()
+        self.state.metrics["engine_rebuild_s"] = time.perf_counter() - started
 
     def _rollback(self) -> None:
         """Restore the newest checkpoint at or before ``state.rollback_to`` in place.
@@ -403,28 +433,36 @@ class Trainer:
     # -- eval, checkpoints, reporting --------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over a fixed slice of the eval split, averaged across ranks."""
+        """Mean loss over a fixed slice of the eval split, averaged across ranks.
+
+        All of the task's eval metrics (``eval_accuracy`` too for classification) are
+        left in ``self.eval_results``."""
         evalset = self.data.eval
         if evalset is None or len(evalset) == 0:
             return None
         engine, mb = self.built.engine, self.recipe.schedule.micro_batch_size
         engine.eval()
-        total, count = 0.0, 0
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, batches, correct, samples
         for b in range(self.recipe.schedule.eval_batches):
             start = (b * self.ctx.world_size + self.ctx.rank) * mb
             idx = [(start + j) % len(evalset) for j in range(mb)]
             batch = {k: torch.stack([evalset[i][k] for i in idx]) for k in evalset[0]}
-            total += float(_forward_loss(engine, batch))
-            count += 1
+            got = self.task.eval_batch(engine, batch)
+            sums = [sums[0] + got.loss, sums[1] + 1.0, sums[2] + got.correct, sums[3] + got.count]
         engine.train()
-        summed = _agree([total, float(count)], "sum")
-        return summed[0] / max(1.0, summed[1])
+        self.eval_results = eval_metrics(_agree(sums, "sum"), self.task)
+        return self.eval_results["eval_loss"]
 
     def checkpoint(self) -> CheckpointInfo:
         """Write a checkpoint of the current step (collective)."""
         if self.sink is not None:
             self.sink.flush(timeout_s=5.0)
-        info = self.store.save(self.built.engine, self.state.step, self._rank_state(), meta={"cursor": self.loop.cursor})
+        info = self.store.save(
+            self.built.engine,
+            self.state.step,
+            self._rank_state(),
+            meta={"cursor": self.loop.cursor},
+        )
         self._emit("checkpoint", path=str(info.path))
         return info
 
@@ -433,7 +471,9 @@ class Trainer:
             return
         from orchestrator.tracking.sink import MetricSink
 
-        self.sink = MetricSink(self.ctx.tracking_uri, self.ctx.run_id, spool_dir=self.ctx.run_dir / "spool")
+        self.sink = MetricSink(
+            self.ctx.tracking_uri, self.ctx.run_id, spool_dir=self.ctx.run_dir / "spool"
+        )
         if any(e["kind"] == "resume" for e in self.events):  # a restart: close dead segments
             from orchestrator.control.resume import close_segments
 
@@ -441,7 +481,7 @@ class Trainer:
                 close_segments(
                     self.ctx.tracking_uri, self.ctx.run_id, "KILLED", "worker died; job restarted"
                 )
-            except Exception:  # noqa: BLE001  (lineage bookkeeping must not stop training)
+            except Exception:
                 pass
 
     def _end_segment(self, status: str) -> None:
@@ -453,7 +493,7 @@ class Trainer:
         try:
             uri, run_id = self.ctx.tracking_uri or "", self.segment_run_id or ""
             end_run(uri, run_id, status)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
     def run(self) -> dict[str, Any]:
@@ -477,11 +517,13 @@ class Trainer:
                 if recipe.schedule.eval_every and state.step % recipe.schedule.eval_every == 0:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
-                        last_metrics["eval_loss"] = eval_loss
+                        last_metrics.update(self.eval_results)
                 if self.sink is not None and state.step % recipe.schedule.log_every == 0:
                     self.sink.log(state.step, last_metrics)
                 if ctx.on_progress is not None and ctx.rank == 0:
-                    ctx.on_progress({"step": state.step, "total": recipe.schedule.steps, "loss": state.loss})
+                    ctx.on_progress(
+                        {"step": state.step, "total": recipe.schedule.steps, "loss": state.loss}
+                    )
                 if every and state.step % every == 0 and state.step < recipe.schedule.steps:
                     self.checkpoint()
                 if ctx.stop_after_steps is not None and steps_this_run >= ctx.stop_after_steps:
@@ -492,9 +534,9 @@ class Trainer:
             for technique in self.techniques:
                 technique.on_train_end(state)
             if eval_loss is not None:
-                last_metrics["eval_loss"] = eval_loss
+                last_metrics.update(self.eval_results)
                 if self.sink is not None:
-                    self.sink.log(state.step, {"eval_loss": eval_loss})
+                    self.sink.log(state.step, dict(self.eval_results))
             status = "FINISHED"
             return self._summary(last_metrics, final, finished=True)
         finally:
@@ -502,11 +544,14 @@ class Trainer:
                 self.sink.close()
                 self._end_segment(status)
 
-    def _summary(self, metrics: dict[str, float], final: CheckpointInfo | None, finished: bool) -> dict[str, Any]:
+    def _summary(
+        self, metrics: dict[str, float], final: CheckpointInfo | None, finished: bool
+    ) -> dict[str, Any]:
         summary = {
             "steps": self.state.step,
             "final_loss": metrics.get("loss"),
             "eval_loss": metrics.get("eval_loss"),
+            "eval_accuracy": metrics.get("eval_accuracy"),
             "rollbacks": self.loop.rollbacks,
             "skipped_steps": self.loop.skipped_steps,
             "checkpoint": str(final.path) if final else None,

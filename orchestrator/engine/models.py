@@ -1,4 +1,4 @@
-"""Build the network a recipe names: an HF model from a config, a local pretrained one, or a factory."""
+"""Build the network a recipe names: HF from a config, a local pretrained one, or a factory."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     if cfg.kind == "factory":
         model = resolve_factory(cfg.factory or "", "model.factory")(**cfg.factory_args)
         if not isinstance(model, torch.nn.Module):
-            raise UsageError(f"model.factory: {cfg.factory} returned {type(model).__name__}, not an nn.Module")
+            raise UsageError(
+                f"model.factory: {cfg.factory} returned {type(model).__name__}, not an nn.Module"
+            )
         return model
     import transformers
 
     if cfg.kind == "hf_pretrained":
         try:
             return transformers.AutoModelForCausalLM.from_pretrained(
-                cfg.path, local_files_only=True, dtype=torch.float32
+                str(cfg.path), local_files_only=True, dtype=torch.float32
             )
         except OSError as exc:
             raise UsageError(

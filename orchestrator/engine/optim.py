@@ -15,14 +15,23 @@ if TYPE_CHECKING:
     from orchestrator.recipe.schema import OptimizerConfig
 
 
-def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    param_groups: list[dict[str, Any]], cfg: OptimizerConfig
+) -> torch.optim.Optimizer:
     """The torch optimizer the recipe names, over the given param groups."""
     groups = [{k: v for k, v in g.items()} for g in param_groups]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(
-        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False
+        groups,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        foreach=False,
     )
 
 

@@ -1,31 +1,55 @@
 """Load a recipe: safe YAML with a line for every key, `extends`, overrides, and full validation.
 
-Every problem found (YAML, schema, DeepSpeed conflicts, technique checks) is
+Every problem found (YAML, schema, sweeps, DeepSpeed conflicts, technique checks) is
 collected and raised together as one :class:`RecipeError`, each as
 ``FILE:LINE: dotted.key: what is wrong and how to fix it``.
+
+Untrusted input is bounded before it is built: files over 1 MB, YAML that expands to
+more than 100,000 values (anchor/alias bombs) or nests deeper than 64 levels, Python
+object tags, non-UTF-8 bytes and `extends` chains that leave the recipe's directory
+or the working directory are all reported as problems, never as tracebacks.
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
+import copy
 import hashlib
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from orchestrator.errors import Problem, RecipeError
-from orchestrator.recipe.dotted import deep_merge, set_dotted
+from orchestrator.recipe.dotted import deep_merge, get_dotted, set_dotted
+from orchestrator.recipe.reference import explain, key_of, key_problem, short
 from orchestrator.recipe.schema import Recipe
 
 MAX_FILE_BYTES = 1_000_000
 MAX_NODES = 100_000
 MAX_DEPTH = 64
 MAX_EXTENDS_DEPTH = 8
+MAX_VARIANTS = 10_000
 OVERRIDE_FILE = "<command line>"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_KEY_CHARS = re.compile(r"[^\w.\-<>]")
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*$")
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (C speed when available) that also reads ``3e-3`` as a float (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 
 @dataclass
@@ -72,185 +96,453 @@ class _Problems:
     def add(self, key: str, message: str, file: str | None = None, line: int | None = None) -> None:
         if file is None:
             file, line = self.locate(key)
+        key = _KEY_CHARS.sub("_", key)
+        message = " ".join(message.split())  # one problem, one line
         self.items.append(Problem(file, line, key, message))
 
+    def error(self) -> RecipeError:
+        """Every problem once, ordered by file (first seen first) and line."""
+        files: dict[str, int] = {}
+        for p in self.items:
+            files.setdefault(p.file, len(files))
+        unique = list(dict.fromkeys(self.items))
+        unique.sort(key=lambda p: (files[p.file], p.line is None, p.line or 0))
+        return RecipeError(unique)
 
-def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any] | None:
-    """Parse one file with the safe loader, recording the line of every dotted key."""
+
+# ---------------------------------------------------------------------------------- YAML
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    """Line and message (with the fix) for a YAML error."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text[: exc.position].count("\n") + 1 if isinstance(exc.position, int) else None
+        return line, f"character {exc.character!r} is not allowed in YAML: remove it"
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    what = str(getattr(exc, "problem", None) or str(exc).splitlines()[0])
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if "constructor for the tag" in what:
+        tag = what.rpartition("tag ")[2]
+        return line, f"YAML tag {tag} is not allowed (recipes are plain data): remove the tag"
+    if "unhashable key" in what:
+        return line, "a key is a list or mapping: keys must be plain names; rename it"
+    if "undefined alias" in what:
+        return line, "alias (*name) used before its anchor (&name): define the anchor first"
+    if "another document" in what:
+        return line, "more than one YAML document ('---'): keep a single document in the file"
+    char = ""
+    if mark is not None:
+        lines = text.splitlines()
+        if mark.line < len(lines) and mark.column < len(lines[mark.line]):
+            char = lines[mark.line][mark.column]
+    if char == "\t" or "'\\t'" in what:
+        return line, "a tab character: indent YAML with spaces, not tabs"
+    if context and context_mark is not None and context_mark.line + 1 != line:
+        what = f"{what} ({context} started at line {context_mark.line + 1})"
+    return line, f"YAML syntax error: {what}: fix the syntax here (indentation, colons, quotes)"
+
+
+def _walk(
+    node: yaml.Node,
+    path: str,
+    file: str,
+    lines: dict[str, tuple[str, int]],
+    problems: _Problems,
+    budget: list[int],
+    depth: int,
+    merged: bool = False,
+) -> yaml.Node | None:
+    """Record the line of every dotted key (aliases and merges included) within a budget.
+
+    Returns the node where the budget or depth limit was exceeded, or None when all is well.
+    Duplicate keys are problems (YAML would keep only the last one, silently).
+    """
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_DEPTH:
+        return node
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        merges: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.extend(
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+                continue
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "<complex key>"
+            key = f"{path}.{name}" if path else name
+            line = key_node.start_mark.line + 1
+            if name in seen and not merged:
+                problems.add(
+                    key,
+                    f"duplicate key '{name}' (also at line {seen[name]}): YAML keeps only the "
+                    "last one; remove one of them",
+                    file,
+                    line,
+                )
+            seen.setdefault(name, line)
+            if merged:
+                lines.setdefault(key, (file, line))
+            else:
+                lines[key] = (file, line)
+            bad = _walk(value_node, key, file, lines, problems, budget, depth + 1, merged)
+            if bad is not None:
+                return bad
+        for source in merges:  # `<<: *base`: keys written here win over merged ones
+            bad = _walk(source, path, file, lines, problems, budget, depth + 1, merged=True)
+            if bad is not None:
+                return bad
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{path}.{i}"
+            lines.setdefault(key, (file, item.start_mark.line + 1))
+            bad = _walk(item, key, file, lines, problems, budget, depth + 1, merged)
+            if bad is not None:
+                return bad
+    return None
+
+
+def _parse(
+    text: str, file: str, problems: _Problems
+) -> tuple[dict[str, Any] | None, dict[str, tuple[str, int]]]:
+    """Parse recipe YAML safely: bounded, line-mapped, a mapping at the top."""
+    lines: dict[str, tuple[str, int]] = {}
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            problems.add("", "recipe is empty: start from recipes/quickstart.yaml", file, 1)
+            return None, lines
+        if not isinstance(root, yaml.MappingNode):
+            kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+            problems.add(
+                "",
+                f"a recipe must be a mapping of sections, not {kind}: write `name: ...`, "
+                "`schedule: ...` as top-level keys",
+                file,
+                root.start_mark.line + 1,
+            )
+            return None, lines
+        before = len(problems.items)
+        bad = _walk(root, "", file, lines, problems, [MAX_NODES], 0)
+        if bad is not None:
+            problems.add(
+                "",
+                f"recipe expands to more than {MAX_NODES} values or {MAX_DEPTH} levels "
+                "(YAML anchors/aliases or deep nesting): write the values out plainly",
+                file,
+                bad.start_mark.line + 1,
+            )
+            return None, lines
+        if len(problems.items) > before:  # duplicate keys
+            return None, lines
+        data = loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        line, message = _yaml_problem(exc, text)
+        problems.add("", message, file, line)
+        return None, lines
+    except RecursionError:
+        problems.add("", f"YAML nested too deeply (limit {MAX_DEPTH} levels): flatten it", file, 1)
+        return None, lines
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _read_yaml(
+    path: Path, problems: _Problems
+) -> tuple[dict[str, Any] | None, dict[str, tuple[str, int]]]:
+    """Read and parse one recipe file."""
     name = str(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         problems.add("", f"file not found: {name}: check the path", name, None)
-        return None
+        return None, {}
+    except IsADirectoryError:
+        problems.add("", f"{name} is a directory: give a recipe .yaml file", name, None)
+        return None, {}
     except OSError as exc:
-        problems.add("", f"cannot read {name}: {exc.strerror}", name, None)
-        return None
+        problems.add("", f"cannot read {name} ({exc.strerror}): check its permissions", name, None)
+        return None, {}
     if len(raw) > MAX_FILE_BYTES:
-        problems.add("", f"recipe is {len(raw)} bytes; the limit is {MAX_FILE_BYTES}", name, 1)
-        return None
+        problems.add(
+            "",
+            f"recipe is {len(raw)} bytes; the limit is {MAX_FILE_BYTES}: keep data out of the "
+            "recipe (use data.paths or a factory)",
+            name,
+            1,
+        )
+        return None, {}
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        problems.add("", "file is not valid UTF-8: save it as UTF-8", name, line)
-        return None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text) if root is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        problems.add("", f"YAML syntax error: {what}: fix the YAML at this line", name, line)
-        return None
-    except RecursionError:
-        problems.add("", f"YAML nested too deeply (limit {MAX_DEPTH} levels)", name, 1)
-        return None
-    if data is None:
-        problems.add("", "recipe is empty: start from recipes/quickstart.yaml", name, 1)
-        return None
-    if not isinstance(data, dict):
-        problems.add("", "a recipe must be a mapping of sections (name:, model:, ...)", name, 1)
-        return None
-    budget = [MAX_NODES]
-    if not _record_lines(root, "", name, problems.lines, budget, 0):
         problems.add(
-            "",
-            f"recipe expands to more than {MAX_NODES} values or {MAX_DEPTH} levels "
-            "(YAML anchors/aliases or deep nesting): write it out plainly",
-            name,
-            1,
+            "", f"byte {raw[exc.start]:#04x} is not valid UTF-8: save the file as UTF-8", name, line
         )
-        return None
-    return data
+        return None, {}
+    return _parse(text.removeprefix("\ufeff"), name, problems)
 
 
-def _record_lines(
-    node: yaml.Node, path: str, file: str, out: dict[str, tuple[str, int]], budget: list[int], depth: int
-) -> bool:
-    """Walk the node tree (aliases included) within a node budget; False when it is exceeded."""
-    budget[0] -= 1
-    if budget[0] < 0 or depth > MAX_DEPTH:
-        return False
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{path}.{key_node.value}" if path else str(key_node.value)
-            out[key] = (file, key_node.start_mark.line + 1)
-            if not _record_lines(value_node, key, file, out, budget, depth + 1):
-                return False
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            key = f"{path}.{i}"
-            out.setdefault(key, (file, item.start_mark.line + 1))
-            if not _record_lines(item, key, file, out, budget, depth + 1):
-                return False
-    return True
+# ------------------------------------------------------------------------------- extends
+
+
+def _drop_replaced(
+    base_lines: dict[str, tuple[str, int]],
+    child: dict[str, Any],
+    child_lines: dict[str, tuple[str, int]],
+) -> dict[str, tuple[str, int]]:
+    """Base lines minus those under a key the child replaced with a non-mapping value."""
+    replaced = {k for k in child_lines if not isinstance(get_dotted(child, k), dict)}
+    kept = {}
+    for key, where in base_lines.items():
+        parts = key.split(".")
+        if not any(".".join(parts[:i]) in replaced for i in range(1, len(parts))):
+            kept[key] = where
+    return kept
 
 
 def _resolve_extends(
-    path: Path, problems: _Problems, roots: tuple[Path, ...], depth: int = 0
+    path: Path,
+    problems: _Problems,
+    roots: tuple[Path, ...],
+    chain: tuple[Path, ...] = (),
 ) -> dict[str, Any] | None:
-    """Read ``path`` and deep-merge it over the file it `extends`, recursively."""
-    data = _read_yaml(path, problems)
+    """Read ``path`` and deep-merge it over the file it `extends`, recursively.
+
+    Line numbers of the merged recipe go into ``problems.lines``: the child's win.
+    """
+    data, lines = _read_yaml(path, problems)
     if data is None:
         return None
+    where = (str(path), lines.pop("extends", (str(path), None))[1])
+    chain = (*chain, path.resolve())
     parent = data.pop("extends", None)
     if parent is None:
+        problems.lines.update(lines)
         return data
-    line = problems.lines.get("extends", (str(path), None))[1]
-    if not isinstance(parent, str):
-        problems.add("extends", "must be a file path string", str(path), line)
-        return None
-    if depth >= MAX_EXTENDS_DEPTH:
-        problems.add("extends", f"more than {MAX_EXTENDS_DEPTH} levels (a cycle?)", str(path), line)
+    if not isinstance(parent, str) or not parent.strip():
+        problems.add(
+            "extends",
+            f"must be one file path (got {short(parent)}), e.g. `extends: base.yaml`",
+            *where,
+        )
         return None
     target = (path.parent / parent).resolve()
     if not any(target.is_relative_to(root) for root in roots):
         problems.add(
             "extends",
-            f"'{parent}' resolves outside the recipe's directory and the working directory: "
-            "keep base recipes beside the recipe",
-            str(path),
-            line,
+            f"'{parent}' resolves to {target}, outside the recipe's directory and the working "
+            "directory: copy the base recipe beside this one and use a relative path",
+            *where,
         )
         return None
-    own_lines = dict(problems.lines)
-    base = _resolve_extends(target, problems, roots, depth + 1)
+    if target in chain:
+        loop = " -> ".join(p.name for p in (*chain, target))
+        problems.add(
+            "extends", f"extends cycle {loop}: remove the `extends` that closes the loop", *where
+        )
+        return None
+    if len(chain) > MAX_EXTENDS_DEPTH:
+        problems.add(
+            "extends",
+            f"more than {MAX_EXTENDS_DEPTH} levels of `extends`: merge some base recipes",
+            *where,
+        )
+        return None
+    if not target.exists():
+        problems.add(
+            "extends",
+            f"base recipe '{parent}' not found (looked for {target}): fix the path; it is "
+            "relative to this file",
+            *where,
+        )
+        return None
+    base = _resolve_extends(target, problems, roots, chain)
     if base is None:
         return None
-    problems.lines.update(own_lines)  # the child's lines win where it sets a key
+    problems.lines = {**_drop_replaced(problems.lines, data, lines), **lines}
     return deep_merge(base, data)
+
+
+# ----------------------------------------------------------------------------- overrides
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``'optimizer.lr=3e-3'`` -> ``('optimizer.lr', 0.003)``; the value is parsed as YAML."""
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ValueError(f"override '{text}' must look like dotted.key=value")
+    if not sep or not _OVERRIDE_KEY.match(key):
+        raise ValueError(
+            f"override '{text}' must look like dotted.key=value: write e.g. optimizer.lr=3e-4"
+        )
+    if key == "extends" or key.startswith("extends."):
+        raise ValueError("`extends` cannot be overridden: set it in the recipe file")
+    if not value.strip():
+        return key, ""
+    loader = _Loader(value)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = loader.get_single_data()
     except yaml.YAMLError:
-        parsed = value
-    if isinstance(parsed, str) and _FLOAT.match(parsed):
-        parsed = float(parsed)  # YAML 1.1 reads '3e-3' as a string
+        parsed = value  # not YAML: keep the text as a string
+    finally:
+        loader.dispose()
     return key, parsed
 
 
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key``; ``sweep.grid.<dotted.key>`` / ``sweep.zip.<dotted.key>`` keep their dots."""
+    for section in ("sweep.grid.", "sweep.zip."):
+        if key.startswith(section) and len(key) > len(section):
+            sweep = data.get("sweep")
+            if not isinstance(sweep, dict):
+                sweep = data["sweep"] = {}
+            name = section.split(".")[1]
+            lists = sweep.get(name)
+            if not isinstance(lists, dict):
+                lists = sweep[name] = {}
+            lists[key[len(section) :]] = value
+            return
+    set_dotted(data, key, value)
 
 
-def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
-    """Allowed keys of the section at ``loc`` (for did-you-mean)."""
-    model: type[BaseModel] | None = Recipe
-    for part in loc:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
-            return []
-        annotation = model.model_fields[part].annotation
-        candidates = getattr(annotation, "__args__", None) or (annotation,)
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+# ---------------------------------------------------------------------------- validation
+
+
+def _non_finite(data: Any, path: str, out: list[str], budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        return
+    if isinstance(data, float) and not math.isfinite(data):
+        out.append(path)
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            _non_finite(v, f"{path}.{k}" if path else str(k), out, budget)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _non_finite(v, f"{path}.{i}", out, budget)
+
+
+def _sweep_problems(data: dict[str, Any], problems: _Problems) -> bool:
+    """Check the sweep lists (keys, emptiness, zip lengths) one key at a time."""
+    sweep = data.get("sweep")
+    if not isinstance(sweep, dict):
+        return False
+    found = False
+    lengths: dict[str, int] = {}
+    for section in ("grid", "zip"):
+        lists = sweep.get(section)
+        if not isinstance(lists, dict):
+            continue
+        for key, values in lists.items():
+            where = f"sweep.{section}.{key}"
+            why = None
+            if not isinstance(key, str):
+                why = f"key {key!r} must be a dotted recipe key such as optimizer.lr"
+            elif key == "name" or key.split(".")[0] == "sweep":
+                why = f"'{key}' cannot be swept (variant names come from the sweep): remove it"
+            elif (problem := key_problem(key)) is not None:
+                why = problem
+            elif isinstance(values, list) and not values:
+                why = f"the list for '{key}' is empty: give at least one value, or remove the key"
+            elif section == "zip" and isinstance(values, list):
+                lengths[key] = len(values)
+            if section == "zip" and isinstance(sweep.get("grid"), dict) and key in sweep["grid"]:
+                why = f"'{key}' is in both grid and zip: keep it in one of them"
+            if why:
+                problems.add(where, why)
+                found = True
+    grid = sweep.get("grid")
+    sizes = [len(v) for v in grid.values() if isinstance(v, list)] if isinstance(grid, dict) else []
+    count = math.prod(sizes)
+    count *= max(lengths.values(), default=1)
+    if count > MAX_VARIANTS:
+        problems.add(
+            "sweep",
+            f"gives {count} variants; the limit is {MAX_VARIANTS}: use fewer values or "
+            "split the sweep into several recipes",
         )
-    return list(model.model_fields) if model is not None else []
+        found = True
+    if len(set(lengths.values())) > 1:
+        first, n = next(iter(lengths.items()))
+        for key, m in lengths.items():
+            if m != n:
+                problems.add(
+                    f"sweep.zip.{key}",
+                    f"has {m} values but sweep.zip.{first} has {n}: give every zip list "
+                    "the same length",
+                )
+        found = True
+    return found
 
 
-def _message(error: dict[str, Any]) -> str:
-    kind, msg = error["type"], error["msg"]
-    loc = tuple(error["loc"])
-    if kind == "extra_forbidden":
-        allowed = _fields_at(loc[:-1])
-        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
-        hint = f"did you mean '{guess[0]}'?" if guess else f"allowed keys: {', '.join(allowed)}"
-        return f"unknown key: {hint}"
-    if kind == "missing":
-        return "required key is missing: add it (see docs/RECIPES.md)"
-    msg = msg.removeprefix("Value error, ")
-    if kind.startswith(("value_error", "assertion_error")):
-        return msg
-    return f"{msg} (got {error.get('input')!r})"
+def _without(data: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """A copy of ``data`` with the keys at ``locs`` removed."""
+    trimmed = copy.deepcopy(data)
+    for loc in locs:
+        node: Any = trimmed
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return trimmed
 
 
-def _key_of(loc: tuple[Any, ...]) -> str:
-    # Pydantic inserts union/function tags ('function-after[...]', 'WarmupConfig') into locs.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
-    return ".".join(parts)
+def _cross_checks(recipe: Recipe, problems: _Problems) -> None:
+    from orchestrator.engine.ds_config import ds_config_problems
+    from orchestrator.techniques.registry import check_techniques
+
+    for check in (ds_config_problems, check_techniques):
+        try:
+            found = check(recipe)
+        except Exception as exc:
+            problems.add(
+                "",
+                f"check {check.__name__} failed ({type(exc).__name__}: {exc}): this is a "
+                "Regimen bug; please report it with this recipe",
+            )
+            continue
+        for key, message in found:
+            problems.add(key, message)
 
 
 def validate_data(data: dict[str, Any], problems: _Problems) -> Recipe | None:
     """Validate a plain dict into a Recipe, adding every problem found to ``problems``."""
+    swept = _sweep_problems(data, problems)
+    bad_floats: list[str] = []
+    try:  # fast path in C; walk only when some float is inf/nan
+        json.dumps(data, allow_nan=False, skipkeys=True, default=str)
+    except ValueError:
+        _non_finite(data, "", bad_floats, [MAX_NODES])
+    for key in bad_floats:
+        problems.add(key, "is not a finite number (inf/nan): give a plain number")
     try:
-        recipe = Recipe.model_validate(data)
+        recipe: Recipe | None = Recipe.model_validate(data)
     except ValidationError as exc:
-        for error in exc.errors():
-            problems.add(_key_of(tuple(error["loc"])), _message(dict(error)))
-        return None
-    from orchestrator.engine.ds_config import ds_config_problems
-    from orchestrator.techniques.registry import check_techniques
-
-    for key, message in [*ds_config_problems(recipe), *check_techniques(recipe)]:
-        problems.add(key, message)
+        recipe = None
+        errors: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
+        for error in errors:
+            loc: tuple[Any, ...] = tuple(error["loc"])
+            if error["type"] == "missing" and loc and isinstance(loc[-1], int):
+                loc = loc[:-1]  # a short tuple: say so at the tuple, not at the absent item
+                error = {**error, "type": "too_short_tuple", "loc": loc}
+            if swept and loc == ("sweep",) and error["type"] == "value_error":
+                continue  # already said per key by _sweep_problems
+            problems.add(key_of(loc), explain(error))
+        if all(e["type"] in ("extra_forbidden", "invalid_key") for e in errors):
+            # Unknown keys change nothing else: check the rest as if they were removed.
+            trimmed = _without(data, [tuple(e["loc"]) for e in errors])
+            with contextlib.suppress(ValidationError):
+                _cross_checks(Recipe.model_validate(trimmed), problems)
+    if recipe is not None:
+        _cross_checks(recipe, problems)
     return None if problems.items else recipe
+
+
+# ----------------------------------------------------------------------------- entry points
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
@@ -260,31 +552,30 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     roots = (path.parent.resolve(), Path.cwd().resolve())
     data = _resolve_extends(path, problems, roots)
     if data is None:
-        raise RecipeError(problems.items)
+        raise problems.error()
     for i, text in enumerate(overrides, start=1):
         try:
             key, value = parse_override(text)
         except ValueError as exc:
-            problems.add(text, str(exc), OVERRIDE_FILE, i)
+            problems.add(text.partition("=")[0].strip() or "<override>", str(exc), OVERRIDE_FILE, i)
             continue
-        set_dotted(data, key, value)
+        _apply_override(data, key, value)
+        problems.lines = {k: v for k, v in problems.lines.items() if not k.startswith(key + ".")}
         problems.lines[key] = (OVERRIDE_FILE, i)
     recipe = validate_data(data, problems) if not problems.items else None
     if recipe is None:
-        raise RecipeError(problems.items)
+        raise problems.error()
     return LoadedRecipe(recipe=recipe, data=data, source=path, lines=problems.lines)
 
 
 def load_recipe_text(text: str, name: str = "<recipe>") -> Recipe:
     """Validate recipe YAML held in memory (e.g. read back from MLflow)."""
     problems = _Problems(name)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError([Problem(name, None, "", f"YAML syntax error: {exc}")]) from None
-    if not isinstance(data, dict):
-        raise RecipeError([Problem(name, None, "", "a recipe must be a mapping")])
-    recipe = validate_data(data, problems)
+    if len(text.encode("utf-8", "replace")) > MAX_FILE_BYTES:
+        problems.add("", f"recipe is larger than {MAX_FILE_BYTES} bytes: shorten it", name, 1)
+        raise problems.error()
+    data, problems.lines = _parse(text, name, problems)
+    recipe = validate_data(data, problems) if data is not None else None
     if recipe is None:
-        raise RecipeError(problems.items)
+        raise problems.error()
     return recipe

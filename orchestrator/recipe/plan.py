@@ -4,18 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
+
 from orchestrator.recipe.expand import Variant
 from orchestrator.techniques.registry import config_of, registered
 
+MAX_LISTED_CHECKPOINTS = 1000
+
+
+def checkpoint_steps(steps: int, every: int, at_end: bool, limit: int) -> tuple[list[int], int]:
+    """The first ``limit`` checkpoint steps and how many there are in all (never materialised)."""
+    periodic = (steps - 1) // every if every else 0  # every, 2*every, ... below steps
+    listed = [every * i for i in range(1, min(periodic, limit) + 1)]
+    total = periodic + (1 if at_end else 0)
+    if at_end and len(listed) < limit:
+        listed.append(steps)
+    return listed, total
+
 
 def plan_of(variant: Variant) -> dict[str, Any]:
-    """A JSON-able description of one variant's run: batches, checkpoints, techniques, user code."""
+    """A JSON-able description of one variant's run: batches, checkpoints, techniques, user code.
+
+    ``checkpoints`` lists at most 1,000 steps; ``checkpoint_count`` is the full number.
+    """
     r = variant.recipe
     steps = r.schedule.steps
-    every = r.checkpoint.every
-    checkpoints = list(range(every, steps, every)) if every else []
-    if r.checkpoint.at_end:
-        checkpoints.append(steps)
+    checkpoints, count = checkpoint_steps(
+        steps, r.checkpoint.every, r.checkpoint.at_end, MAX_LISTED_CHECKPOINTS
+    )
     techniques: dict[str, Any] = {}
     for spec in registered():
         cfg = config_of(spec, r)
@@ -36,27 +52,31 @@ def plan_of(variant: Variant) -> dict[str, Any]:
         "zero_stage": r.zero_stage,
         "precision": r.precision,
         "checkpoints": checkpoints,
+        "checkpoint_count": count,
         "techniques": techniques,
         "user_code": user_code,
     }
 
 
 def render_plan(plan: dict[str, Any]) -> str:
-    """The plan as readable text for the terminal."""
-    lines = [f"[bold]{plan['variant']}[/]"]
+    """The plan as readable text for the terminal (rich markup; user text is escaped)."""
+    lines = [f"[bold]{escape(plan['variant'])}[/]"]
     if plan["assignments"]:
-        lines.append("  sweep: " + ", ".join(f"{k}={v}" for k, v in plan["assignments"].items()))
+        sweep = ", ".join(f"{k}={_short(v)}" for k, v in plan["assignments"].items())
+        lines.append("  sweep: " + escape(sweep))
     lines.append(
         f"  {plan['steps']} steps x {plan['global_batch_size']} samples "
         f"({plan['workers']} workers, ZeRO-{plan['zero_stage']}, {plan['precision']})"
     )
     cks = plan["checkpoints"]
-    shown = ", ".join(map(str, cks[:6])) + (f", ... ({len(cks)} in all)" if len(cks) > 6 else "")
+    count = plan.get("checkpoint_count", len(cks))
+    shown = ", ".join(map(str, cks[:6])) + (f", ... ({count} in all)" if count > 6 else "")
     lines.append(f"  checkpoints at: {shown or 'none'}")
     for name, info in plan["techniques"].items():
-        lines.append(f"  {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in info.items()))
+        text = ", ".join(f"{k}={_short(v)}" for k, v in info.items())
+        lines.append(f"  {name}: " + escape(text))
     for ref in plan["user_code"]:
-        lines.append(f"  [yellow]runs user code[/] {ref}")
+        lines.append(f"  [yellow]runs user code[/] {escape(ref)}")
     return "\n".join(lines)
 
 
@@ -65,4 +85,6 @@ def _short(value: Any) -> str:
         return f"{value:.3g}"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
     return str(value)

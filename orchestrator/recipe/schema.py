@@ -26,12 +26,14 @@ class ModelConfig(Section):
 
     `kind: hf_config` builds a Hugging Face model with random weights from `config`;
     `kind: hf_pretrained` loads `path` (a local directory) with `from_pretrained`;
-    `kind: factory` calls the user's `module:function` with `factory_args` (runs user code).
+    `kind: factory` calls the user's `module:function` with `factory_args` (runs user code);
+    `kind: builtin` builds Regimen's small classifiers, `architecture: vit | mlp`, sized by
+    `config` (see orchestrator/engine/vision.py); its `task` defaults to classification.
     """
 
-    kind: Literal["hf_config", "hf_pretrained", "factory"] = "hf_config"
-    architecture: Literal["llama", "mistral", "qwen2", "gpt2"] = Field(
-        "llama", description="HF architecture for kind=hf_config."
+    kind: Literal["hf_config", "hf_pretrained", "factory", "builtin"] = "hf_config"
+    architecture: Literal["llama", "mistral", "qwen2", "gpt2", "vit", "mlp"] = Field(
+        "llama", description="HF architecture for kind=hf_config; vit or mlp for kind=builtin."
     )
     config: dict[str, Any] = Field(
         default_factory=dict, description="HF config fields (hidden_size, num_hidden_layers, ...)."
@@ -41,10 +43,33 @@ class ModelConfig(Section):
     factory_args: dict[str, Any] = Field(default_factory=dict)
     task: Literal["causal_lm", "classification"] = "causal_lm"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "builtin" and "task" not in data:
+            return {**data, "task": "classification"}  # builtin models are classifiers
+        return data
+
     @model_validator(mode="after")
     def _kind_fields(self) -> ModelConfig:
+        builtin = self.architecture in ("vit", "mlp")
+        if self.kind == "builtin":
+            from orchestrator.engine.vision import unknown_keys
+
+            if not builtin:
+                raise ValueError("kind 'builtin' needs 'architecture: vit' or 'architecture: mlp'")
+            if self.task != "classification":
+                raise ValueError("kind 'builtin' models are classifiers: set task: classification")
+            if bad := unknown_keys(self.architecture, self.config):
+                raise ValueError(f"unknown config key(s) {bad} for builtin {self.architecture}")
+        elif builtin and self.kind == "hf_config":
+            raise ValueError(
+                f"architecture '{self.architecture}' is a builtin model: set kind: builtin"
+            )
         if self.kind == "hf_pretrained" and not self.path:
-            raise ValueError("kind 'hf_pretrained' needs 'path': set model.path to a local model dir")
+            raise ValueError(
+                "kind 'hf_pretrained' needs 'path': set model.path to a local model dir"
+            )
         if self.kind == "factory" and (not self.factory or ":" not in self.factory):
             raise ValueError(
                 "kind 'factory' needs 'factory: package.module:function' (the colon is required)"
@@ -57,10 +82,12 @@ class DataConfig(Section):
 
     `stdlib_bytes` reads the Python standard library's own source as byte tokens
     (needs no download); `text_files` reads `paths` as bytes; `factory` calls
-    `module:function(seq_len=..., **factory_args)` returning a torch Dataset.
+    `module:function(seq_len=..., **factory_args)` returning a torch Dataset;
+    `digits` is scikit-learn's 8x8 digits (1,797 images, 10 classes, ships with the
+    package): a fixed seeded split (`eval_fraction`), normalised, images 1x8x8.
     """
 
-    kind: Literal["stdlib_bytes", "text_files", "factory"] = "stdlib_bytes"
+    kind: Literal["stdlib_bytes", "text_files", "factory", "digits"] = "stdlib_bytes"
     paths: list[str] = Field(default_factory=list, description="Files for kind=text_files.")
     factory: str | None = None
     factory_args: dict[str, Any] = Field(default_factory=dict)
@@ -172,7 +199,7 @@ def _techniques_model() -> type[Section]:
 TechniquesConfig = _techniques_model()
 
 
-def _stability_model() -> type[Section]:
+def _stability_model() -> type[BaseModel]:
     from orchestrator.techniques.registry import registered
 
     for spec in registered():

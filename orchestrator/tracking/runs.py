@@ -13,6 +13,7 @@ import getpass
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -35,6 +36,7 @@ MAX_PARAM_VALUE = 6000  # MLflow's limits
 MAX_TAG_VALUE = 8000
 MAX_PER_BATCH = 100
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _VERSIONED = ("torch", "deepspeed", "ray", "mlflow", "transformers")
 
 
@@ -188,7 +190,8 @@ def open_run(
     """
     client = _client(tracking_uri)
     if recipe_yaml is None and recipe is not None:
-        recipe_yaml = yaml.safe_dump(dict(recipe), sort_keys=False, allow_unicode=True)
+        plain = json.loads(json.dumps(recipe, default=str))  # Paths, enums ... as strings
+        recipe_yaml = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
     artifact = redact_text(recipe_yaml) if recipe_yaml is not None else None
     all_tags = provenance_tags()
     if artifact is not None:
@@ -273,9 +276,16 @@ def _read_artifact(client: Any, run_id: str, path: str) -> str | None:
     names = {f.path for f in client.list_artifacts(run_id)}
     if path not in names:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, path, dst_path=tmp)
-        return Path(local).read_text(encoding="utf-8")
+    quiet = _PROGRESS_BAR not in os.environ  # no tqdm bar on the CLI's stderr
+    if quiet:
+        os.environ[_PROGRESS_BAR] = "false"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, path, dst_path=tmp)
+            return Path(local).read_text(encoding="utf-8")
+    finally:
+        if quiet:
+            os.environ.pop(_PROGRESS_BAR, None)
 
 
 def log_event(

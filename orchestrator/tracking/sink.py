@@ -46,16 +46,17 @@ logger = logging.getLogger(__name__)
 EVENTS_ARTIFACT = "events.jsonl"
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 Entry = tuple[int, int, dict[str, float]]  # (step, timestamp ms, {key: value})
+_RESERVED = ("kind", "step", "time")
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- :/]")
 
 
 def make_event(kind: str, step: int, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The one event format: ``{"kind", "step", "time" (epoch s), **payload}``, secrets redacted."""
-    payload = dict(payload or {})
-    clash = {"kind", "step", "time"} & payload.keys()
-    if clash:
-        raise ValueError(f"event payload may not use the reserved keys {sorted(clash)}")
-    return {"kind": str(kind), "step": int(step), "time": round(time.time(), 3), **redact(payload)}
+    """The one event format: ``{"kind", "step", "time" (epoch s), **payload}``, secrets redacted.
+
+    A payload key that clashes with kind/step/time is kept as ``payload_<key>``.
+    """
+    body = {(f"payload_{k}" if k in _RESERVED else k): v for k, v in (payload or {}).items()}
+    return {"kind": str(kind), "step": int(step), "time": round(time.time(), 3), **redact(body)}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -232,6 +233,7 @@ class MetricSink:
         self._flushing = 0
         self._outage = False
         self._client: Any = None
+        self._bad_keys: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="regimen-metric-sink", daemon=True)
         self._thread.start()
         atexit.register(self.close, 10.0)
@@ -239,9 +241,14 @@ class MetricSink:
     # ---- hot path -------------------------------------------------------------------------
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Enqueue one point per metric at ``step`` (timestamp taken now). Never drops points:
-        when the queue holds ``max_queue`` points (or after close) they go to the spool file."""
+        when the queue holds ``max_queue`` points (or after close) they go to the spool file.
+        Values are converted with ``float()`` here (a CUDA tensor would sync: pass floats);
+        values that are not numbers (``None``) are skipped with one warning per key."""
         ts = int(time.time() * 1000)
-        values = {k: float(v) for k, v in metrics.items()}
+        try:
+            values = {k: float(v) for k, v in metrics.items()}
+        except (TypeError, ValueError):
+            values = self._numeric(metrics)
         if not values:
             return
         entry = (int(step), ts, values)
@@ -257,6 +264,18 @@ class MetricSink:
                 self._warned_closed = True
                 logger.warning("MetricSink.log() after close(): points go to %s", self.spool_path)
         self._spool.append([entry])
+
+    def _numeric(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Slow path of log(): keep what converts to float, warn once per key about the rest."""
+        values = {}
+        for k, v in metrics.items():
+            try:
+                values[k] = float(v)
+            except (TypeError, ValueError):
+                if k not in self._bad_keys:
+                    self._bad_keys.add(k)
+                    logger.warning("metric %r=%r is not a number: not logged", k, v)
+        return values
 
     def event(self, kind: str, step: int, **payload: Any) -> None:
         """Record an event; it is written to ``events.jsonl`` (local file now, artifact soon)."""

@@ -1,4 +1,4 @@
-"""Data: the sample order is seeded, complete per epoch, disjoint across ranks, and position-only."""
+"""Data: the order is seeded, complete per epoch, disjoint across ranks, position-only."""
 
 from __future__ import annotations
 

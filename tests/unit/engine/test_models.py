@@ -10,8 +10,15 @@ from orchestrator.engine.models import build_model, vocab_size
 from orchestrator.errors import UsageError
 from orchestrator.recipe.schema import ModelConfig
 
-TINY = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY = {
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 
 
 def test_config_models_are_seeded():
@@ -28,7 +35,9 @@ def test_pretrained_loads_a_local_directory(tmp_path):
     config = transformers.LlamaConfig(**TINY)
     saved = transformers.LlamaForCausalLM(config)
     saved.save_pretrained(tmp_path / "tiny-llama")
-    loaded = build_model(ModelConfig(kind="hf_pretrained", path=str(tmp_path / "tiny-llama")), seed=0)
+    loaded = build_model(
+        ModelConfig(kind="hf_pretrained", path=str(tmp_path / "tiny-llama")), seed=0
+    )
     ref = dict(saved.named_parameters())
     assert all(torch.equal(ref[k], p) for k, p in loaded.named_parameters())
 
@@ -40,7 +49,11 @@ def test_pretrained_missing_dir_is_a_clear_error(tmp_path):
 
 def test_factory_is_called_with_its_args():
     model = build_model(
-        ModelConfig(kind="factory", factory="torch.nn:Linear", factory_args={"in_features": 3, "out_features": 5}),
+        ModelConfig(
+            kind="factory",
+            factory="torch.nn:Linear",
+            factory_args={"in_features": 3, "out_features": 5},
+        ),
         seed=0,
     )
     assert isinstance(model, torch.nn.Linear) and model.out_features == 5

@@ -1,4 +1,4 @@
-"""One conformance suite over every registered technique (a new technique is covered by registering).
+"""One conformance suite over every registered technique (registering one covers it).
 
 Each technique, with its registry example config on a tiny model:
 - survives a state_dict round trip,
@@ -24,8 +24,12 @@ STEPS = 6
 
 
 def _recipe(tmp_path: Path, spec, cfg: dict) -> object:
-    section = {"techniques": {spec.name: cfg}} if spec.section == "techniques" else {spec.section: cfg}
-    return tiny_recipe(tmp_path, schedule={"steps": STEPS}, checkpoint={"every": STEPS // 2}, **section)
+    section = (
+        {"techniques": {spec.name: cfg}} if spec.section == "techniques" else {spec.section: cfg}
+    )
+    return tiny_recipe(
+        tmp_path, schedule={"steps": STEPS}, checkpoint={"every": STEPS // 2}, **section
+    )
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -57,10 +61,16 @@ def test_resume_is_bit_for_bit(spec, tmp_path, gloo_world):
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_disabled_has_no_effect(spec, tmp_path, gloo_world):
-    disabled = Trainer(_recipe(tmp_path, spec, {**spec.example, "enabled": False}), WorkerContext(run_dir=tmp_path / "off"))
+    disabled = Trainer(
+        _recipe(tmp_path, spec, {**spec.example, "enabled": False}),
+        WorkerContext(run_dir=tmp_path / "off"),
+    )
     disabled.run()
     assert not any(t.name == spec.name for t in disabled.techniques)
-    baseline = Trainer(tiny_recipe(tmp_path, schedule={"steps": STEPS}, checkpoint={"every": STEPS // 2}), WorkerContext(run_dir=tmp_path / "base"))
+    baseline = Trainer(
+        tiny_recipe(tmp_path, schedule={"steps": STEPS}, checkpoint={"every": STEPS // 2}),
+        WorkerContext(run_dir=tmp_path / "base"),
+    )
     baseline.run()
     a, b = _weights(disabled), _weights(baseline)
     assert all(torch.equal(a[k], b[k]) for k in a)

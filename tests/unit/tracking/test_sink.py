@@ -61,7 +61,7 @@ class Counting:
     """A stand-in MLflow client that only counts what it is sent."""
 
     def __init__(self) -> None:
-        self.points, self.sizes = 0, []
+        self.points, self.sizes = 0, list[int]()
 
     def log_batch(self, run_id: str, metrics: list[Any], **kwargs: Any) -> None:
         self.points += len(metrics)
@@ -192,10 +192,14 @@ def test_events_artifact(uri: str, run_id: str, tmp_path: Path) -> None:
     sink = MetricSink(uri, run_id, flush_interval_s=0.1, spool_dir=tmp_path / "spool")
     sink.event("lisa_switch", 10, layers=[1, 3])
     sink.event("rollback", 20, to_step=16, hf_token="hf_secret")
-    with pytest.raises(ValueError, match="reserved"):
-        sink.event("bad", 1, time=3)
+    sink.event("odd", 30, time=3)  # a clashing payload key is renamed, never raised on
+    sink.log(30, {"loss": 1.5, "grad_norm": None})  # type: ignore[dict-item]
     assert sink.flush(timeout_s=10)
     sink.close()
     events = read_events(uri, run_id)
-    assert [(e["kind"], e["step"]) for e in events] == [("lisa_switch", 10), ("rollback", 20)]
+    kinds = [(e["kind"], e["step"]) for e in events]
+    assert kinds == [("lisa_switch", 10), ("rollback", 20), ("odd", 30)]
     assert events[0]["layers"] == [1, 3] and events[1]["hf_token"] == "***"
+    assert events[2]["payload_time"] == 3 and events[2]["time"] > 1e9
+    assert _steps(uri, run_id, "loss") == Counter([30])
+    assert sink.events_path.read_text().count("\n") == 3

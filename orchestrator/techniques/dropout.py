@@ -1,0 +1,338 @@
+"""Dropout schedules: standard, early and late dropout / stochastic depth (Liu et al., ICML 2023).
+
+"Dropout Reduces Underfitting" updates the rate every optimizer step. For step ``k``
+(0-based, the step about to run), rate ``r`` and cut-off ``C`` steps (``T`` in all):
+
+* ``standard``: ``r`` throughout (``schedule`` must be ``constant``);
+* ``early`` + ``constant``: ``r`` for ``k < C``, then 0;
+* ``early`` + ``linear``: ``r * (1 - k / (C - 1))`` for ``k < C`` (the paper's
+  ``np.linspace(r, 0, C)``), then 0;
+* ``late`` + ``constant``: 0 for ``k < C``, then ``r`` (the paper's late dropout);
+* ``late`` + ``linear``: 0 for ``k < C``, then a ramp reaching ``r`` at ``T - 1`` (an
+  extension; the paper only defines a constant late phase).
+
+The rate is a pure function of the step, so a resumed run needs no extra state.
+
+Where the rate goes (``target``):
+
+* ``dropout``: ``p`` of every ``nn.Dropout``-family module; float attributes that HF
+  attention/blocks read at forward time (``attention_dropout`` on LLaMA, Mistral, Qwen2/3,
+  Gemma/Gemma2, Phi-3, Mixtral, OLMo2, GPT-NeoX, ViT attention, ...; ``dropout`` /
+  ``activation_dropout`` on OPT / BART-style layers; ``hidden_dropout`` on Falcon); and
+  the same-named numeric fields of every HF ``config`` object in the model (Falcon reads
+  ``config.attention_dropout``/``config.hidden_dropout`` inside ``forward``). GPT-2, BERT,
+  GPT-NeoX hidden dropout and Phi-3 residual dropout are ``nn.Dropout`` modules. All sites
+  get the same rate, as in the paper's reference code.
+* ``drop_path`` (stochastic depth): modules with a float ``drop_prob`` (timm ``DropPath``,
+  HF ``*DropPath``, Regimen's ViT), torchvision-style ``StochasticDepth`` (``p``), and
+  float ``drop_path`` / ``drop_path_rate`` attributes. Each site keeps its build-time share
+  of the maximum (the usual linear-in-depth profile): ``rate_site = rate * built / max_built``.
+
+A model built with rate 0 often has no dropout left to schedule (``nn.Identity`` in
+place of ``DropPath``, no ``nn.Dropout`` at all): ``configure`` raises a clear error
+telling to build the model with the maximum rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import torch
+from pydantic import Field, model_validator
+
+from orchestrator.errors import UsageError
+from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState
+from orchestrator.techniques.registry import TechniqueSpec, register
+
+if TYPE_CHECKING:
+    from orchestrator.recipe.schema import Recipe
+
+# Float attributes that HF modules read in forward() as a dropout probability.
+DROPOUT_ATTRS = (
+    "attention_dropout",
+    "attn_dropout",
+    "dropout",
+    "hidden_dropout",
+    "activation_dropout",
+    "dropout_rate",
+    "dropout_p",
+    "dropout_prob",
+)
+# HF config fields holding dropout probabilities (some are read at forward time, e.g. Falcon).
+DROPOUT_CONFIG_KEYS = (
+    "attention_dropout",
+    "hidden_dropout",
+    "activation_dropout",
+    "dropout",
+    "attention_probs_dropout_prob",
+    "hidden_dropout_prob",
+    "attn_pdrop",
+    "resid_pdrop",
+    "embd_pdrop",
+)
+DROP_PATH_ATTRS = ("drop_prob", "drop_path", "drop_path_rate")
+
+
+class DropoutConfig(TechniqueConfig):
+    """`techniques.dropout`: mode, schedule, rate and cut-off (`cutoff_steps` or `cutoff_fraction`)."""
+
+    mode: Literal["standard", "early", "late"] = "early"
+    schedule: Literal["constant", "linear"] = "constant"
+    rate: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout rate of the active phase.")
+    drop_path_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Stochastic-depth rate; default: `rate`."
+    )
+    cutoff_steps: int | None = Field(None, ge=0, description="Phase boundary in steps.")
+    cutoff_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="Phase boundary as a fraction of schedule.steps."
+    )
+    target: Literal["dropout", "drop_path", "both"] = "dropout"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DropoutConfig:
+        if self.cutoff_steps is not None and self.cutoff_fraction is not None:
+            raise ValueError("give cutoff_steps or cutoff_fraction, not both")
+        if self.mode == "standard":
+            if self.schedule != "constant":
+                raise ValueError(
+                    "mode 'standard' keeps the rate constant: use schedule 'constant' "
+                    "(or mode 'early' with schedule 'linear' for a decreasing rate)"
+                )
+        elif self.cutoff_steps is None and self.cutoff_fraction is None:
+            raise ValueError(
+                f"mode '{self.mode}' needs a cut-off: set cutoff_steps or cutoff_fraction"
+            )
+        return self
+
+    def resolved_cutoff(self, total_steps: int) -> int:
+        """The phase boundary in steps (0 for standard)."""
+        if self.cutoff_steps is not None:
+            return self.cutoff_steps
+        return round((self.cutoff_fraction or 0.0) * total_steps)
+
+    @property
+    def path_rate(self) -> float:
+        """The stochastic-depth rate of the active phase."""
+        return self.rate if self.drop_path_rate is None else self.drop_path_rate
+
+
+def scheduled_rate(cfg: DropoutConfig, peak: float, step: int, total_steps: int) -> float:
+    """The rate of optimizer step ``step`` (0-based) for a peak rate ``peak``."""
+    if cfg.mode == "standard":
+        return peak
+    cut = cfg.resolved_cutoff(total_steps)
+    if cfg.mode == "early":
+        if step >= cut:
+            return 0.0
+        if cfg.schedule == "constant" or cut <= 1:
+            return peak
+        return peak * (1.0 - step / (cut - 1))
+    if step < cut:
+        return 0.0
+    if cfg.schedule == "constant":
+        return peak
+    span = total_steps - 1 - cut
+    return peak if span <= 0 else peak * min(1.0, (step - cut) / span)
+
+
+@dataclass
+class Sites:
+    """Where a model's rates live, found once per engine build."""
+
+    modules: list[torch.nn.Module] = field(default_factory=list)  # nn.Dropout family
+    attrs: list[tuple[Any, str]] = field(default_factory=list)  # (module, float attribute)
+    configs: list[tuple[Any, str]] = field(default_factory=list)  # (HF config, field)
+    paths: list[tuple[Any, str, float]] = field(default_factory=list)  # (owner, attr, share)
+    identity_dropout: list[str] = field(default_factory=list)
+    identity_paths: list[str] = field(default_factory=list)
+
+    @property
+    def dropout_count(self) -> int:
+        return len(self.modules) + len(self.attrs)
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def find_sites(model: torch.nn.Module) -> Sites:
+    """Every dropout / drop-path rate in ``model`` that a schedule can set."""
+    sites = Sites()
+    configs: dict[int, Any] = {}
+    built_paths: list[tuple[Any, str, float]] = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            sites.modules.append(module)
+        elif cls == "StochasticDepth" and _is_rate(getattr(module, "p", None)):
+            built_paths.append((module, "p", float(module.p)))  # type: ignore[arg-type]
+        for attr in DROPOUT_ATTRS:
+            if _is_rate(module.__dict__.get(attr)):
+                sites.attrs.append((module, attr))
+        for attr in DROP_PATH_ATTRS:
+            if _is_rate(module.__dict__.get(attr)):
+                built_paths.append((module, attr, float(module.__dict__[attr])))
+        for child_name, child in module.named_children():
+            if not isinstance(child, torch.nn.Identity):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            low = child_name.lower()
+            if low.startswith("drop_path") or "droppath" in low or "stochastic" in low:
+                sites.identity_paths.append(full)
+            elif "drop" in low:
+                sites.identity_dropout.append(full)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict") and id(config) not in configs:
+            configs[id(config)] = config
+    for config in configs.values():
+        for key in DROPOUT_CONFIG_KEYS:
+            if _is_rate(getattr(config, key, None)):
+                sites.configs.append((config, key))
+        if _is_rate(getattr(config, "drop_path_rate", None)):
+            built_paths.append((config, "drop_path_rate", float(config.drop_path_rate)))
+    top = max((b for _, _, b in built_paths), default=0.0)
+    sites.paths = [(o, a, (b / top if top > 0 else 0.0)) for o, a, b in built_paths]
+    return sites
+
+
+def _rate_zero_error(what: str, identities: list[str], hint: str) -> UsageError:
+    shown = ", ".join(identities[:4]) + (" ..." if len(identities) > 4 else "")
+    found = (
+        f"{len(identities)} {what} site(s) are nn.Identity ({shown}), i.e. the model was "
+        "built with rate 0 and the layer was removed"
+        if identities
+        else f"the model has no {what} that Regimen can set"
+    )
+    return UsageError(
+        f"techniques.dropout: target needs {what}, but {found}. Build the model with the "
+        f"maximum rate ({hint}); Regimen then sets the rate every step, including 0."
+    )
+
+
+class DropoutSchedule(Technique):
+    """Sets every dropout / drop-path rate of the model at the start of every optimizer step."""
+
+    name = "dropout"
+
+    def __init__(self, cfg: DropoutConfig):
+        self.cfg = cfg
+        self.sites: Sites | None = None
+
+    @property
+    def _dropout(self) -> bool:
+        return self.cfg.target in ("dropout", "both")
+
+    @property
+    def _paths(self) -> bool:
+        return self.cfg.target in ("drop_path", "both")
+
+    def attach(self, model: torch.nn.Module) -> Sites:
+        """Find the model's rate sites; raise when the target has none (built with rate 0)."""
+        sites = find_sites(model)
+        if self._dropout and sites.dropout_count == 0:
+            raise _rate_zero_error(
+                "dropout",
+                sites.identity_dropout,
+                "e.g. nn.Dropout(p) with p > 0, or the HF config's attention_dropout / "
+                "hidden_dropout",
+            )
+        if self._paths and not any(share > 0 for _, _, share in sites.paths):
+            raise _rate_zero_error(
+                "drop_path (stochastic depth)",
+                sites.identity_paths,
+                "e.g. drop_path_rate > 0 so that DropPath modules exist",
+            )
+        self.sites = sites
+        return sites
+
+    def configure(self, setup: Setup) -> None:
+        self.attach(setup.model)
+
+    def rates(self, step: int, total_steps: int) -> tuple[float, float]:
+        """(dropout rate, drop-path rate) of step ``step``."""
+        cfg = self.cfg
+        return (
+            scheduled_rate(cfg, cfg.rate, step, total_steps) if self._dropout else 0.0,
+            scheduled_rate(cfg, cfg.path_rate, step, total_steps) if self._paths else 0.0,
+        )
+
+    def apply(self, step: int, total_steps: int) -> tuple[float, float]:
+        """Write the rates of ``step`` into the model."""
+        assert self.sites is not None, "attach() or configure() first"
+        rate, path_rate = self.rates(step, total_steps)
+        if self._dropout:
+            for module in self.sites.modules:
+                module.p = rate  # type: ignore[assignment]
+            for owner, attr in self.sites.attrs + self.sites.configs:
+                setattr(owner, attr, rate)
+        if self._paths:
+            for owner, attr, share in self.sites.paths:
+                setattr(owner, attr, path_rate * share)
+        return rate, path_rate
+
+    def _apply_state(self, state: TrainState) -> None:
+        if self.sites is None and state.model is not None:
+            self.attach(state.model)
+        rate, path_rate = self.apply(state.step, state.total_steps)
+        if self._dropout:
+            state.metrics["dropout/rate"] = rate
+        if self._paths:
+            state.metrics["dropout/drop_path_rate"] = path_rate
+
+    def on_train_start(self, state: TrainState) -> None:
+        self._apply_state(state)
+
+    def on_step_begin(self, state: TrainState) -> None:
+        self._apply_state(state)
+
+
+def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
+    cfg = cast(DropoutConfig, cfg)
+    cut, total = cfg.resolved_cutoff(recipe.schedule.steps), recipe.schedule.steps
+    if cfg.mode != "standard" and cut > total:
+        key = "cutoff_steps" if cfg.cutoff_steps is not None else "cutoff_fraction"
+        return [
+            (
+                f"techniques.dropout.{key}",
+                f"cut-off ({cut} steps) is after the end of training (schedule.steps {total}): "
+                "lower it or train longer",
+            )
+        ]
+    return []
+
+
+def _describe(cfg: TechniqueConfig, recipe: Recipe) -> dict[str, object]:
+    cfg = cast(DropoutConfig, cfg)
+    total = recipe.schedule.steps
+    cut = cfg.resolved_cutoff(total) if cfg.mode != "standard" else 0
+    marks = {0, total - 1}
+    if cfg.mode != "standard":
+        marks |= {max(0, cut - 1), cut}
+        if cfg.schedule == "linear":
+            marks.add(cut // 2 if cfg.mode == "early" else (cut + total - 1) // 2)
+    marks &= set(range(total))
+    out: dict[str, object] = {"mode": cfg.mode, "schedule": cfg.schedule, "target": cfg.target}
+    if cfg.mode != "standard":
+        out["cutoff_step"] = cut
+    if cfg.target in ("dropout", "both"):
+        out["rate_at_step"] = {k: scheduled_rate(cfg, cfg.rate, k, total) for k in sorted(marks)}
+    if cfg.target in ("drop_path", "both"):
+        out["drop_path_rate_at_step"] = {
+            k: scheduled_rate(cfg, cfg.path_rate, k, total) for k in sorted(marks)
+        }
+    return out
+
+
+register(
+    TechniqueSpec(
+        name="dropout",
+        config=DropoutConfig,
+        build=lambda cfg, recipe: DropoutSchedule(cfg),  # type: ignore[arg-type]
+        order=20,
+        summary="Standard / early / late dropout and stochastic depth, set every step.",
+        check=_check,
+        describe=_describe,
+        example={"mode": "early", "schedule": "linear", "rate": 0.2, "cutoff_steps": 4},
+    )
+)
