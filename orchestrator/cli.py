@@ -90,8 +90,9 @@ def run(
     loaded, variants = _load(recipe, overrides)
     with _Progress(enabled=not as_json and sys.stderr.isatty()) as progress:
         results = run_variants(
-            variants, recipe_name=loaded.recipe.name, address=address, on_progress=progress.update
-        )
+            variants, recipe_name=loaded.recipe.name, address=address, on_progress=progress.update,
+            max_concurrent=loaded.recipe.sweep.max_concurrent if loaded.recipe.sweep else None,
+        )  # fmt: skip
     for r in results:
         style = "green" if r.status == "FINISHED" else "red"
         err.print(

@@ -16,9 +16,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from orchestrator.cluster import jobs
+from orchestrator.errors import RegimenError
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -33,6 +33,10 @@ AddressOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 JobArg = Annotated[str, typer.Argument(help="Job id (as printed by `regimen submit`).")]
+
+
+class JobFailed(RegimenError):
+    """A waited-for job did not succeed: exit 1."""
 
 
 def _when(ms: int | None) -> str:
@@ -92,7 +96,7 @@ def submit(
         print(job_id)
     err.print(f"job {job_id}: {state}" + (f" ({details.message})" if details.message else ""))
     if state != "SUCCEEDED":
-        raise typer.Exit(1)
+        raise JobFailed(f"job {job_id} ended {state}: `regimen logs {job_id}` shows why")
 
 
 def _announce_runs(address: str | None, job_id: str, shown: set[str]) -> None:
@@ -122,19 +126,14 @@ def status(
         return
     out.print(f"{job}: [bold]{jobs.status_name(details)}[/]  {details.message or ''}")
     out.print(f"  started {_when(details.start_time)}  ended {_when(details.end_time)}")
-    if runs:
-        table = Table("run", "variant", "status", "steps", "final loss", "run id")
-        for r in runs:
-            table.add_row(
-                r["role"],
-                r["variant"] or r["name"] or "",
-                r["status"],
-                "-" if r["steps"] is None else str(int(r["steps"])),
-                "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
-                r["run_id"],
-            )
-        out.print(table)
-    else:
+    for r in runs:
+        steps = "-" if r["steps"] is None else str(int(r["steps"]))
+        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        out.print(
+            f"  {r['role']:<5} {r['status']:<9} {r['variant'] or r['name'] or ''}  "
+            f"steps={steps} loss={loss} run={r['run_id']}"
+        )
+    if not runs:
         out.print("  (no MLflow runs visible from here yet)")
 
 
@@ -168,18 +167,51 @@ def list_jobs(address: AddressOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps([jobs.job_json(j) for j in found], default=str))
         return
-    table = Table("job", "status", "recipe", "variants", "started", "ended")
     for j in found:
         meta: dict[str, Any] = j.metadata or {}
-        table.add_row(
-            j.submission_id or j.job_id or "?",
-            jobs.status_name(j),
-            meta.get("regimen.recipe", "-"),
-            meta.get("regimen.variants", "-"),
-            _when(j.start_time),
-            _when(j.end_time),
+        out.print(
+            f"{j.submission_id or j.job_id or '?'}  {jobs.status_name(j):<9} "
+            f"recipe={meta.get('regimen.recipe', '-')} "
+            f"variants={meta.get('regimen.variants', '-')} "
+            f"started={_when(j.start_time)} ended={_when(j.end_time)}"
         )
-    out.print(table)
+    if not found:
+        out.print("(no jobs)")
+
+
+deploy_app = typer.Typer(
+    no_args_is_help=True, help="Generate deployment manifests from a recipe (KubeRay)."
+)
+
+
+@deploy_app.command("kuberay")
+def deploy_kuberay(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Overrides such as resources.workers=4.")
+    ] = None,
+    kind: Annotated[str, typer.Option(help="rayjob (one-shot) or raycluster.")] = "rayjob",
+    image: Annotated[str, typer.Option(help="Container image (see deploy/Dockerfile).")] = "",
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "regimen",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """KubeRay ConfigMap + RayJob/RayCluster whose pods match the recipe's resources."""
+    from orchestrator.cluster import manifests
+    from orchestrator.errors import UsageError
+
+    if kind not in ("rayjob", "raycluster"):
+        raise UsageError(f"--kind {kind!r}: use rayjob or raycluster")
+    text = manifests.from_recipe_file(
+        str(recipe), overrides, kind=kind, image=image or manifests.DEFAULT_IMAGE,
+        namespace=namespace,
+    )  # fmt: skip
+    if output:
+        output.write_text(text)
+        err.print(f"wrote {output} (kubectl apply -f {output})")
+    else:
+        sys.stdout.write(text)
 
 
 def register(app: typer.Typer) -> None:
@@ -189,3 +221,4 @@ def register(app: typer.Typer) -> None:
     app.command()(logs)
     app.command()(stop)
     app.command("list")(list_jobs)
+    app.add_typer(deploy_app, name="deploy")

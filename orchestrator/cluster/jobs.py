@@ -28,8 +28,7 @@ from typing import Any
 
 from orchestrator.errors import RegimenError, UsageError
 
-FORWARDED_ENV = ("REGIMEN_DEBUG", "REGIMEN_WORKER_LOGS", "MLFLOW_TRACKING_USERNAME",
-                 "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_ENDPOINT_URL")
+FORWARDED_ENV = ("REGIMEN_DEBUG", "REGIMEN_WORKER_LOGS")  # never secrets: job env is visible
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 JOB_TAG = "regimen.job_id"
 TOKEN_FIX = (
@@ -206,7 +205,13 @@ def prepare(
         runtime_env["py_modules"] = modules
     if pip:
         runtime_env["pip"] = list(pip)
-    entrypoint = f"regimen run recipe.yaml --address auto --json {entrypoint_extra}".strip()
+    # Run from a private copy: the driver's own ray.init may re-extract the job's working_dir
+    # (Ray replaces a cached working_dir on re-setup), deleting the directory under a cwd
+    # that lives in it (FileNotFoundError from os.getcwd()). `exec` keeps SIGTERM direct.
+    entrypoint = (
+        'D="$(mktemp -d -t regimen-job-XXXXXX)" && cp recipe.yaml "$D/" && cd "$D" && '
+        f"exec regimen run recipe.yaml --address auto --json {entrypoint_extra}"
+    ).strip()
     shipment = Shipment(entrypoint, runtime_env, workdir, job_id)
     return shipment, variants, warnings
 
@@ -330,6 +335,26 @@ def status_name(details: Any) -> str:
     return str(getattr(details.status, "value", details.status))
 
 
+def _sqlite_ready(path: str) -> bool:
+    """True when the job has finished creating the MLflow schema in this sqlite file.
+
+    Opening an MlflowClient on a store whose tables are still being created would
+    create them too, racing the job (and failing it on a duplicate table).
+    """
+    import sqlite3
+
+    if not Path(path).exists():
+        return False
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2) as db:
+            row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+        return bool(row) and row[0] == _get_latest_schema_revision()
+    except Exception:
+        return False
+
+
 def mlflow_runs(details: Any) -> list[dict[str, Any]]:
     """The MLflow runs of a job (found by the ``regimen.job_id`` tag), parent first.
 
@@ -339,7 +364,7 @@ def mlflow_runs(details: Any) -> list[dict[str, Any]]:
     uri = meta.get("regimen.tracking_uri")
     if not uri:
         return []
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+    if uri.startswith("sqlite:///") and not _sqlite_ready(uri[len("sqlite:///") :]):
         return []
     try:
         from mlflow import MlflowClient

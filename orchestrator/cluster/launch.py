@@ -22,6 +22,10 @@ _QUIET_ENV = {
     "OMP_NUM_THREADS": "1",
     "PYTHONWARNINGS": "ignore",
     "DS_ACCELERATOR": "cpu",
+    # A dead tracking server must not stall the sink for minutes (MLflow's default:
+    # 7 retries x 120 s); the sink spools to disk and replays instead.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 
 

@@ -199,10 +199,12 @@ def run_variants(
     recipe_name: str,
     address: str | None = None,
     on_progress: ProgressFn | None = None,
+    max_concurrent: int | None = None,
 ) -> list[JobResult]:
     """Run every variant under a parent MLflow run when there are several.
 
-    Variants run concurrently, up to ``sweep.max_concurrent`` at once, each its
+    Variants run concurrently, up to ``max_concurrent`` (the recipe's
+    ``sweep.max_concurrent``; default that field's default) at once, each its
     own TorchTrainer in its own driver thread; Ray queues those that do not fit
     yet. One variant failing does not stop the others; the parent run ends
     FINISHED only if every variant did. Before anything starts, resources that
@@ -228,8 +230,12 @@ def run_variants(
         recipe_name,
         tags={"regimen.role": "sweep", "regimen.variants": str(len(variants)), **job_tags},
     )
-    sweep = variants[0].recipe.sweep
-    limit = max(1, min(len(variants), sweep.max_concurrent if sweep else 1))
+    if max_concurrent is None:  # expanded variants carry no sweep section
+        from orchestrator.recipe.schema import SweepConfig
+
+        sweep = variants[0].recipe.sweep
+        max_concurrent = (sweep or SweepConfig()).max_concurrent
+    limit = max(1, min(len(variants), max_concurrent))
     cancel = threading.Event()
 
     def one(variant: Variant) -> JobResult:

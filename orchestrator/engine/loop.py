@@ -24,8 +24,8 @@ import torch.distributed as dist
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore, atomic_write_json
 from orchestrator.engine.data import BatchSource, build_data
 from orchestrator.engine.ds_config import build_ds_config
-from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.engine.optim import StepGate, build_optimizer
+from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.errors import RollbackExhausted
 from orchestrator.recipe.schema import Recipe
 from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
@@ -347,7 +347,7 @@ class Trainer:
         return metrics
 
     def _rebuild_engine(self) -> None:
-        """Release the engine (its optimizer state is freed) and build a new one on the same module."""
+        """Release the engine (freeing its optimizer state), then build a new one on the module."""
         started = time.perf_counter()
         module = self.built.engine.module
         release_engine(self.built.engine)

@@ -162,7 +162,7 @@ def expand(loaded: LoadedRecipe) -> list[Variant]:
             data = _with(data, key, value)
         problems = _Problems(file)
         problems.lines = loaded.lines
-        recipe = validate_data(data, problems)
+        recipe = validate_data(data, problems, scan=assignments)
         for p in problems.items:
             culprits = [k for k in combo if _related(p.key, k)]
             if len(culprits) == 1:  # point at the swept value that broke it

@@ -27,7 +27,6 @@ from pydantic import ValidationError
 
 from orchestrator.errors import Problem, RecipeError
 from orchestrator.recipe.dotted import deep_merge, get_dotted, set_dotted
-from orchestrator.recipe.reference import explain, key_of, key_problem, short
 from orchestrator.recipe.schema import Recipe
 
 MAX_FILE_BYTES = 1_000_000
@@ -113,18 +112,28 @@ class _Problems:
 # ---------------------------------------------------------------------------------- YAML
 
 
+def short(value: Any) -> str:
+    """A value, shortened for a one-line message."""
+    from orchestrator.recipe.reference import short as shorten
+
+    return shorten(value)
+
+
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
     """Line and message (with the fix) for a YAML error."""
     if isinstance(exc, yaml.reader.ReaderError):
         line = text[: exc.position].count("\n") + 1 if isinstance(exc.position, int) else None
-        return line, f"character {exc.character!r} is not allowed in YAML: remove it"
+        char = (
+            exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or " ")
+        )
+        return line, f"control character U+{char:04X} is not allowed in YAML: remove it"
     mark = getattr(exc, "problem_mark", None)
     line = mark.line + 1 if mark is not None else None
     what = str(getattr(exc, "problem", None) or str(exc).splitlines()[0])
     context = getattr(exc, "context", None)
     context_mark = getattr(exc, "context_mark", None)
     if "constructor for the tag" in what:
-        tag = what.rpartition("tag ")[2]
+        tag = what.rpartition("tag ")[2].replace("tag:yaml.org,2002:", "!!")
         return line, f"YAML tag {tag} is not allowed (recipes are plain data): remove the tag"
     if "unhashable key" in what:
         return line, "a key is a list or mapping: keys must be plain names; rename it"
@@ -132,89 +141,112 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
         return line, "alias (*name) used before its anchor (&name): define the anchor first"
     if "another document" in what:
         return line, "more than one YAML document ('---'): keep a single document in the file"
-    char = ""
+    at = ""
     if mark is not None:
         lines = text.splitlines()
         if mark.line < len(lines) and mark.column < len(lines[mark.line]):
-            char = lines[mark.line][mark.column]
-    if char == "\t" or "'\\t'" in what:
+            at = lines[mark.line][mark.column]
+    if at == "\t" or "'\\t'" in what:
         return line, "a tab character: indent YAML with spaces, not tabs"
     if context and context_mark is not None and context_mark.line + 1 != line:
         what = f"{what} ({context} started at line {context_mark.line + 1})"
     return line, f"YAML syntax error: {what}: fix the syntax here (indentation, colons, quotes)"
 
 
-def _walk(
-    node: yaml.Node,
-    path: str,
-    file: str,
-    lines: dict[str, tuple[str, int]],
-    problems: _Problems,
-    budget: list[int],
-    depth: int,
-    merged: bool = False,
-) -> yaml.Node | None:
-    """Record the line of every dotted key (aliases and merges included) within a budget.
+class _Walker:
+    """Walks the composed YAML (aliases and merges included) before anything is built.
 
-    Returns the node where the budget or depth limit was exceeded, or None when all is well.
-    Duplicate keys are problems (YAML would keep only the last one, silently).
+    Records the line of every dotted key, stops after ``MAX_NODES`` visits or ``MAX_DEPTH``
+    levels (alias bombs, cycles, deep nesting), and reports duplicate keys and scalars that
+    cannot be built (a 5,000-digit integer, a date with month 13) at their line.
     """
-    budget[0] -= 1
-    if budget[0] < 0 or depth > MAX_DEPTH:
-        return node
-    if isinstance(node, yaml.MappingNode):
+
+    _RISKY = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp")
+
+    def __init__(self, loader: Any, file: str, problems: _Problems):
+        self.loader, self.file, self.problems = loader, file, problems
+        self.lines: dict[str, tuple[str, int]] = {}
+        self.budget = MAX_NODES
+        self.found = 0
+        self.too_deep = False
+
+    def _problem(self, key: str, message: str, node: yaml.Node) -> None:
+        self.problems.add(key, message, self.file, node.start_mark.line + 1)
+        self.found += 1
+
+    def walk(
+        self, node: yaml.Node, path: str = "", depth: int = 0, merged: bool = False
+    ) -> yaml.Node | None:
+        """None when all is well, else the node where a limit was exceeded."""
+        self.budget -= 1
+        if self.budget < 0 or depth > MAX_DEPTH:
+            self.too_deep = depth > MAX_DEPTH
+            return node
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth, merged)
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                key = f"{path}.{i}"
+                self.lines.setdefault(key, (self.file, item.start_mark.line + 1))
+                if (bad := self.walk(item, key, depth + 1, merged)) is not None:
+                    return bad
+        elif node.tag in self._RISKY:
+            try:
+                self.loader.construct_object(node)
+            except (ValueError, OverflowError) as exc:
+                what = " ".join(str(exc).split())[:80]
+                self._problem(
+                    path,
+                    f"{short(node.value)} cannot be read ({what}): quote it if it is text, "
+                    "or give a realistic number",
+                    node,
+                )
+        return None
+
+    def _mapping(
+        self, node: yaml.MappingNode, path: str, depth: int, merged: bool
+    ) -> yaml.Node | None:
         seen: dict[str, int] = {}
         merges: list[yaml.Node] = []
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
-                merges.extend(
-                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-                )
+                many = isinstance(value_node, yaml.SequenceNode)
+                merges.extend(value_node.value if many else [value_node])
                 continue
             name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "<complex key>"
             key = f"{path}.{name}" if path else name
             line = key_node.start_mark.line + 1
             if name in seen and not merged:
-                problems.add(
+                self._problem(
                     key,
                     f"duplicate key '{name}' (also at line {seen[name]}): YAML keeps only the "
                     "last one; remove one of them",
-                    file,
-                    line,
+                    key_node,
                 )
             seen.setdefault(name, line)
             if merged:
-                lines.setdefault(key, (file, line))
+                self.lines.setdefault(key, (self.file, line))
             else:
-                lines[key] = (file, line)
-            bad = _walk(value_node, key, file, lines, problems, budget, depth + 1, merged)
-            if bad is not None:
+                self.lines[key] = (self.file, line)
+            if (bad := self.walk(value_node, key, depth + 1, merged)) is not None:
                 return bad
         for source in merges:  # `<<: *base`: keys written here win over merged ones
-            bad = _walk(source, path, file, lines, problems, budget, depth + 1, merged=True)
-            if bad is not None:
+            if (bad := self.walk(source, path, depth + 1, merged=True)) is not None:
                 return bad
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            key = f"{path}.{i}"
-            lines.setdefault(key, (file, item.start_mark.line + 1))
-            bad = _walk(item, key, file, lines, problems, budget, depth + 1, merged)
-            if bad is not None:
-                return bad
-    return None
+        return None
 
 
 def _parse(
     text: str, file: str, problems: _Problems
 ) -> tuple[dict[str, Any] | None, dict[str, tuple[str, int]]]:
     """Parse recipe YAML safely: bounded, line-mapped, a mapping at the top."""
-    lines: dict[str, tuple[str, int]] = {}
     loader = _Loader(text)
+    walker = _Walker(loader, file, problems)
     try:
         root = loader.get_single_node()
         if root is None:
             problems.add("", "recipe is empty: start from recipes/quickstart.yaml", file, 1)
-            return None, lines
+            return None, {}
         if not isinstance(root, yaml.MappingNode):
             kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
             problems.add(
@@ -224,31 +256,31 @@ def _parse(
                 file,
                 root.start_mark.line + 1,
             )
-            return None, lines
-        before = len(problems.items)
-        bad = _walk(root, "", file, lines, problems, [MAX_NODES], 0)
+            return None, {}
+        bad = walker.walk(root)
         if bad is not None:
-            problems.add(
-                "",
-                f"recipe expands to more than {MAX_NODES} values or {MAX_DEPTH} levels "
-                "(YAML anchors/aliases or deep nesting): write the values out plainly",
-                file,
-                bad.start_mark.line + 1,
+            why = (
+                f"nested deeper than {MAX_DEPTH} levels (or an alias contains itself): "
+                "flatten the structure"
+                if walker.too_deep
+                else f"expands to more than {MAX_NODES} values (YAML anchors/aliases multiply "
+                "them): write the values out plainly, without aliases"
             )
-            return None, lines
-        if len(problems.items) > before:  # duplicate keys
-            return None, lines
+            problems.add("", why, file, bad.start_mark.line + 1)
+            return None, {}
+        if walker.found:
+            return None, {}
         data = loader.construct_document(root)
     except yaml.YAMLError as exc:
         line, message = _yaml_problem(exc, text)
         problems.add("", message, file, line)
-        return None, lines
+        return None, {}
     except RecursionError:
         problems.add("", f"YAML nested too deeply (limit {MAX_DEPTH} levels): flatten it", file, 1)
-        return None, lines
+        return None, {}
     finally:
         loader.dispose()
-    return data, lines
+    return data, walker.lines
 
 
 def _read_yaml(
@@ -327,7 +359,7 @@ def _resolve_extends(
     if not isinstance(parent, str) or not parent.strip():
         problems.add(
             "extends",
-            f"must be one file path (got {short(parent)}), e.g. `extends: base.yaml`",
+            f"must be one file path (got {short(parent)}): give one, e.g. `extends: base.yaml`",
             *where,
         )
         return None
@@ -428,6 +460,8 @@ def _non_finite(data: Any, path: str, out: list[str], budget: list[int]) -> None
 
 def _sweep_problems(data: dict[str, Any], problems: _Problems) -> bool:
     """Check the sweep lists (keys, emptiness, zip lengths) one key at a time."""
+    from orchestrator.recipe.reference import key_problem
+
     sweep = data.get("sweep")
     if not isinstance(sweep, dict):
         return False
@@ -509,16 +543,26 @@ def _cross_checks(recipe: Recipe, problems: _Problems) -> None:
             problems.add(key, message)
 
 
-def validate_data(data: dict[str, Any], problems: _Problems) -> Recipe | None:
-    """Validate a plain dict into a Recipe, adding every problem found to ``problems``."""
+def validate_data(
+    data: dict[str, Any], problems: _Problems, *, scan: dict[str, Any] | None = None
+) -> Recipe | None:
+    """Validate a plain dict into a Recipe, adding every problem found to ``problems``.
+
+    ``scan`` limits the inf/nan scan to those dotted keys (a sweep variant: the rest of
+    the recipe was scanned when it was loaded); by default the whole recipe is scanned.
+    """
+    from orchestrator.recipe.reference import explain, key_of
+
     swept = _sweep_problems(data, problems)
     bad_floats: list[str] = []
-    try:  # fast path in C; walk only when some float is inf/nan
-        json.dumps(data, allow_nan=False, skipkeys=True, default=str)
-    except ValueError:
-        _non_finite(data, "", bad_floats, [MAX_NODES])
+    for prefix, tree in ({"": data} if scan is None else scan).items():
+        try:  # fast path in C; walk only when some float is inf/nan
+            json.dumps(tree, allow_nan=False, skipkeys=True, default=str)
+        except ValueError:
+            _non_finite(tree, prefix, bad_floats, [MAX_NODES])
     for key in bad_floats:
         problems.add(key, "is not a finite number (inf/nan): give a plain number")
+    reported = set(bad_floats)
     try:
         recipe: Recipe | None = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -531,6 +575,8 @@ def validate_data(data: dict[str, Any], problems: _Problems) -> Recipe | None:
                 error = {**error, "type": "too_short_tuple", "loc": loc}
             if swept and loc == ("sweep",) and error["type"] == "value_error":
                 continue  # already said per key by _sweep_problems
+            if key_of(loc) in reported:
+                continue  # inf/nan, already said
             problems.add(key_of(loc), explain(error))
         if all(e["type"] in ("extra_forbidden", "invalid_key") for e in errors):
             # Unknown keys change nothing else: check the rest as if they were removed.
@@ -562,7 +608,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _apply_override(data, key, value)
         problems.lines = {k: v for k, v in problems.lines.items() if not k.startswith(key + ".")}
         problems.lines[key] = (OVERRIDE_FILE, i)
-    recipe = validate_data(data, problems) if not problems.items else None
+    recipe = validate_data(data, problems)
     if recipe is None:
         raise problems.error()
     return LoadedRecipe(recipe=recipe, data=data, source=path, lines=problems.lines)

@@ -136,11 +136,14 @@ def _unknown_key(loc: tuple[Any, ...]) -> str:
 
 
 _KINDS = {
-    ("int_type", "int_parsing", "int_from_float", "int_parsing_size"): "a whole number",
-    ("float_type", "float_parsing"): "a number",
-    ("bool_type", "bool_parsing"): "true or false",
-    ("string_type",): "text (quote it)",
-    ("list_type", "tuple_type"): "a list, e.g. [a, b]",
+    ("int_type", "int_parsing", "int_from_float", "int_parsing_size"): (
+        "a whole number",
+        "write digits only, e.g. 100",
+    ),
+    ("float_type", "float_parsing"): ("a number", "write e.g. 0.001 or 3e-4"),
+    ("bool_type", "bool_parsing"): ("true or false", "use true or false"),
+    ("string_type",): ("text", "quote it"),
+    ("list_type", "tuple_type"): ("a list", "write it as [a, b] or as '- item' lines"),
 }
 
 
@@ -175,9 +178,9 @@ def explain(error: dict[str, Any]) -> str:
         if error.get("input") is None:
             return "is empty: give its keys (indented below it) or remove the line"
         return f"must be a mapping of keys (got {got}): write `key: value` lines indented below it"
-    for kinds, what in _KINDS.items():
+    for kinds, (what, fix) in _KINDS.items():
         if kind in kinds:
-            return f"must be {what}, got {got}: change the value"
+            return f"must be {what}, got {got}: {fix}"
     bounds = {
         "greater_than": ("greater than", "gt", "raise it"),
         "greater_than_equal": ("at least", "ge", "raise it"),
@@ -192,8 +195,14 @@ def explain(error: dict[str, Any]) -> str:
             f"{got} has characters that are not allowed: use letters, digits, '_', '.', '-' "
             f"(starting with a letter or digit; pattern {ctx.get('pattern')})"
         )
-    if kind in ("string_too_long", "too_long"):
-        return f"{msg.rstrip('.')} (got {got}): shorten it"
+    if kind == "string_too_long":
+        size = len(error.get("input") or "")
+        return f"is {size} characters long; the limit is {ctx.get('max_length')}: shorten it"
+    if kind == "too_long":
+        return (
+            f"has {ctx.get('actual_length')} values (got {got}); at most "
+            f"{ctx.get('max_length')} are allowed: remove the extra ones"
+        )
     if kind in ("string_too_short", "too_short"):
         return f"{msg.rstrip('.')} (got {got}): add what is missing"
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -75,7 +75,7 @@ DROP_PATH_ATTRS = ("drop_prob", "drop_path", "drop_path_rate")
 
 
 class DropoutConfig(TechniqueConfig):
-    """`techniques.dropout`: mode, schedule, rate and cut-off (`cutoff_steps` or `cutoff_fraction`)."""
+    """`techniques.dropout`: mode, schedule, rate, cut-off (`cutoff_steps` or `cutoff_fraction`)."""
 
     mode: Literal["standard", "early", "late"] = "early"
     schedule: Literal["constant", "linear"] = "constant"

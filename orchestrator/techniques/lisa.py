@@ -1,4 +1,4 @@
-"""LISA: layerwise importance sampling (Pan et al. 2024) with optimizer state for the active set only.
+"""LISA: layerwise importance sampling (Pan et al. 2024), optimizer state only for the active set.
 
 Embeddings, head and the final norm train at every step (each switchable);
 ``gamma`` of the ``L`` transformer layers are sampled every ``interval`` optimizer
@@ -63,23 +63,27 @@ _MASK_LIMIT = 52  # a float64 metric holds an exact bitmask of up to 53 bits
 
 
 class LisaConfig(TechniqueConfig):
-    """`techniques.lisa`: train `gamma` sampled layers (+ always-on parts), resampled every `interval` steps."""
+    """`techniques.lisa`: `gamma` sampled layers + always-on parts train; redrawn per `interval`."""
 
     gamma: int = Field(2, ge=0, description="Layers trained per interval (paper: 1-2).")
     interval: int = Field(20, ge=1, description="K, optimizer steps between switches.")
     train_embeddings: bool = Field(True, description="Input embeddings always train.")
     train_head: bool = Field(True, description="LM head (output embeddings) always trains.")
     train_final_norm: bool = Field(
-        True, description="Every other parameter outside the layers (final norm, ...) always trains."
+        True,
+        description="Every other parameter outside the layers (final norm, ...) always trains.",
     )
     weights: list[float] | None = Field(
-        None, description="Sampling weight per layer (sampled without replacement); default uniform."
+        None,
+        description="Sampling weight per layer (sampled without replacement); default uniform.",
     )
     layers_path: str | None = Field(
-        None, description="Dotted path of the layer ModuleList, e.g. 'model.layers'; default: detected."
+        None,
+        description="Dotted path of the layer ModuleList, e.g. 'model.layers'; default: detected.",
     )
     keep_always_on_state: bool = Field(
-        True, description="Carry the always-on params' moments (and ZeRO fp32 master) across switches."
+        True,
+        description="Carry the always-on params' moments (and ZeRO fp32 master) across switches.",
     )
 
     @model_validator(mode="after")
@@ -88,8 +92,12 @@ class LisaConfig(TechniqueConfig):
             if any(w < 0 for w in self.weights):
                 raise ValueError("weights must be >= 0 (one per layer)")
             if sum(1 for w in self.weights if w > 0) < self.gamma:
-                raise ValueError(f"weights give fewer than gamma={self.gamma} layers a positive weight")
-        nothing = self.gamma == 0 and not (self.train_embeddings or self.train_head or self.train_final_norm)
+                raise ValueError(
+                    f"weights give fewer than gamma={self.gamma} layers a positive weight"
+                )
+        nothing = self.gamma == 0 and not (
+            self.train_embeddings or self.train_head or self.train_final_norm
+        )
         if nothing:
             raise ValueError("gamma is 0 and no always-on part trains: nothing would train")
         return self
@@ -124,7 +132,9 @@ def find_layers(model: torch.nn.Module, path: str | None = None) -> tuple[str, t
         if isinstance(found, torch.nn.ModuleList) and len(found) > 0:
             return candidate, found
     if path:
-        raise UsageError(f"techniques.lisa.layers_path: '{path}' is not a non-empty nn.ModuleList of the model")
+        raise UsageError(
+            f"techniques.lisa.layers_path: '{path}' is not a non-empty nn.ModuleList of the model"
+        )
     raise UsageError(
         f"techniques.lisa: no layer list found at {', '.join(LAYER_PATHS)}: "
         "set techniques.lisa.layers_path to the dotted path of the model's ModuleList of blocks"
@@ -132,7 +142,7 @@ def find_layers(model: torch.nn.Module, path: str | None = None) -> tuple[str, t
 
 
 def classify_params(model: torch.nn.Module, layers: torch.nn.ModuleList) -> dict[int, str]:
-    """id(param) -> unit: ``layer.<i>``, ``embeddings``, ``head`` or ``final_norm`` (everything else)."""
+    """id(param) -> ``layer.<i>``, ``embeddings``, ``head`` or ``final_norm`` (everything else)."""
     units: dict[int, str] = {}
     for i, layer in enumerate(layers):
         for p in layer.parameters():
@@ -217,9 +227,11 @@ class Lisa(Technique):
     # -- active set -----------------------------------------------------------------------
     def _always_on(self, unit: str) -> bool:
         c = self.cfg
-        return {"embeddings": c.train_embeddings, "head": c.train_head, "final_norm": c.train_final_norm}.get(
-            unit, False
-        )
+        return {
+            "embeddings": c.train_embeddings,
+            "head": c.train_head,
+            "final_norm": c.train_final_norm,
+        }.get(unit, False)
 
     def _sample(self, interval: int) -> list[int]:
         layers = sample_layers(self.cfg, self.n_layers or 0, self.seed, interval)
@@ -244,18 +256,22 @@ class Lisa(Technique):
         self.n_layers = len(layers)
         if self.cfg.gamma > self.n_layers:
             raise UsageError(
-                f"techniques.lisa.gamma: {self.cfg.gamma} is more than the model's {self.n_layers} layers"
+                f"techniques.lisa.gamma: {self.cfg.gamma} is more than the model's "
+                f"{self.n_layers} layers"
             )
         if self.cfg.weights is not None and len(self.cfg.weights) != self.n_layers:
             raise UsageError(
-                f"techniques.lisa.weights: {len(self.cfg.weights)} weights for {self.n_layers} layers: "
-                "give one per layer"
+                f"techniques.lisa.weights: {len(self.cfg.weights)} weights for "
+                f"{self.n_layers} layers: give one per layer"
             )
         if self.active is not None and any(not 0 <= i < self.n_layers for i in self.active):
-            raise UsageError(f"techniques.lisa: saved active layers {self.active} do not fit this model")
+            raise UsageError(
+                f"techniques.lisa: saved active layers {self.active} do not fit this model"
+            )
         self._units = classify_params(setup.model, layers)
         self._template = [
-            ({k: v for k, v in g.items() if k != "params"}, list(g["params"])) for g in setup.param_groups
+            ({k: v for k, v in g.items() if k != "params"}, list(g["params"]))
+            for g in setup.param_groups
         ]
         self._base_trainable = {id(p) for _, ps in self._template for p in ps}
 
@@ -273,7 +289,9 @@ class Lisa(Technique):
             for keys, params in self._template:
                 ps = [p for p in params if self._units.get(id(p)) == f"layer.{i}"]
                 if ps:
-                    per_layer.append({**keys, "params": ps, "name": f"{keys.get('name', 'group')}/layer.{i}"})
+                    per_layer.append(
+                        {**keys, "params": ps, "name": f"{keys.get('name', 'group')}/layer.{i}"}
+                    )
         for keys, params in self._template:
             ps = [p for p in params if self._always_on(self._units.get(id(p), "final_norm"))]
             if ps:
@@ -352,10 +370,15 @@ class Lisa(Technique):
         if masters is not None:  # ZeRO-1/2: one flat fp32 partition per group
             self._carry = {
                 "zero": True,
-                "groups": [(masters[g], inner.state.get(masters[g], {})) for g in range(len(groups))],
+                "groups": [
+                    (masters[g], inner.state.get(masters[g], {})) for g in range(len(groups))
+                ],
             }
         else:
-            self._carry = {"zero": False, "params": {p: inner.state.get(p, {}) for g in groups for p in g["params"]}}
+            self._carry = {
+                "zero": False,
+                "params": {p: inner.state.get(p, {}) for g in groups for p in g["params"]},
+            }
 
     def _restore_carry(self, engine: Any) -> None:
         carry, self._carry = self._carry, None
@@ -414,9 +437,11 @@ def _layer_count(recipe: Recipe) -> int | None:
     try:
         import transformers
 
-        arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}[model.architecture]
+        arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}[
+            model.architecture
+        ]
         return int(transformers.AutoConfig.for_model(arch).num_hidden_layers)
-    except Exception:  # noqa: BLE001  (validation must not fail on an import problem)
+    except Exception:
         return None
 
 
@@ -427,21 +452,27 @@ def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(
             (
                 "techniques.lisa",
-                "LISA cannot run under ZeRO-3: ZeRO-3 partitions the parameters themselves at "
-                "deepspeed.initialize, and LISA rebuilds the engine for each new layer set, which would "
-                "re-partition live parameters; use deepspeed.zero_optimization.stage 2 (LISA already "
-                "keeps optimizer state only for the active layers)",
+                "LISA cannot run under ZeRO-3: ZeRO-3 partitions the parameters themselves "
+                "at deepspeed.initialize, and LISA rebuilds the engine for each new layer set, "
+                "which would re-partition live parameters; use deepspeed.zero_optimization.stage "
+                "2 (LISA already keeps optimizer state only for the active layers)",
             )
         )
     n = _layer_count(recipe)
     if n is not None:
         if cfg.gamma > n:
             problems.append(
-                ("techniques.lisa.gamma", f"{cfg.gamma} is more than the model's {n} layers: use 1..{n}")
+                (
+                    "techniques.lisa.gamma",
+                    f"{cfg.gamma} is more than the model's {n} layers: use 1..{n}",
+                )
             )
         if cfg.weights is not None and len(cfg.weights) != n:
             problems.append(
-                ("techniques.lisa.weights", f"{len(cfg.weights)} weights for a {n}-layer model: give one per layer")
+                (
+                    "techniques.lisa.weights",
+                    f"{len(cfg.weights)} weights for a {n}-layer model: give one per layer",
+                )
             )
     return problems
 
@@ -456,12 +487,15 @@ def _describe(cfg: TechniqueConfig, recipe: Recipe) -> dict[str, object]:
         "gamma": cfg.gamma,
         "interval": k,
         "always_on": always,
-        "switch_steps": switches[:8] + ([f"... ({len(switches)} in all)"] if len(switches) > 8 else []),
+        "switch_steps": switches[:8]
+        + ([f"... ({len(switches)} in all)"] if len(switches) > 8 else []),
     }
     n = _layer_count(recipe)
     if n is not None and cfg.gamma <= n and (cfg.weights is None or len(cfg.weights) == n):
         out["layers"] = n
-        out["active_from_step"] = {i * k: sample_layers(cfg, n, recipe.seed, i) for i in range(min(6, len(switches) + 1))}
+        out["active_from_step"] = {
+            i * k: sample_layers(cfg, n, recipe.seed, i) for i in range(min(6, len(switches) + 1))
+        }
     return out
 
 
@@ -471,10 +505,10 @@ register(
         config=LisaConfig,
         build=lambda cfg, recipe: Lisa(cfg, recipe.seed),  # type: ignore[arg-type]
         order=30,
-        summary="LISA: train gamma sampled layers (+ embeddings/head) per interval; optimizer state only for them.",
+        summary="LISA: gamma sampled layers (+ embeddings/head) train per interval; "
+        "optimizer state only for them.",
         check=_check,
         describe=_describe,
         example={"gamma": 1, "interval": 2},
     )
 )
-

@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
 
+from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RecipeError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.plan import plan_of
-from orchestrator.techniques.lisa import LisaConfig, optimizer_state_bytes, sample_layers
+from orchestrator.techniques.lisa import (
+    LisaConfig,
+    _torch_optimizer,
+    optimizer_state_bytes,
+    sample_layers,
+)
 
 LAYERS = 4
 MODEL = {"config": {"num_hidden_layers": LAYERS}}
@@ -90,13 +95,21 @@ def test_exactly_the_sampled_layers_train_and_state_tracks_them(zero, tmp_path, 
     assert max(r["bytes"] for r in trainer.record) <= trainer.record[0]["bytes"] * 1.001
     switches = [r for r in trainer.record if r["freed"] is not None]
     assert switches and all(r["freed"] == 1.0 for r in switches)  # the old optimizer is gone
+    # embeddings/head/norm keep their moments across switches; a layer's start afresh
+    inner = _torch_optimizer(trainer.built.engine.optimizer)
+    steps = [int(inner.state[g["params"][0]]["step"]) for g in inner.param_groups]
+    assert steps[0] == 8 and max(steps[1:]) < 8, steps
     events = [e for e in trainer.events if e["kind"] == "lisa_switch"]
-    assert [e["layers"] for e in events] == [x for i, x in enumerate(per_interval) if i == 0 or x != per_interval[i - 1]]
+    assert [e["layers"] for e in events] == [
+        x for i, x in enumerate(per_interval) if i == 0 or x != per_interval[i - 1]
+    ]
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_resume_mid_interval_is_bit_for_bit(zero, tmp_path, gloo_world):
-    recipe = _recipe(tmp_path, zero=zero, steps=9, every=4, interval=3)  # checkpoint at 4: mid-interval
+    recipe = _recipe(
+        tmp_path, zero=zero, steps=9, every=4, interval=3
+    )  # checkpoint at 4: mid-interval
     straight = Recording(recipe, WorkerContext(run_dir=tmp_path / "straight"))
     straight.run()
     Trainer(recipe, WorkerContext(run_dir=tmp_path / "split", stop_after_steps=4)).run()
@@ -133,7 +146,9 @@ def test_zero3_is_rejected_with_the_reason_and_the_fix(tmp_path):
 
 def test_bad_gamma_interval_and_weights_are_rejected(tmp_path):
     assert any(p.key == "techniques.lisa.gamma" for p in _problems(tmp_path, gamma=LAYERS + 1))
-    assert any(p.key.startswith("techniques.lisa.interval") for p in _problems(tmp_path, interval=0))
+    assert any(
+        p.key.startswith("techniques.lisa.interval") for p in _problems(tmp_path, interval=0)
+    )
     assert any(p.key == "techniques.lisa.weights" for p in _problems(tmp_path, weights=[1.0, 1.0]))
     with pytest.raises(ValueError):
         LisaConfig(gamma=0, train_embeddings=False, train_head=False, train_final_norm=False)
