@@ -197,6 +197,7 @@ def prepare(
         "env_vars": {
             "REGIMEN_JOB_ID": job_id,
             "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",  # regimen's ray.init adds env_vars
+            "RAY_JOB_STOP_WAIT_TIME_S": "20",  # SIGTERM grace: every run gets marked KILLED
             **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
             **(env or {}),
         },

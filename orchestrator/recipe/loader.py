@@ -36,6 +36,7 @@ MAX_EXTENDS_DEPTH = 8
 MAX_VARIANTS = 10_000
 OVERRIDE_FILE = "<command line>"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 _KEY_CHARS = re.compile(r"[^\w.\-<>]")
 _OVERRIDE_KEY = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*$")
 
@@ -161,8 +162,6 @@ class _Walker:
     cannot be built (a 5,000-digit integer, a date with month 13) at their line.
     """
 
-    _RISKY = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp")
-
     def __init__(self, loader: Any, file: str, problems: _Problems):
         self.loader, self.file, self.problems = loader, file, problems
         self.lines: dict[str, tuple[str, int]] = {}
@@ -190,15 +189,17 @@ class _Walker:
                 self.lines.setdefault(key, (self.file, item.start_mark.line + 1))
                 if (bad := self.walk(item, key, depth + 1, merged)) is not None:
                     return bad
-        elif node.tag in self._RISKY:
+        elif node.tag != _STR_TAG:  # build scalars here (cached) to locate bad ones
             try:
                 self.loader.construct_object(node)
-            except (ValueError, OverflowError) as exc:
+            except yaml.YAMLError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (!!float abc, 5,000 digits, month 13)
                 what = " ".join(str(exc).split())[:80]
                 self._problem(
                     path,
-                    f"{short(node.value)} cannot be read ({what}): quote it if it is text, "
-                    "or give a realistic number",
+                    f"{short(node.value)} cannot be read as {node.tag.rpartition(':')[2]} "
+                    f"({what}): quote it if it is text, or give a valid value",
                     node,
                 )
         return None
@@ -237,17 +238,22 @@ class _Walker:
 
 
 def _parse(
-    text: str, file: str, problems: _Problems
-) -> tuple[dict[str, Any] | None, dict[str, tuple[str, int]]]:
-    """Parse recipe YAML safely: bounded, line-mapped, a mapping at the top."""
+    text: str, file: str, problems: _Problems, *, recipe: bool = True
+) -> tuple[Any, dict[str, tuple[str, int]]]:
+    """Parse YAML safely: bounded and line-mapped; a recipe must be a mapping at the top.
+
+    With ``recipe=False`` any single value is accepted (an override's value).
+    """
     loader = _Loader(text)
     walker = _Walker(loader, file, problems)
     try:
         root = loader.get_single_node()
-        if root is None:
+        if root is None and recipe:
             problems.add("", "recipe is empty: start from recipes/quickstart.yaml", file, 1)
             return None, {}
-        if not isinstance(root, yaml.MappingNode):
+        if root is None:
+            return None, {}
+        if recipe and not isinstance(root, yaml.MappingNode):
             kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
             problems.add(
                 "",
@@ -385,6 +391,9 @@ def _resolve_extends(
             *where,
         )
         return None
+    if target.is_dir():
+        problems.add("extends", f"'{parent}' is a directory: give a recipe file", *where)
+        return None
     if not target.exists():
         problems.add(
             "extends",
@@ -415,13 +424,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError("`extends` cannot be overridden: set it in the recipe file")
     if not value.strip():
         return key, ""
-    loader = _Loader(value)
-    try:
-        parsed = loader.get_single_data()
-    except yaml.YAMLError:
-        parsed = value  # not YAML: keep the text as a string
-    finally:
-        loader.dispose()
+    probe = _Problems(OVERRIDE_FILE)
+    parsed, _ = _parse(value, OVERRIDE_FILE, probe, recipe=False)
+    if probe.items:
+        if any("YAML" not in p.message for p in probe.items):  # a limit, not a syntax error
+            raise ValueError(f"value of '{key}': {probe.items[0].message}")
+        return key, value  # not YAML: keep the text as a string
     return key, parsed
 
 

@@ -154,7 +154,6 @@ def test_bad_override_is_reported_on_the_command_line(capsys: pytest.CaptureFixt
 SUBPROCESS_CASES = [
     "tag_python_apply_os_system.yaml",
     "bomb_billion_laughs.yaml",
-    "extends_cycle_a.yaml",
     "sweep_zip_length_mismatch.yaml",
 ]
 

@@ -24,6 +24,7 @@ from orchestrator.recipe.expand import expand
 from orchestrator.recipe.loader import load_recipe
 from orchestrator.recipe.plan import plan_of
 
+DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 LINE = re.compile(r"^.+:(\d+|\?): [\w.\-<>]*: .+$")
 
 VALID: dict[str, Any] = {
@@ -67,7 +68,8 @@ VALUES = st.recursive(
 KEYS = st.one_of(TEXT, st.sampled_from(["lr", "steps", "stage", "warmup", "extends", "<<"]))
 JUNK = st.sampled_from(
     [":", "-", "[", "]", "{", "}", "&a", "*a", "!!python/name:os.system", "\t", "'", '"',
-     "\n", "\x00", "#", "%", "@", "`", "|", ">", "  ", "\n  ", "---\n", "? "]
+     "\n", "\x00", "#", "%", "@", "`", "|", ">", "  ", "\n  ", "---\n", "? ", "!!float ",
+     "!!int ", "!!bool ", "!!timestamp ", "!!binary ", "!!set ", "<<: ", "<<: *a\n", "&a "]
 )  # fmt: skip
 EXTENDS = st.sampled_from(
     ["base.yaml", "missing.yaml", "../outside.yaml", "recipe.yaml", "", "/etc/hostname", "."]
@@ -116,7 +118,7 @@ def recipe_texts(draw: st.DrawFn) -> str:
             target = node if isinstance(node, dict) else parent
             if isinstance(target, dict):
                 target[draw(KEYS)] = draw(VALUES)
-    text = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+    text = yaml.dump(tree, Dumper=DUMPER, sort_keys=False, allow_unicode=True)
     for _ in range(draw(st.integers(min_value=0, max_value=2))):
         at = draw(st.integers(min_value=0, max_value=len(text)))
         if draw(st.booleans()):
