@@ -17,7 +17,14 @@ against the interval time; mean training loss of the last 5 steps and eval loss.
 
     python bench/lisa_memory.py [--steps 24] [--interval 8]
 
-Writes bench/out/lisa_memory.md.
+With ``--gpu`` the same six configs run on one CUDA device in bf16 (NCCL, world
+size 1) for a TinyLlama-shaped model of 1.1 B parameters (22 layers, hidden 2048,
+vocab 32000, sequence 512); memory is ``torch.cuda.max_memory_allocated`` and the
+step-time ratios LISA/full and LISA/LoRA are printed.
+
+    python bench/lisa_memory.py --gpu [--steps 30] [--interval 10]
+
+Writes bench/out/lisa_memory.md (``lisa_memory_gpu.md`` with ``--gpu``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,20 @@ HF_CONFIG = {
     "num_key_value_heads": 4,
     "max_position_embeddings": 128,
 }
+# TinyLlama-1.1B's shape (random weights: memory and time do not depend on them).
+GPU_HF_CONFIG = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+}
+GPU = os.environ.get("LISA_BENCH_GPU") == "1" or "--gpu" in sys.argv
+if GPU:
+    HF_CONFIG = GPU_HF_CONFIG
+    LAYERS, HIDDEN, VOCAB = 22, 2048, 32000
 CONFIGS = ["full", "lora-r8", "lora-r128", "lisa-g1", "lisa-g2", "lisa-g4"]
 BYTES_PER_ELEM = 12  # ZeRO-2 fp32: master copy + exp_avg + exp_avg_sq
 
@@ -80,14 +101,15 @@ def _recipe_data(name: str, steps: int, interval: int, tmp: Path) -> dict[str, A
         "name": f"bench-{name}",
         "seed": 0,
         "model": model,
-        "data": {"kind": "stdlib_bytes", "seq_len": 32, "max_bytes": 400_000},
-        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "data": {"kind": "stdlib_bytes", "seq_len": 512 if GPU else 32, "max_bytes": 400_000},
+        "optimizer": {"name": "adamw", "lr": 1e-4 if GPU else 1e-3},
+        "precision": "bf16" if GPU else "fp32",
         "schedule": {"steps": steps, "micro_batch_size": 4, "eval_batches": 4},
         "checkpoint": {"every": 0, "keep": 1, "at_end": False, "storage": str(tmp / "runs")},
         "resources": {"workers": 1, "threads_per_worker": 2},
         "techniques": techniques,
         "deepspeed": {"zero_optimization": {"stage": int(os.environ.get("LISA_BENCH_ZERO", "2"))}},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"},
+        **({} if GPU else {"tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"}}),
     }
 
 
@@ -95,15 +117,20 @@ def _one(name: str, steps: int, interval: int) -> dict[str, Any]:
     """Train one config in this process; return its figures."""
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_PORT", "29611")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
     import torch.distributed as dist
+
+    if GPU:
+        torch.cuda.set_device(0)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from orchestrator.engine.loop import Trainer, WorkerContext
     from orchestrator.errors import RecipeError
     from orchestrator.recipe.loader import _Problems, validate_data
     from orchestrator.techniques.lisa import find_layers, optimizer_state_bytes
 
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("nccl" if GPU else "gloo", rank=0, world_size=1)
     tmp = Path(tempfile.mkdtemp(prefix="lisa-bench-"))
     problems = _Problems("<bench>")
     recipe = validate_data(_recipe_data(name, steps, interval, tmp), problems)
@@ -115,6 +142,8 @@ def _one(name: str, steps: int, interval: int) -> dict[str, Any]:
         def _train_step(self) -> dict[str, float]:
             t0 = time.perf_counter()
             m = super()._train_step()
+            if GPU:
+                torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             rec["bytes"].append(optimizer_state_bytes(self.built.engine.optimizer))
             rec["loss"].append(m["loss"])
@@ -146,7 +175,12 @@ def _one(name: str, steps: int, interval: int) -> dict[str, Any]:
         "switches": len(rec["rebuild_s"]),
         "loss_last5": statistics.mean(rec["loss"][-5:]),
         "eval_loss": summary.get("eval_loss"),
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": (
+            torch.cuda.max_memory_allocated()
+            if GPU
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        ),
+        "device": torch.cuda.get_device_name(0) if GPU else "cpu",
     }
 
 
@@ -158,7 +192,8 @@ def _table(rows: list[dict[str, Any]], interval: int) -> str:
     full = next(r for r in rows if r["name"] == "full")
     out = [
         "| config | optimizer state MiB | vs full | theory MiB | vs theory | grew? "
-        "| peak RSS MiB | vs full | step s | switch s (x interval) | loss last 5 | eval loss |",
+        f"| peak {'GPU' if GPU else 'RSS'} MiB | vs full | step s | switch s (x interval) "
+        "| loss last 5 | eval loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -185,10 +220,23 @@ def _table(rows: list[dict[str, Any]], interval: int) -> str:
     return "\n".join(out)
 
 
+def _step_ratios(rows: list[dict[str, Any]]) -> str:
+    """Step time of each LISA config against full fine-tuning and both LoRA ranks."""
+    by = {r["name"]: r["step_s"] for r in rows}
+    lines = ["", "| step-time ratio | vs full | vs lora-r8 | vs lora-r128 |", "|---|---|---|---|"]
+    for name in (n for n in by if n.startswith("lisa")):
+        lines.append(
+            f"| {name} | {by[name] / by['full']:.2f} | {by[name] / by['lora-r8']:.2f} "
+            f"| {by[name] / by['lora-r128']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--interval", type=int, default=8)
+    parser.add_argument("--gpu", action="store_true", help="1.1 B model, bf16, one CUDA device")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -211,7 +259,7 @@ def main() -> None:
             **os.environ,
             "MASTER_PORT": str(29611 + i),
             "PYTHONWARNINGS": "ignore",
-            "DS_ACCELERATOR": "cpu",
+            **({"LISA_BENCH_GPU": "1"} if GPU else {"DS_ACCELERATOR": "cpu"}),
         }
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=env, check=False, timeout=600
@@ -226,19 +274,25 @@ def main() -> None:
         f"LLaMA-style {LAYERS} layers, hidden {HIDDEN}, vocab {VOCAB}: "
         f"{full['params'] / 1e6:.2f} M params ({full['per_layer'] / 1e3:.0f} k per layer, "
         f"{full['outside'] / 1e6:.2f} M outside the layers); "
-        f"fp32, DeepSpeed ZeRO-2, 1 CPU worker; {args.steps} steps, LISA interval {args.interval}; "
+        + (
+            f"bf16, DeepSpeed ZeRO-2, 1 GPU ({full['device']}), sequence 512, micro-batch 4, "
+            "eager attention; "
+            if GPU
+            else "fp32, DeepSpeed ZeRO-2, 1 CPU worker; "
+        )
+        + f"{args.steps} steps, LISA interval {args.interval}; "
         f"wall {time.perf_counter() - started:.0f} s.\n\n"
         "theory = 12 B x (embeddings + head + final norm + gamma layers) for LISA, "
         "12 B x all params for full. grew? = optimizer state ever above its first-step value. "
         "switch s = engine rebuild seconds (x interval = its share of one interval's step time). "
         "loss: mean training loss of the last 5 steps.\n"
     )
-    text = header + "\n" + _table(rows, args.interval) + "\n"
+    text = header + "\n" + _table(rows, args.interval) + "\n" + _step_ratios(rows) + "\n"
     print(text)
-    out = REPO / "bench" / "out" / "lisa_memory.md"
+    out = REPO / "bench" / "out" / ("lisa_memory_gpu.md" if GPU else "lisa_memory.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        f"Command: `python bench/lisa_memory.py --steps {args.steps} "
+        f"Command: `python bench/lisa_memory.py {'--gpu ' if GPU else ''}--steps {args.steps} "
         f"--interval {args.interval}`\n\n" + text
     )
     for r in rows:

@@ -12,6 +12,7 @@
    last 10 steps and the eval loss at the end.
 
     python bench/sgg.py [--steps 150] [--rounds 30]
+    python bench/sgg.py --device cuda --hidden 2048 --layers 22 --timing-only  # ~0.93 B, GPU
 
 Writes bench/out/sgg.md.
 """
@@ -29,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.techniques.sgg import SGGConfig, SGGOptimizer  # noqa: E402
+from orchestrator.techniques.sgg import SGGConfig, SGGOptimizer
 
 
 def _llama(hidden: int, layers: int, seed: int) -> torch.nn.Module:
@@ -60,11 +61,20 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
 
 
-def bench_step_time(hidden: int, layers: int, rounds: int, inner_steps: int) -> dict[str, float]:
-    m_plain, m_sgg = _llama(hidden, layers, 0), _llama(hidden, layers, 0)
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_step_time(
+    hidden: int, layers: int, rounds: int, inner_steps: int, device: str = "cpu"
+) -> dict[str, float]:
+    """Median optimizer-step time of AdamW alone and wrapped by SGG, same model and gradients."""
+    m_plain = _llama(hidden, layers, 0).to(device)
+    m_sgg = _llama(hidden, layers, 0).to(device)
     gen = torch.Generator().manual_seed(1)
     for pa, pb in zip(m_plain.parameters(), m_sgg.parameters(), strict=False):
-        g = torch.randn(pa.shape, generator=gen) * 1e-3
+        g = (torch.randn(pa.shape, generator=gen) * 1e-3).to(device)
         pa.grad, pb.grad = g.clone(), g.clone()
     plain = _adamw(_groups(m_plain), 1e-4)
     sgg = SGGOptimizer(_adamw(_groups(m_sgg), 1e-4), SGGConfig(recluster_interval=2))
@@ -75,19 +85,23 @@ def bench_step_time(hidden: int, layers: int, rounds: int, inner_steps: int) -> 
     t_plain, t_sgg = [], []
     for _ in range(rounds):
         for opt, out in ((plain, t_plain), (sgg, t_sgg)):
+            _sync(device)
             start = time.perf_counter()
             for _ in range(inner_steps):
                 opt.step()
+            _sync(device)
             out.append((time.perf_counter() - start) / inner_steps)
     layers_p = [p for g in sgg.param_groups if g["sgg"] for p in g["params"]]
     t_rec = []
     for _ in range(max(3, rounds // 5)):
+        _sync(device)
         start = time.perf_counter()
         for p in layers_p:
             sgg.recluster(p, sgg.state[p]["exp_avg"])
         for g in sgg.param_groups:
             g["sgg_pending"] = g["sgg"]
         sgg.finalize()
+        _sync(device)
         t_rec.append(time.perf_counter() - start)
     n_params = sum(p.numel() for p in m_plain.parameters())
     plain_s, sgg_s, rec_s = (
@@ -149,12 +163,30 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lrs", default="3e-3,1e-2")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (step time only)")
+    ap.add_argument("--timing-only", action="store_true", help="skip the loss comparison")
     args = ap.parse_args()
     torch.set_num_threads(2)
     began = time.perf_counter()
 
-    timing = bench_step_time(args.hidden, args.layers, args.rounds, inner_steps=5)
+    timing = bench_step_time(args.hidden, args.layers, args.rounds, 5, args.device)
     print(timing, flush=True)
+    if args.timing_only:
+        where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+        table = (
+            f"SGG step time on {where}, torch {torch.__version__}, fp32, "
+            f"{timing['params'] / 1e6:.0f} M params "
+            f"(hidden {args.hidden}, {args.layers} layers)\n\n"
+            "| AdamW step | AdamW+SGG step | ratio | recluster (all layers) "
+            "| ratio incl. recluster / 500 |\n|---|---|---|---|---|\n"
+            f"| {timing['adamw_ms']:.2f} ms | {timing['sgg_ms']:.2f} ms | {timing['ratio']:.3f}x "
+            f"| {timing['recluster_ms']:.1f} ms | {timing['ratio_amortized_T500']:.3f}x |\n"
+        )
+        out = REPO / "bench" / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"sgg_timing_{args.device.split(':')[0]}.md").write_text(table)
+        print(table)
+        return
 
     interval = max(1, round(0.05 * args.steps))
     variants = {

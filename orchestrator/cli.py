@@ -217,6 +217,10 @@ from orchestrator.cluster import commands as _cluster  # noqa: E402
 
 _cluster.register(app)  # submit, status, logs, stop, list
 
+from orchestrator.audit import cli as _audit  # noqa: E402
+
+_audit.register(app)  # audit
+
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt

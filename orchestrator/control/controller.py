@@ -81,7 +81,9 @@ def run_job(
         update={"uri": absolute_tracking_uri(recipe.tracking.uri)}
     )
     recipe_yaml = dump_recipe(recipe)
-    tags = {**tracking.tags, "regimen.variant": variant.name, **(extra_tags or {})}
+    from orchestrator.tracking.record import DriverHeartbeat, driver_tags, log_checkpoints
+
+    tags = {**tracking.tags, "regimen.variant": variant.name, **(extra_tags or {}), **driver_tags()}
     new_run_id = open_run(
         tracking.uri,
         tracking.experiment,
@@ -116,6 +118,7 @@ def run_job(
             outcome["error"] = exc
 
     worker = threading.Thread(target=fit, name=f"fit-{variant.name}", daemon=True)
+    heartbeat = DriverHeartbeat(tracking.uri, [new_run_id]).__enter__()
     try:
         worker.start()
         while worker.is_alive():
@@ -134,10 +137,14 @@ def run_job(
         raise
     except Exception as exc:
         result.status, result.error = "FAILED", _root_cause(exc)
+        log_checkpoints(tracking.uri, new_run_id, run_dir)
         end_run(tracking.uri, new_run_id, "FAILED", reason=result.error)
         _fill_from_summary(result, run_dir)
         return result
+    finally:
+        heartbeat.__exit__()
     _fill_from_summary(result, run_dir)
+    log_checkpoints(tracking.uri, new_run_id, run_dir)
     result.status = "FINISHED"
     metrics = {
         k: float(v)
@@ -212,6 +219,7 @@ def run_variants(
     """
     from orchestrator.cluster.fit import check_variants
     from orchestrator.cluster.launch import ensure_ray
+    from orchestrator.tracking.record import DriverHeartbeat, driver_tags
     from orchestrator.tracking.runs import end_run, open_run
 
     ensure_ray(address)
@@ -228,7 +236,8 @@ def run_variants(
         tracking.uri,
         tracking.experiment,
         recipe_name,
-        tags={"regimen.role": "sweep", "regimen.variants": str(len(variants)), **job_tags},
+        tags={"regimen.role": "sweep", "regimen.variants": str(len(variants)), **job_tags}
+        | driver_tags(),
     )
     if max_concurrent is None:  # expanded variants carry no sweep section
         from orchestrator.recipe.schema import SweepConfig
@@ -256,6 +265,7 @@ def run_variants(
 
     pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="variant")
     futures = [pool.submit(one, v) for v in variants]
+    heartbeat = DriverHeartbeat(tracking.uri, [parent]).__enter__()
     try:
         while not all(f.done() for f in futures):
             wait_quietly(0.2)
@@ -267,6 +277,8 @@ def run_variants(
         pool.shutdown(wait=False, cancel_futures=True)
         end_run(tracking.uri, parent, "KILLED", reason="interrupted")
         raise
+    finally:
+        heartbeat.__exit__()
     pool.shutdown(wait=True)
     results = [f.result() for f in futures]
     failed = [r for r in results if r.status != "FINISHED"]

@@ -41,6 +41,10 @@ def _tag(value: Any) -> str:
     return text[:5000]
 
 
+def _blank(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
 def _count(client: Any, run_id: str, key: str, step: int = 0) -> int:
     """Increment the counter ``key`` (tag + metric) on ``run_id``; the new value."""
     run = client.get_run(run_id)
@@ -83,6 +87,9 @@ def open_segment_run(
         "regimen.skip_ranges_total": _tag(payload.get("skip_ranges", [])),
         "regimen.lr_scale": str(payload.get("lr_scale", 1.0)),
         "regimen.run_dir": job.data.tags.get("regimen.run_dir", ""),
+        # leading indicators: steps between the earliest warning and the spike onset ("" = none)
+        "regimen.warned_steps_before": _blank(record.get("warned_steps_before")),
+        "regimen.warned_by": _blank(record.get("warned_by")),
     }
     name = f"{job.info.run_name}-seg{segment}"
     run_id = open_run(uri, experiment, name, tags=tags, parent_run_id=job_run_id)
@@ -118,14 +125,19 @@ def close_segments(uri: str, job_run_id: str, status: str, reason: str) -> None:
 # -- driver side: resume / rollback ----------------------------------------------------------
 def _mark_stale(uri: str, run_id: str) -> bool:
     """End a RUNNING run whose driver is gone (resume implies it is): KILLED, with its segments."""
-    from orchestrator.tracking.runs import end_run
+    from orchestrator.audit.fetch import RunView
+    from orchestrator.audit.reconcile import end_stale, judge
 
-    client = _client(uri)
-    if client.get_run(run_id).info.status != "RUNNING":
+    view = RunView.of(_client(uri).get_run(run_id))
+    if view.status != "RUNNING":
         return False
-    reason = "driver gone (killed); ended by regimen resume/rollback"
-    close_segments(uri, run_id, "KILLED", reason)
-    end_run(uri, run_id, "KILLED", reason=reason)
+    verdict = judge(view, stale_after_s=0.0)  # the rule of `regimen audit --reconcile`
+    if verdict.alive_here:
+        raise UsageError(
+            f"run {run_id} is still running ({verdict.reason}): stop it first (Ctrl-C, or kill "
+            "that process), then resume"
+        )
+    end_stale(uri, view, verdict.reason if verdict.stale else "assumed by resume", "regimen resume")
     return True
 
 

@@ -23,11 +23,27 @@ against the SHA-256 manifest written at save time, before DeepSpeed opens any of
 Regimen's own files are always read with ``weights_only=True``.
 
 The store assumes a filesystem shared by all ranks (rank 0 hashes every rank's
-files) and DeepSpeed's default, synchronous checkpoint engine.
+files) and DeepSpeed's default ``TorchCheckpointEngine``.
+
+Asynchronous saves (:meth:`CheckpointStore.save_async`, recipe ``checkpoint.async: true``):
+training is blocked only while ``engine.save_checkpoint`` runs with a *capturing* checkpoint
+engine swapped in, which deep-copies every state dict DeepSpeed hands to ``save()`` into host
+memory (``copy.deepcopy`` on CPU keeps storage sharing, so the bytes written later are the
+bytes the synchronous path writes; CUDA tensors are copied to the CPU) instead of writing it.
+A background thread per rank then calls the real engine's ``save()`` with the same paths,
+writes the rank state, fsyncs, and drops a ``.done`` marker; rank 0's thread waits for every
+rank's marker, then commits exactly as the synchronous path does (hash, manifest, rename: the
+commit is the last step). At most one save is in flight: the next save, a rollback, a resume
+and the end of training call :meth:`CheckpointStore.wait` first. Until the rename the
+checkpoint is a ``.tmp-*`` directory that :meth:`CheckpointStore.list` never returns, so a
+crash mid-write leaves nothing loadable. DeepSpeed 0.19's own ``checkpoint.writer.decoupled``
+engine is not used: it needs the async-I/O op (``FastCheckpointEngine``) and commits on a later
+``engine.step()``, outside this store's manifest protocol.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import io
@@ -36,6 +52,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -47,13 +64,21 @@ import torch
 
 from orchestrator.errors import CheckpointError
 
-__all__ = ["CheckpointInfo", "CheckpointStore", "atomic_write_bytes", "atomic_write_json"]
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStore",
+    "PendingSave",
+    "atomic_write_bytes",
+    "atomic_write_json",
+]
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 DS_TAG = "ds"
+DONE_DIR = ".done"  # per-rank "my files are written" markers of an async save, removed at commit
+ASYNC_TIMEOUT_S = 1800.0  # rank 0 gives up waiting for other ranks' async writes after this
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _Paths = list[Path]
 _PRIMITIVES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
@@ -153,6 +178,101 @@ class CheckpointInfo:
     manifest: dict
 
 
+def _host_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A copy of ``obj`` in host memory that ``torch.save`` serialises to the same bytes.
+
+    Tensors sharing a storage keep sharing one (copied) storage with the same offsets,
+    strides, ``requires_grad`` and ``nn.Parameter`` type; containers are rebuilt, anything
+    else is ``copy.deepcopy``-ed. Accelerator tensors land on the CPU (their files then record
+    the CPU as location; DeepSpeed loads with ``map_location``).
+    """
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            return copy.deepcopy(obj.detach())
+        src = obj.untyped_storage()
+        dst = memo.get(src._cdata)
+        if dst is None:
+            dst = memo[src._cdata] = src.clone() if src.device.type == "cpu" else src.cpu()
+        new = torch.empty(0, dtype=obj.dtype, device=dst.device)
+        new.set_(dst, obj.storage_offset(), obj.size(), obj.stride())
+        if type(obj) is torch.nn.Parameter:
+            return torch.nn.Parameter(new, requires_grad=obj.requires_grad)
+        return new.requires_grad_(obj.requires_grad)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the type and instance attributes (state_dict._metadata)
+        for k, v in list(obj.items()):
+            out[k] = _host_copy(v, memo)
+        if getattr(obj, "__dict__", None):
+            out.__dict__ = copy.deepcopy(obj.__dict__)
+        return out
+    if isinstance(obj, list):
+        return [_host_copy(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_host_copy(v, memo) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return copy.deepcopy(obj)
+
+
+class _CaptureEngine:
+    """Stands in for DeepSpeed's checkpoint engine during ``save_checkpoint``: directories are
+    made at once, state dicts are copied to host memory and kept for the background writer."""
+
+    def __init__(self, real: Any):
+        self.real = real
+        self.captured: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:  # is_data_parallel_writer, load, ...
+        return getattr(self.real, name)
+
+    def create(self, info: Any) -> None:
+        self.real.create(info)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.real.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.captured.append((str(path), _host_copy(state_dict)))
+
+    def commit(self, info: Any) -> bool:
+        return True  # Regimen's manifest rename is the commit
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def preserves_storage_sharing(self) -> bool:
+        return bool(self.real.preserves_storage_sharing())
+
+
+def _write_file(real_engine: Any, state: Any, path: str) -> None:
+    """The background writer's unit of work: the real engine's ``save`` + fsync."""
+    real_engine.save(state, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_rank_state(rank_state: dict[str, Any], own: Path) -> None:
+    own.parent.mkdir(parents=True, exist_ok=True)
+    with open(own, "wb") as f:
+        torch.save(rank_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass
+class PendingSave:
+    """An asynchronous save in flight on this rank (see :meth:`CheckpointStore.save_async`)."""
+
+    step: int
+    tmp: Path
+    thread: threading.Thread
+    blocked_s: float
+    error: str | None = None
+    info: CheckpointInfo | None = None
+    started: float = 0.0
+    finished: float = 0.0
+
+
 class CheckpointStore:
     """Atomic checkpoints under `root`: temp dir, fsync, manifest with SHA-256, rename; retention.
 
@@ -177,11 +297,17 @@ class CheckpointStore:
         self.rank = rank
         self.world_size = world_size
         self.protect = protect
+        self.pending: PendingSave | None = None
+        self.last_blocked_s = 0.0  # how long the latest save held the training thread
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
     def _dir(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
+
+    def path_of(self, step: int) -> Path:
+        """Where checkpoint ``step`` lives once committed."""
+        return self._dir(step)
 
     def _check_world(self) -> str | None:
         d, mine = _dist(), (self.rank, self.world_size)
@@ -200,29 +326,13 @@ class CheckpointStore:
         all ranks before anything is written. ``meta`` must be JSON-serialisable; it lands in
         the manifest. Re-saving an existing step replaces it. Returns the committed info.
         """
-        tmp = self.root / f".tmp-step-{step:08d}"
-        err = self._check_world()
-        try:
-            if not isinstance(step, int) or step < 0:
-                raise CheckpointError(f"checkpoint step must be an int >= 0, got {step!r}")
-            _check_weights_only(rank_state, "rank_state")
-            json.dumps(meta_d := dict(meta or {}))
-            if getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", bool)():
-                raise CheckpointError("decoupled (async) DeepSpeed checkpoint engines unsupported")
-            if self.rank == 0:
-                self.cleanup_partial()
-        except Exception as e:  # shared below, so no rank is left waiting in a collective
-            err = err or f"cannot save checkpoint {step}: {e}"
-        _raise_first(_gather(err))
-
+        self.wait()
+        started = time.perf_counter()
+        tmp, meta_d = self._prepare(engine, step, rank_state, meta)
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        own = tmp / "regimen" / f"rank{self.rank:05d}.pt"
         try:
-            own = tmp / "regimen" / f"rank{self.rank:05d}.pt"
-            own.parent.mkdir(parents=True, exist_ok=True)
-            with open(own, "wb") as f:
-                torch.save(rank_state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_rank_state(rank_state, own)
             err = None
         except Exception as e:
             err = f"cannot write {own}: {type(e).__name__}: {e}"
@@ -240,11 +350,153 @@ class CheckpointStore:
         _raise_first([e for e, _ in results])
         info = CheckpointInfo(step, self._dir(step), results[0][1])
         if self.rank == 0:
-            try:
-                self._retain(step)
-            except OSError as e:  # retention must never fail training
-                log.warning("checkpoint retention failed: %s", e)
+            self._retain_quietly(step)
+        self.last_blocked_s = time.perf_counter() - started
         return info
+
+    def _prepare(
+        self, engine: Any, step: int, rank_state: dict[str, Any], meta: dict[str, Any] | None
+    ) -> tuple[Path, dict[str, Any]]:
+        """Checks shared by every rank before anything is written (collective); the temp dir."""
+        tmp = self.root / f".tmp-step-{step:08d}"
+        err = self._check_world()
+        meta_d: dict[str, Any] = {}
+        try:
+            if not isinstance(step, int) or step < 0:
+                raise CheckpointError(f"checkpoint step must be an int >= 0, got {step!r}")
+            _check_weights_only(rank_state, "rank_state")
+            json.dumps(meta_d := dict(meta or {}))
+            if getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", bool)():
+                raise CheckpointError("decoupled (async) DeepSpeed checkpoint engines unsupported")
+            if self.rank == 0:
+                self.cleanup_partial()
+        except Exception as e:  # shared below, so no rank is left waiting in a collective
+            err = err or f"cannot save checkpoint {step}: {e}"
+        _raise_first(_gather(err))
+        return tmp, meta_d
+
+    def _retain_quietly(self, step: int) -> None:
+        try:
+            self._retain(step)
+        except OSError as e:  # retention must never fail training
+            log.warning("checkpoint retention failed: %s", e)
+
+    # -- asynchronous saves ------------------------------------------------------------------
+    def save_async(
+        self, engine: Any, step: int, rank_state: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> PendingSave:
+        """Collectively snapshot ``engine`` + ``rank_state`` to host memory and write + commit
+        checkpoint ``step`` in a background thread; returns once the snapshot is taken.
+
+        Waits for the previous save first (one in flight at most). The checkpoint becomes
+        visible to :meth:`list` / :meth:`latest` only when rank 0's thread has committed it;
+        call :meth:`wait` (collective) before loading, rolling back or exiting. Files are the
+        same bytes the synchronous :meth:`save` writes (CPU tensors).
+        """
+        self.wait()
+        started = time.perf_counter()
+        tmp, meta_d = self._prepare(engine, step, rank_state, meta)
+        real = engine.checkpoint_engine
+        if not hasattr(real, "save") or type(real).__name__ != "TorchCheckpointEngine":
+            raise CheckpointError(
+                f"checkpoint.async needs DeepSpeed's default TorchCheckpointEngine, the engine "
+                f"uses {type(real).__name__}: drop the DeepSpeed checkpoint.writer settings"
+            )
+        capture = _CaptureEngine(real)
+        engine.checkpoint_engine = capture
+        try:
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        finally:
+            engine.checkpoint_engine = real
+        own_state = _host_copy(rank_state)
+        blocked = time.perf_counter() - started
+        pending = PendingSave(step=step, tmp=tmp, thread=threading.Thread(), blocked_s=blocked)
+        pending.started = time.time()
+        pending.thread = threading.Thread(
+            target=self._write_async,
+            args=(pending, real, capture.captured, own_state, meta_d),
+            name=f"ckpt-write-{step}",
+            daemon=True,
+        )
+        pending.thread.start()
+        self.pending = pending
+        self.last_blocked_s = blocked
+        return pending
+
+    def _write_async(
+        self,
+        pending: PendingSave,
+        real: Any,
+        files: list[tuple[str, Any]],
+        rank_state: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> None:
+        tmp, done = pending.tmp, pending.tmp / DONE_DIR
+        try:
+            for path, state in files:
+                _write_file(real, state, path)
+            _write_rank_state(rank_state, tmp / "regimen" / f"rank{self.rank:05d}.pt")
+            err = None
+        except Exception as e:
+            err = f"rank {self.rank} cannot write checkpoint {pending.step}: "
+            err += f"{type(e).__name__}: {e}"
+        files.clear()  # free the host copy
+        try:
+            done.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(done / f"rank{self.rank:05d}.json", {"error": err})
+        except OSError as e:
+            err = err or f"rank {self.rank} cannot mark checkpoint {pending.step} written: {e}"
+        if self.rank == 0 and err is None:
+            err = self._commit_when_written(pending, meta)
+        pending.error = err
+        pending.finished = time.time()
+
+    def _commit_when_written(self, pending: PendingSave, meta: dict[str, Any]) -> str | None:
+        """Rank 0: wait for every rank's marker, then hash, write the manifest, rename."""
+        done = pending.tmp / DONE_DIR
+        deadline = time.monotonic() + ASYNC_TIMEOUT_S
+        errors: list[str] = []
+        for r in range(self.world_size):
+            marker = done / f"rank{r:05d}.json"
+            while not marker.exists():
+                if time.monotonic() > deadline:
+                    return f"checkpoint {pending.step}: rank {r} did not finish writing in time"
+                time.sleep(0.01)
+            got = json.loads(marker.read_text()).get("error")
+            if got:
+                errors.append(got)
+        if errors:
+            return errors[0] + f"; checkpoint {pending.step} was not committed"
+        try:
+            shutil.rmtree(done)
+            manifest = self._commit(pending.tmp, pending.step, meta)
+        except Exception as e:
+            return (
+                f"checkpoint {pending.step} was not committed ({type(e).__name__}: {e}); "
+                f"the previous checkpoints are untouched, {pending.tmp} is left for cleanup"
+            )
+        pending.info = CheckpointInfo(pending.step, self._dir(pending.step), manifest)
+        self._retain_quietly(pending.step)
+        return None
+
+    def wait(self, *, collective: bool = True) -> CheckpointInfo | None:
+        """Block until the in-flight async save (if any) is committed; its info, else None.
+
+        Collective (every rank learns every rank's error, then CheckpointError on all ranks)
+        unless ``collective=False`` (use on error paths, where a peer may be gone). A no-op
+        when nothing is in flight, which is the same on every rank.
+        """
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        pending.thread.join()
+        if collective:
+            results = _gather((pending.error, pending.info.manifest if pending.info else None))
+            _raise_first([e for e, _ in results])
+            return CheckpointInfo(pending.step, self._dir(pending.step), results[0][1])
+        if pending.error is not None:
+            raise CheckpointError(pending.error)
+        return pending.info
 
     def _commit(self, tmp: Path, step: int, meta: dict[str, Any]) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.continual.technique import attach as attach_continual
+from orchestrator.continual.technique import summary_of as continual_summary
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore, atomic_write_json
 from orchestrator.engine.data import BatchSource, build_data
 from orchestrator.engine.ds_config import build_ds_config
@@ -136,14 +138,16 @@ def _agree(values: list[float], op: str) -> list[float]:
     """All-reduce a few floats (``sum`` or ``max``) so every rank sees the same numbers."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor.tolist()
 
 
-def _forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = engine(**batch)
-    return out if isinstance(out, torch.Tensor) else out.loss
+def _on_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    """The batch on the engine's device (a no-op on CPU)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class Trainer:
@@ -211,6 +215,7 @@ class Trainer:
             emit=self._emit,
             run_dir=str(ctx.run_dir),
         )
+        attach_continual(self)  # `continual:` stages and replay take over the batches
         resume = self.store.latest(ctx.resume_step) if ctx.resume_step != -1 else None
         rank_state = self.store.load_rank_state(resume, ctx.rank) if resume else None
         if rank_state is not None:
@@ -302,7 +307,7 @@ class Trainer:
         engine.train()
         loss_sum = 0.0
         for micro in range(schedule.grad_accumulation):
-            batch = self.batches.micro_batch_at(self.loop.cursor, micro)
+            batch = _on_device(self.batches.micro_batch_at(self.loop.cursor, micro), engine.device)
             loss = self.task.loss(engine, batch)
             engine.backward(loss)
             loss_sum += float(loss.detach())
@@ -367,6 +372,7 @@ class Trainer:
         of the abandoned timeline are discarded; a new lineage segment starts.
         """
         state = self.state
+        self.store.wait()  # an async save in flight may be the target: let it commit first
         target: CheckpointInfo | None = self.store.latest(state.rollback_to)
         if target is None:
             raise RollbackExhausted(
@@ -447,23 +453,27 @@ class Trainer:
             start = (b * self.ctx.world_size + self.ctx.rank) * mb
             idx = [(start + j) % len(evalset) for j in range(mb)]
             batch = {k: torch.stack([evalset[i][k] for i in idx]) for k in evalset[0]}
-            got = self.task.eval_batch(engine, batch)
+            got = self.task.eval_batch(engine, _on_device(batch, engine.device))
             sums = [sums[0] + got.loss, sums[1] + 1.0, sums[2] + got.correct, sums[3] + got.count]
         engine.train()
         self.eval_results = eval_metrics(_agree(sums, "sum"), self.task)
         return self.eval_results["eval_loss"]
 
-    def checkpoint(self) -> CheckpointInfo:
-        """Write a checkpoint of the current step (collective)."""
+    def checkpoint(self, final: bool = False) -> CheckpointInfo | None:
+        """Write a checkpoint of the current step (collective). With ``checkpoint.async`` (and
+        not ``final``) only the host snapshot blocks; None is returned, the write commits in
+        the background (``self.store.wait()`` before anything reads checkpoints)."""
         if self.sink is not None:
             self.sink.flush(timeout_s=5.0)
-        info = self.store.save(
-            self.built.engine,
-            self.state.step,
-            self._rank_state(),
-            meta={"cursor": self.loop.cursor},
-        )
-        self._emit("checkpoint", path=str(info.path))
+        args = (self.built.engine, self.state.step, self._rank_state())
+        meta = {"cursor": self.loop.cursor}
+        if self.recipe.checkpoint.is_async and not final:
+            pending = self.store.save_async(*args, meta=meta)
+            path = str(self.store.path_of(pending.step))
+            self._emit("checkpoint", path=path, blocked_s=pending.blocked_s, mode="async")
+            return None
+        info = self.store.save(*args, meta=meta)
+        self._emit("checkpoint", path=str(info.path), blocked_s=self.store.last_blocked_s)
         return info
 
     def _open_sink(self) -> None:
@@ -474,6 +484,14 @@ class Trainer:
         self.sink = MetricSink(
             self.ctx.tracking_uri, self.ctx.run_id, spool_dir=self.ctx.run_dir / "spool"
         )
+        from orchestrator.tracking.record import log_worker_record  # best effort, never raises
+
+        log_worker_record(
+            self.ctx.tracking_uri, self.ctx.run_id, recipe=self.recipe.model_dump(mode="json"),
+            fingerprint=self.data.fingerprint, description=self.data.description,
+            ds_config=getattr(self.built.engine, "config", None), world_size=self.ctx.world_size,
+            device=getattr(self.built.engine, "device", "cpu"),
+        )  # fmt: skip
         if any(e["kind"] == "resume" for e in self.events):  # a restart: close dead segments
             from orchestrator.control.resume import close_segments
 
@@ -530,7 +548,7 @@ class Trainer:
                     status = "KILLED"
                     return self._summary(last_metrics, None, finished=False)
             eval_loss = self.evaluate()
-            final = self.checkpoint() if recipe.checkpoint.at_end else None
+            final = self.checkpoint(final=True) if recipe.checkpoint.at_end else None
             for technique in self.techniques:
                 technique.on_train_end(state)
             if eval_loss is not None:
@@ -540,6 +558,11 @@ class Trainer:
             status = "FINISHED"
             return self._summary(last_metrics, final, finished=True)
         finally:
+            try:
+                self.store.wait(collective=False)  # never exit with an async save in flight
+            except Exception:
+                if status != "FAILED":
+                    raise
             if self.sink is not None:
                 self.sink.close()
                 self._end_segment(status)
@@ -558,6 +581,7 @@ class Trainer:
             "finished": finished,
             "data_fingerprint": self.data.fingerprint,
             "events": self.events,
+            **continual_summary(self),
         }
         if self.ctx.rank == 0:
             atomic_write_json(self.ctx.run_dir / SUMMARY_FILE, summary)

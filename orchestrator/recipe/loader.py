@@ -237,6 +237,34 @@ class _Walker:
         return None
 
 
+def _too_deep(text: str) -> int | None:
+    """Line of the first collection nested deeper than ``MAX_DEPTH``, else None.
+
+    Reads the YAML event stream, which libyaml produces without recursion; composing
+    nodes recurses in C, so 50,000 nested ``[`` (100 kB) would overflow the C stack and
+    kill the process (SIGSEGV) before any Python limit applies. Syntax errors are left
+    to the real parse.
+    """
+    opening, closing = (yaml.MappingStartEvent, yaml.SequenceStartEvent), (
+        yaml.MappingEndEvent, yaml.SequenceEndEvent,
+    )  # fmt: skip
+    loader, depth = _Loader(text), 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, opening):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return int(event.start_mark.line) + 1
+            elif isinstance(event, closing):
+                depth -= 1
+    except yaml.YAMLError:
+        return None
+    finally:
+        loader.dispose()
+    return None
+
+
 def _parse(
     text: str, file: str, problems: _Problems, *, recipe: bool = True
 ) -> tuple[Any, dict[str, tuple[str, int]]]:
@@ -244,6 +272,9 @@ def _parse(
 
     With ``recipe=False`` any single value is accepted (an override's value).
     """
+    if (deep := _too_deep(text)) is not None:  # before composing: libyaml's composer recurses
+        problems.add("", f"nested deeper than {MAX_DEPTH} levels: flatten the structure", file, deep)
+        return None, {}
     loader = _Loader(text)
     walker = _Walker(loader, file, problems)
     try:

@@ -73,8 +73,10 @@ def render_plan(plan: dict[str, Any]) -> str:
     shown = ", ".join(map(str, cks[:6])) + (f", ... ({count} in all)" if count > 6 else "")
     lines.append(f"  checkpoints at: {shown or 'none'}")
     for name, info in plan["techniques"].items():
-        text = ", ".join(f"{k}={_short(v)}" for k, v in info.items())
+        listed = {k: v for k, v in info.items() if isinstance(v, list) and k == "stages"}
+        text = ", ".join(f"{k}={_short(v)}" for k, v in info.items() if k not in listed)
         lines.append(f"  {name}: " + escape(text))
+        lines += [f"    {escape(str(item))}" for items in listed.values() for item in items]
     for ref in plan["user_code"]:
         lines.append(f"  [yellow]runs user code[/] {escape(ref)}")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from orchestrator.techniques.base import TechniqueConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -54,14 +56,18 @@ class ModelConfig(Section):
     def _kind_fields(self) -> ModelConfig:
         builtin = self.architecture in ("vit", "mlp")
         if self.kind == "builtin":
-            from orchestrator.engine.vision import unknown_keys
+            from orchestrator.engine.vision import DEFAULTS, unknown_keys
 
             if not builtin:
                 raise ValueError("kind 'builtin' needs 'architecture: vit' or 'architecture: mlp'")
             if self.task != "classification":
                 raise ValueError("kind 'builtin' models are classifiers: set task: classification")
             if bad := unknown_keys(self.architecture, self.config):
-                raise ValueError(f"unknown config key(s) {bad} for builtin {self.architecture}")
+                allowed = ", ".join(sorted(DEFAULTS.get(self.architecture, {})))
+                raise ValueError(
+                    f"unknown config key(s) {bad} for builtin {self.architecture}: remove them "
+                    f"(allowed: {allowed})"
+                )
         elif builtin and self.kind == "hf_config":
             raise ValueError(
                 f"architecture '{self.architecture}' is a builtin model: set kind: builtin"
@@ -130,13 +136,35 @@ class ScheduleConfig(Section):
     eval_batches: PositiveInt = 4
 
 
-class CheckpointConfig(Section):
+# `async` is a Python keyword, so the key is declared on a generated base class.
+_CheckpointAsync: Any = create_model(
+    "_CheckpointAsync",
+    __base__=Section,
+    **{
+        "async": (
+            bool,
+            Field(
+                False,
+                description="Write checkpoints in a background thread; training is blocked only "
+                "for the copy to host memory.",
+            ),
+        )
+    },
+)
+
+
+class CheckpointConfig(_CheckpointAsync):  # type: ignore[misc]
     """Where and how often checkpoints are written (atomic, with a SHA-256 manifest)."""
 
     every: NonNegativeInt = Field(50, description="Checkpoint every N steps; 0 = only at end.")
     keep: NonNegativeInt = Field(3, description="Newest checkpoints kept; 0 keeps all.")
     storage: str = Field("./runs", description="Root directory of run storage.")
     at_end: bool = True
+
+    @property
+    def is_async(self) -> bool:
+        """The `async` key (a Python keyword, so not an attribute name)."""
+        return bool(getattr(self, "async"))
 
 
 class ResourcesConfig(Section):
@@ -184,6 +212,76 @@ class SweepConfig(Section):
         return self
 
 
+class StageConfig(Section):
+    """One continual-learning stage (one task), trained for `steps` optimizer steps in order.
+
+    `data` defaults to the top-level data section; `classes` keeps only those class ids
+    (classification), e.g. `classes: [0, 1]` on digits for class-incremental splits.
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)
+    steps: PositiveInt = Field(..., description="Optimizer steps of this stage.")
+    data: DataConfig | None = Field(None, description="This stage's data; default: `data:`.")
+    classes: list[NonNegativeInt] | None = Field(
+        None, description="Keep only samples with these labels (classification only)."
+    )
+    restart_schedule: bool = Field(
+        False,
+        description="Restart techniques.warmup's warmup/decay at this stage, over its own steps.",
+    )
+    replay: bool = Field(True, description="Mix replay samples into this stage's batches.")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is not None and (not classes or len(set(classes)) != len(classes)):
+            raise ValueError("give a non-empty list of distinct class ids, e.g. [0, 1]")
+        return classes
+
+
+class ReplayConfig(Section):
+    """The replay buffer: `size` sample indices kept by `policy`; `ratio` of every micro-batch
+    (rounded: exactly round(ratio x micro_batch_size) samples) comes from it once non-empty."""
+
+    size: NonNegativeInt = Field(0, description="Samples kept (indices); 0 = no replay.")
+    policy: Literal["reservoir", "class_balanced", "task_balanced"] = "reservoir"
+    ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of each micro-batch replayed.")
+
+    @model_validator(mode="after")
+    def _sized(self) -> ReplayConfig:
+        if self.ratio > 0 and self.size == 0:
+            raise ValueError(
+                f"ratio {self.ratio} needs a buffer: set size > 0 (e.g. size: 200) or ratio: 0"
+            )
+        return self
+
+
+class ContinualEvalConfig(Section):
+    """Continual evaluation: every `every` steps (and at each stage's end) on a fixed subset
+    of `subset_size` eval samples of each task seen so far (all tasks with include_future)."""
+
+    every: NonNegativeInt = Field(10, description="Evaluate every N steps; 0 = stage ends only.")
+    subset_size: PositiveInt = Field(200, description="Eval samples per task (fixed subset).")
+    include_future: bool = Field(False, description="Also evaluate tasks not yet trained.")
+
+
+class ContinualConfig(TechniqueConfig):
+    """`continual:`: ordered stages, a replay buffer and continual evaluation
+    (min-ACC, WC-ACC, windowed forgetting: De Lange et al. 2023). The stages' steps must
+    sum to schedule.steps."""
+
+    stages: list[StageConfig] = Field(..., min_length=1, description="Stages, in order.")
+    replay: ReplayConfig = ReplayConfig()
+    eval: ContinualEvalConfig = ContinualEvalConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ContinualConfig:
+        names = [s.name for s in self.stages]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"stage names must be unique; repeated: {dupes}: rename them")
+        return self
+
+
 def _techniques_model() -> type[Section]:
     """Build the `techniques:` section from the registry: one optional field per technique."""
     from orchestrator.techniques.registry import registered
@@ -225,6 +323,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     techniques: TechniquesConfig = Field(default_factory=TechniquesConfig)  # type: ignore[valid-type]
     stability: StabilityConfig | None = None  # type: ignore[valid-type]
+    continual: ContinualConfig | None = None
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="Native DeepSpeed config keys, merged with what Regimen derives.",

@@ -121,8 +121,7 @@ def kmeans_update(
         order = torch.argsort(centroids)
         centroids, counts = centroids[order], counts[order]
         labels = _assign(x, centroids)
-        b = torch.bincount(labels, minlength=k).to(x.dtype)
-        s = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+        b, s = _cluster_sums(x, labels, k)
         counts = counts * gamma + b
         step = torch.where(
             b > 0, (s - b * centroids) / counts.clamp_min(1e-30), torch.zeros_like(s)
@@ -141,11 +140,35 @@ def initial_centroids(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.quantile(sample, q)
 
 
+def _cluster_sums(
+    x: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster element counts and sums of ``x``.
+
+    One masked reduction per cluster rather than ``bincount``/``index_add_``: with a
+    handful of bins, CUDA atomics contend on every element (slow) and float atomics
+    make the sums order-dependent, which would break bit-for-bit resume."""
+    counts, sums = [], []
+    for c in range(k):
+        mask = labels == c
+        counts.append(mask.sum())
+        sums.append(torch.where(mask, x, 0.0).sum())
+    return torch.stack(counts).to(x.dtype), torch.stack(sums)
+
+
 def cluster_mda(m: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """``D[k] = lower-median |m_i - mean(m)|`` over the elements of cluster k (NaN when empty)."""
+    """``D[k] = lower-median |m_i - mean(m)|`` over the elements of cluster k (NaN when empty).
+
+    Two sorts for all clusters (by deviation, then stably by label) instead of one
+    median per cluster; cluster k's lower median then sits at a known offset."""
     dev = (m - m.mean()).abs()
-    nan = torch.full_like(dev, float("nan"))
-    return torch.stack([lower_median(torch.where(labels == c, dev, nan)) for c in range(k)])
+    by_dev = torch.argsort(dev)
+    by_label = torch.argsort(labels[by_dev], stable=True)
+    grouped = dev[by_dev][by_label]
+    counts = torch.bincount(labels.long(), minlength=k)
+    starts = torch.cumsum(counts, 0) - counts
+    middle = (starts + (counts - 1).clamp_min(0) // 2).clamp_max(dev.numel() - 1)
+    return torch.where(counts > 0, grouped[middle], torch.full_like(grouped[middle], float("nan")))
 
 
 class SGGOptimizer(torch.optim.Optimizer):
@@ -309,10 +332,15 @@ class SGGOptimizer(torch.optim.Optimizer):
             bias_correction1 = 1 - beta1**step
             bias_correction2 = 1 - beta2**step
             step_size = lr / bias_correction1
-            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
             if group["sgg_reclusters"] > 0:
-                denom.div_(self._scale_map(p))
-            p.addcdiv_(exp_avg, denom, value=-step_size)
+                # sqrt(v)/c + eps == (sqrt(v) + eps*c)/c with c = sqrt(bias_correction2): the
+                # factor division then costs no extra pass over the tensor compared with AdamW.
+                c = bias_correction2**0.5
+                denom = exp_avg_sq.sqrt().add_(eps * c).div_(self._scale_map(p))
+                p.addcdiv_(exp_avg, denom, value=-step_size * c)
+            else:  # exactly torch's single-tensor AdamW
+                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-step_size)
             self._after_update(group, p, exp_avg)
 
     def _scale_map(self, p: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,13 @@ spike and what was tried. The guard's counters are not rolled back
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from pydantic import Field
 
-from orchestrator.techniques.base import Technique, TechniqueConfig, TrainState, Verdict
+from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState, Verdict
+from orchestrator.techniques.indicators import IndicatorProbe
 from orchestrator.techniques.registry import TechniqueSpec, register
 
 if TYPE_CHECKING:
@@ -66,6 +67,25 @@ class StabilityConfig(TechniqueConfig):
     )
     reset_moments: bool = Field(False, description="Zero the optimizer moments on rollback.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks before the job fails.")
+    indicators_every: int = Field(
+        0, ge=0, description="Log leading indicators every N steps (update RMS, TEV, attention "
+        "entropy); 0 = off."
+    )  # fmt: skip
+    update_rms_max: float | None = Field(
+        None, gt=0.0, description="Warn if the max per-layer AdamW update RMS exceeds this."
+    )
+    tev_max: float | None = Field(
+        None, gt=0.0, description="Warn if the mean token embedding variability exceeds this."
+    )
+    attn_entropy_min: float | None = Field(
+        None, ge=0.0, description="Warn if the min per-layer attention entropy (nats) drops below."
+    )
+    indicator_action: Literal["warn", "detect"] = Field(
+        "warn", description="warn: event + metric only; detect: also an anomaly (skip/rollback)."
+    )
+    indicator_lookback: int = Field(
+        32, ge=1, description="A warning this many steps before a spike counts as a lead."
+    )
 
 
 def robust_z(value: float, history: list[float]) -> float:
@@ -121,6 +141,46 @@ class SpikeGuard(Technique):
         self.anomalies = 0
         self._pending: float | None = None  # grad norm measured before the step
         self._scores: dict[str, float] = {}
+        self.warnings: list[list[Any]] = []  # [step, indicator, value] of indicator warnings
+        self.probe = IndicatorProbe() if cfg.indicators_every else None
+
+    def configure(self, setup: Setup) -> None:
+        """Hook the indicator probe into the model and the base optimizer's ``step``."""
+        if self.probe is not None:
+            self.probe.attach(setup.model)
+            setup.wrap_optimizer.append(self.probe.wrap)
+
+    def _indicators(self, state: TrainState, metrics: dict[str, float]) -> dict[str, Any] | None:
+        """Collect the armed probe's values; the first threshold crossed, as a finding."""
+        assert self.probe is not None and state.model is not None
+        values = self.probe.collect(state.model)
+        metrics.update(values)
+        cfg, step, found = self.cfg, state.step - 1, None
+        checks = [
+            ("update_rms", values.get("indicator/update_rms_max"), cfg.update_rms_max, 1),
+            ("tev", values.get("indicator/tev_mean"), cfg.tev_max, 1),
+            ("attn_entropy", values.get("indicator/attn_entropy_min"), cfg.attn_entropy_min, -1),
+        ]
+        for name, value, limit, sign in checks:
+            if value is None or limit is None or sign * (value - limit) <= 0:
+                continue
+            self.warnings = [*self.warnings, [step, name, float(value)]][-64:]
+            metrics["indicator/warning"] = 1.0
+            state.emit(
+                "indicator_warning", at_step=step, indicator=name, value=value, threshold=limit
+            )
+            if found is None:
+                found = {"detector": f"indicator_{name}", "value": value, "threshold": limit}
+        return found
+
+    def _lead(self, onset_step: int) -> dict[str, Any]:
+        """How many steps before ``onset_step`` an indicator last warned (within the lookback)."""
+        lo = onset_step - self.cfg.indicator_lookback
+        hits = [w for w in self.warnings if lo <= int(w[0]) <= onset_step]
+        if not hits:
+            return {"warned_steps_before": None, "warned_by": None}
+        first = min(hits, key=lambda w: int(w[0]))  # the earliest warning: the longest lead
+        return {"warned_steps_before": onset_step - int(first[0]), "warned_by": first[1]}
 
     # -- detection ---------------------------------------------------------------------------
     def _check(self, loss: float, grad: float | None) -> dict[str, Any] | None:
@@ -172,6 +232,8 @@ class SpikeGuard(Technique):
 
     # -- hooks -------------------------------------------------------------------------------
     def on_step_begin(self, state: TrainState) -> None:
+        if self.probe is not None and state.step % self.cfg.indicators_every == 0:
+            self.probe.arm()
         if self.cooldown_until >= 0 and state.step >= self.cooldown_until:
             state.lr_scale, self.cooldown_until = 1.0, -1
             state.emit("cooldown_end")
@@ -191,10 +253,10 @@ class SpikeGuard(Technique):
         self._anomaly(state, found)
         return Verdict.SKIP_STEP
 
-    def _anomaly(self, state: TrainState, found: dict[str, Any]) -> None:
+    def _anomaly(self, state: TrainState, found: dict[str, Any], step: int | None = None) -> None:
         self.anomalies += 1
         self.streak += 1
-        step = state.step  # index of the step being run
+        step = state.step if step is None else step  # index of the step being run
         self.anomaly_steps = [*self.anomaly_steps, step][-256:]
         if self.onset is None:
             self.onset = [step, state.cursor]
@@ -211,7 +273,12 @@ class SpikeGuard(Technique):
             found = self._check(state.loss, state.grad_norm)
             metrics.update(self._scores)
             if found is not None:
-                self._anomaly(state, found)
+                self._anomaly(state, found, step)
+                anomalous = True
+        if self.probe is not None and self.probe.armed:
+            warned = self._indicators(state, metrics)
+            if warned is not None and self.cfg.indicator_action == "detect" and not anomalous:
+                self._anomaly(state, warned, step)
                 anomalous = True
         metrics["spike/rollbacks"] = float(len(self.rollbacks))
         if not anomalous:
@@ -241,6 +308,7 @@ class SpikeGuard(Technique):
             "skip_range": list(skip) if cfg.skip_batches else None,
             "lr_scale": cfg.lr_scale,
             "reset_moments": cfg.reset_moments,
+            **self._lead(onset_step),
         }
         self.rollbacks.append(record)
         state.rollback_to = target
@@ -309,6 +377,7 @@ class SpikeGuard(Technique):
             "rollbacks": _plain(self.rollbacks),
             "cooldown_until": self.cooldown_until,
             "anomalies": self.anomalies,
+            "warnings": _plain(self.warnings),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -323,6 +392,7 @@ class SpikeGuard(Technique):
         self.rollbacks = [dict(r) for r in state["rollbacks"]]
         self.cooldown_until = int(state["cooldown_until"])
         self.anomalies = int(state["anomalies"])
+        self.warnings = [list(w) for w in state.get("warnings", [])]
 
 
 def _fmt(value: Any) -> str:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -364,3 +365,139 @@ def test_two_ranks_save_load_and_shared_errors(tmp_path: Path) -> None:
     for r in (0, 1):
         assert out.count(f"rank{r} error ok") == 2, out[-4000:]
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out
+
+
+# -- asynchronous saves ------------------------------------------------------------------------
+def _records(info: Any) -> dict[str, dict[str, bytes]]:
+    """Every file's zip records, less the random id torch.save writes into each file (two
+    synchronous saves of the same state differ there too)."""
+    import zipfile
+
+    out = {}
+    for rel in info.manifest["files"]:
+        path = info.path / rel
+        if not zipfile.is_zipfile(path):  # legacy (non-zip) torch.save format: all bytes
+            out[rel] = {"": path.read_bytes()}
+            continue
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if not n.endswith(".data/serialization_id")]
+            out[rel] = {n: z.read(n) for n in names}
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_async_save_is_byte_identical_to_sync_and_loads(
+    dist_world: None, tmp_path: Path, stage: int
+) -> None:
+    engine = make_engine(stage=stage)
+    train_step(engine, seed=1)
+    state = {"step": 3, "rng": torch.get_rng_state(), "w": engine.module[0].weight.detach()}
+    sync = CheckpointStore(tmp_path / "sync", keep=0).save(engine, 3, state, meta={"c": 1})
+    store = CheckpointStore(tmp_path / "async", keep=0)
+    pending = store.save_async(engine, 3, state, meta={"c": 1})
+    info = store.wait()
+    assert info is not None and info.step == 3 and pending.error is None
+    assert len(info.manifest["files"]) == len(sync.manifest["files"]) >= 2 + (stage > 0)
+    assert _records(info) == _records(sync)  # same files, same bytes
+    assert info.manifest["meta"] == {"c": 1} and not (info.path / ".done").exists()
+    want = snapshot(engine)
+    fresh = make_engine(stage=stage, seed=7)
+    store.load_engine(fresh, store.latest())  # type: ignore[arg-type]
+    assert same(snapshot(fresh), want)
+
+
+def test_async_training_continues_during_write_and_snapshot_is_isolated(
+    engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.engine.checkpoint as ckpt
+
+    slow = ckpt._write_file
+
+    def slow_write(real: Any, state: Any, path: str) -> None:
+        time.sleep(0.4)  # slow storage
+        slow(real, state, path)
+
+    monkeypatch.setattr(ckpt, "_write_file", slow_write)
+    store = CheckpointStore(tmp_path, keep=0)
+    saved = snapshot(engine)
+    pending = store.save_async(engine, 5, {"step": 5})
+    assert store.latest() is None  # not visible before the commit
+    for seed in range(3):  # training goes on while the files are written
+        train_step(engine, seed=10 + seed)
+    assert pending.thread.is_alive() and store.latest() is None
+    assert pending.blocked_s < 0.4  # blocked for the host copy only, not the (slow) write
+    info = store.wait()
+    assert info is not None and store.latest() == info and not pending.thread.is_alive()
+    assert not same(snapshot(engine), saved)  # the engine moved on ...
+    fresh = make_engine(stage=1, seed=7)
+    store.load_engine(fresh, info)
+    assert same(snapshot(fresh), saved)  # ... the checkpoint holds the state at save time
+
+
+def test_async_write_error_is_raised_at_wait_and_nothing_is_committed(
+    engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.engine.checkpoint as ckpt
+
+    store = CheckpointStore(tmp_path, keep=0)
+    store.save_async(engine, 1, {})
+    store.wait()
+
+    def full_disk(real: Any, state: Any, path: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_file", full_disk)
+    store.save_async(engine, 2, {})
+    with pytest.raises(CheckpointError, match="No space left"):
+        store.wait()
+    assert [i.step for i in store.list()] == [1]
+    monkeypatch.undo()
+    store.save_async(engine, 3, {})  # the next save cleans the partial one up
+    store.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003"]
+
+
+CRASH_MID_WRITE = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from unit.engine.test_checkpoint import make_engine, train_step
+import torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT={port!r}, RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+import orchestrator.engine.checkpoint as ckpt
+engine = make_engine(stage=1)
+train_step(engine, seed=1)
+store = ckpt.CheckpointStore({root!r}, keep=0)
+store.save(engine, 1, {{"v": 1}})
+real_write = ckpt._write_file
+def write_then_die(real, state, path):
+    real_write(real, state, path)
+    os._exit(9)  # killed after the first file of the async write, before the commit
+ckpt._write_file = write_then_die
+store.save_async(engine, 2, {{"v": 2}})
+for seed in range(100):
+    train_step(engine, seed=seed)
+time.sleep(30)
+"""
+
+
+def test_crash_mid_async_write_leaves_no_loadable_partial(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    script = CRASH_MID_WRITE.format(tests=str(REPO / "tests"), port=str(_port()), root=str(root))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    partial = root / ".tmp-step-00000002"
+    assert partial.is_dir() and any(partial.rglob("*.pt"))  # something was written ...
+    store = CheckpointStore(root, keep=0)
+    assert [i.step for i in store.list()] == [1]  # ... but only step 1 is loadable
+    latest = store.latest()
+    assert latest is not None and store.load_rank_state(latest, 0) == {"v": 1}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

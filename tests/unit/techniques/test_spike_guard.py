@@ -137,3 +137,93 @@ def test_no_spike_no_effect(tmp_path, gloo_world):
     )
     s = guarded.run()
     assert s["rollbacks"] == 0 and s["skipped_steps"] == 0 and not _kinds(s, "spike")
+
+
+# -- leading indicators --------------------------------------------------------------------------
+INDICATORS = {**GUARD, "indicators_every": 1}
+
+
+def _indicator_series(tmp_path, stage: int, steps: int = 4) -> list[dict[str, float]]:
+    recipe = _recipe(
+        tmp_path, steps=steps, stability=INDICATORS,
+        deepspeed={"zero_optimization": {"stage": stage}},
+    )  # fmt: skip
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / f"z{stage}"))
+    trainer._build()
+    return [trainer._train_step() for _ in range(steps)]
+
+
+def test_indicators_read_torch_and_deepspeed_zero_state_alike(tmp_path, gloo_world):
+    """Update RMS from torch AdamW state (ZeRO-0) equals the one from DeepSpeed's flat fp32
+    partitions (ZeRO-1, ZeRO-2); TEV and attention entropy are logged per step."""
+    z0, z1, z2 = (_indicator_series(tmp_path, s) for s in (0, 1, 2))
+    # first step: v_hat == g^2 exactly, so g^2 / v_hat == 1 wherever g != 0
+    assert z0[0]["indicator/update_rms_max"] == pytest.approx(1.0, abs=1e-6)
+    layers = [k for k in z0[1] if k.startswith("indicator/update_rms/")]
+    assert "indicator/update_rms/model.layers.0" in layers and len(layers) >= 4
+    for a, b, c in zip(z0, z1, z2, strict=True):
+        for key in [*layers, "indicator/update_rms_max", "indicator/tev_mean"]:
+            assert a[key] == pytest.approx(b[key], rel=1e-5) == pytest.approx(c[key], rel=1e-5)
+    ent = z0[0]["indicator/attn_entropy_min"]
+    assert 0.0 < ent <= math.log(32) and "indicator/attn_entropy/model.layers.1.self_attn" in z0[0]
+    assert z0[0]["indicator/tev_mean"] > 0 and z0[0]["indicator/cost_s"] > 0
+
+
+def test_indicator_warning_before_spike_recorded_in_rollback_lineage(tmp_path, gloo_world):
+    """A gradient blow-up at step 6 (no clipping) lifts the update RMS: warning; the loss spike
+    at step 8 rolls back, and the segment run in MLflow carries warned_steps_before == 2."""
+    import mlflow
+
+    from orchestrator.tracking.runs import open_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = open_run(uri, "ind", "job")
+    stability = {**INDICATORS, "update_rms_max": 2.0}
+    faults = {"grad_blowup_at_step": 6, "grad_factor": 1e4, "spike_at_step": 8}
+    recipe = _recipe(tmp_path, stability=stability, faults=faults, optimizer={"grad_clip": 0.0})
+    ctx = WorkerContext(run_dir=tmp_path / "lead", tracking_uri=uri, run_id=run_id)
+    summary = Trainer(recipe, ctx).run()
+    warnings = _kinds(summary, "indicator_warning")
+    assert [w["at_step"] for w in warnings] == [6] and warnings[0]["indicator"] == "update_rms"
+    (rollback,) = _kinds(summary, "rollback")
+    assert rollback["reason"]["warned_steps_before"] == 2
+    assert rollback["reason"]["warned_by"] == "update_rms"
+    client = mlflow.MlflowClient(uri)
+    (seg,) = client.search_runs(
+        [client.get_run(run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+    )
+    assert seg.data.tags["regimen.warned_steps_before"] == "2"
+    assert seg.data.tags["regimen.warned_by"] == "update_rms"
+    events = (tmp_path / "lead" / "spool").glob("*.events.jsonl")
+    assert any("indicator_warning" in p.read_text() for p in events)
+
+
+def test_indicator_detect_mode_turns_a_warning_into_an_anomaly(tmp_path, gloo_world):
+    stability = {**INDICATORS, "update_rms_max": 2.0, "indicator_action": "detect"}
+    faults = {"grad_blowup_at_step": 6, "grad_factor": 1e4}
+    recipe = _recipe(tmp_path, stability=stability, faults=faults, optimizer={"grad_clip": 0.0})
+    summary = Trainer(recipe, WorkerContext(run_dir=tmp_path / "det")).run()
+    (spike,) = _kinds(summary, "spike")
+    assert spike["detector"] == "indicator_update_rms" and spike["at_step"] == 6
+    (rollback,) = _kinds(summary, "rollback")
+    assert rollback["to_step"] == 4 and summary["steps"] == 12
+
+
+def test_async_checkpoints_roll_back_to_the_same_weights_as_sync(tmp_path, gloo_world):
+    """checkpoint.async: rollback waits for the in-flight write and restores the same state."""
+    faults = {"spike_at_step": 9, "spike_factor": 100.0}
+    runs = {}
+    for mode in (False, True):
+        recipe = _recipe(
+            tmp_path, stability=GUARD, faults=faults, checkpoint={"every": 2, "async": mode}
+        )
+        trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / f"async-{mode}"))
+        summary = trainer.run()
+        (rollback,) = _kinds(summary, "rollback")
+        assert rollback["to_step"] == 8 and summary["steps"] == 12
+        modes = {e.get("mode") for e in _kinds(summary, "checkpoint")}
+        assert modes == ({"async", None} if mode else {None})  # the final save is synchronous
+        assert trainer.store.pending is None
+        runs[mode] = _weights(trainer)
+    assert all(torch.equal(runs[False][k], runs[True][k]) for k in runs[False])

@@ -1,0 +1,327 @@
+"""The `continual:` section as a technique: stages, replay, continual evaluation.
+
+Registered like any technique (section ``continual``), so its state (the replay
+buffer, the per-task score table and the stage position) goes into every checkpoint's
+rank state, comes back on resume, and comes back with the weights on a spike-guard
+rollback. Two loop hooks do what the technique interface cannot:
+
+* :func:`attach` (in ``Trainer._build``): builds the stages' data and swaps the loop's
+  batch source for :class:`~orchestrator.continual.stages.StageBatches`;
+* :func:`summary_of` (in ``Trainer._summary``): the final continual metrics.
+
+Per step (``on_step_end``) every rank offers the step's fresh samples (all ranks', same
+order) to its buffer, and every ``eval.every`` steps and at each stage's last step the
+model is evaluated on each seen task's fixed subset: ``cl/acc/task_i`` (``cl/loss/task_i``
+for language models), ``cl/eval_time_share``. At the end the metrics of
+:mod:`orchestrator.continual.metrics` are logged as ``cl/final/*`` and put in the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.continual.metrics import summarize
+from orchestrator.continual.replay import ReplayBuffer
+from orchestrator.continual.stages import Stage, StageBatches, build_stages, stage_at
+from orchestrator.engine.data import collate
+from orchestrator.recipe.schema import ContinualConfig
+from orchestrator.techniques.base import Technique, TechniqueConfig, TrainState, Verdict
+from orchestrator.techniques.registry import TechniqueSpec, register
+
+if TYPE_CHECKING:
+    from orchestrator.recipe.schema import Recipe
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over ranks (gloo: CPU tensors; NCCL: CUDA tensors)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return [float(v) for v in tensor.tolist()]
+
+
+class Continual(Technique):
+    """Stage schedule, replay buffer and continual evaluation (see the module docstring)."""
+
+    name = "continual"
+
+    def __init__(self, cfg: ContinualConfig, recipe: Recipe):
+        self.cfg = cfg
+        self.recipe = recipe
+        self.buffer = ReplayBuffer(cfg.replay.size, cfg.replay.policy, recipe.seed)
+        self.ends = [sum(s.steps for s in cfg.stages[: i + 1]) for i in range(len(cfg.stages))]
+        self.table: dict[int, dict[int, float]] = {}
+        self.stages: list[Stage] = []
+        self.batches: StageBatches | None = None
+        self.trainer: Any = None
+        self.final: dict[str, float] = {}
+        self.higher_is_better = recipe.model.task == "classification"
+        self._t0 = time.perf_counter()
+        self._eval_s = 0.0
+
+    # -- loop hooks ----------------------------------------------------------------------
+    def bind(self, trainer: Any) -> None:
+        """Build the stages' data and route the loop's micro-batches through them."""
+        self.trainer = trainer
+        self.stages = build_stages(self.cfg, self.recipe)
+        s = self.recipe.schedule
+        self.batches = StageBatches(
+            self.stages,
+            self.buffer,
+            self.cfg.replay.ratio,
+            seed=self.recipe.seed,
+            micro_batch=s.micro_batch_size,
+            grad_accumulation=s.grad_accumulation,
+            rank=trainer.ctx.rank,
+            world_size=trainer.ctx.world_size,
+            step_of=lambda: int(trainer.state.step),
+        )
+        trainer.batches = self.batches
+
+    # -- technique hooks -----------------------------------------------------------------
+    def on_train_start(self, state: TrainState) -> None:
+        """Start the wall clock that ``cl/eval_time_share`` divides by."""
+        self._t0, self._eval_s = time.perf_counter(), 0.0
+
+    def on_step_begin(self, state: TrainState) -> None:
+        """Announce a stage switch; restart the LR schedule where the stage asks."""
+        if not self.stages:
+            return
+        stage = stage_at(self.stages, state.step)
+        if state.step == stage.start:
+            state.emit("stage", stage=stage.name, index=stage.index, end=stage.end)
+        state.metrics["cl/stage"] = float(stage.index)
+        warm = getattr(self.recipe.techniques, "warmup", None)
+        if stage.restart_schedule and warm is not None and warm.enabled:
+            from orchestrator.techniques.warmup import scheduled_lr
+
+            peak = self.recipe.optimizer.lr
+            state.lr = scheduled_lr(warm, peak, state.step - stage.start, stage.steps)
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
+        """Feed the buffer with the step's fresh samples; evaluate when due."""
+        if self.batches is None:
+            return Verdict.PROCEED
+        step = state.step - 1  # the step that just ran
+        if not metrics.get("skipped"):
+            for task, index, label in self.batches.fresh_ids(state.cursor, step):
+                self.buffer.add(task, index, label)
+        metrics["cl/buffer_size"] = float(len(self.buffer))
+        every = self.cfg.eval.every
+        if (every and state.step % every == 0) or state.step in self.ends:
+            metrics.update(self.evaluate(state))
+        return Verdict.PROCEED
+
+    def on_train_end(self, state: TrainState) -> None:
+        """Compute the final metrics; log them as ``cl/final/*``."""
+        if not self.stages:
+            return
+        if not any(state.step in series for series in self.table.values()):
+            self.evaluate(state)
+        self.final = summarize(self.table, self.ends, state.step, self.higher_is_better)
+        sink = getattr(self.trainer, "sink", None)
+        if sink is not None:
+            sink.log(state.step, {f"cl/final/{k}": v for k, v in self.final.items()})
+
+    @torch.no_grad()
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Score every seen task (all with ``include_future``) on its fixed eval subset."""
+        started = time.perf_counter()
+        engine, task = state.engine, self.trainer.task
+        mb = self.recipe.schedule.micro_batch_size
+        rank, world = self.trainer.ctx.rank, self.trainer.ctx.world_size
+        current = stage_at(self.stages, max(0, state.step - 1)).index
+        tasks = range(len(self.stages)) if self.cfg.eval.include_future else range(current + 1)
+        sums: list[float] = []
+        engine.eval()
+        for t in tasks:
+            stage = self.stages[t]
+            mine = stage.eval_subset[rank::world]
+            loss = correct = count = 0.0
+            for b in range(0, len(mine), mb):
+                chunk = mine[b : b + mb]
+                batch = collate([stage.eval[i] for i in chunk])
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                got = task.eval_batch(engine, batch)
+                loss, correct, count = (
+                    loss + got.loss * len(chunk),
+                    correct + got.correct,
+                    count + len(chunk),
+                )
+            sums += [loss, correct, count]
+        engine.train()
+        sums = _all_sum(sums)
+        out: dict[str, float] = {}
+        kind = "acc" if self.higher_is_better else "loss"
+        for j, t in enumerate(tasks):
+            loss, correct, count = sums[3 * j : 3 * j + 3]
+            value = (correct if self.higher_is_better else loss) / max(1.0, count)
+            self.table.setdefault(t, {})[state.step] = value
+            out[f"cl/{kind}/task_{t}"] = value
+        seen = [out[f"cl/{kind}/task_{t}"] for t in range(current + 1)]
+        out[f"cl/{kind}/seen_avg"] = sum(seen) / len(seen)
+        self._eval_s += time.perf_counter() - started
+        out["cl/eval_time_share"] = self._eval_s / max(1e-9, time.perf_counter() - self._t0)
+        return out
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Replay buffer, score table and stage position."""
+        step = getattr(getattr(self.trainer, "state", None), "step", 0)
+        stage = stage_at(self.stages, step) if self.stages else None
+        return {
+            "buffer": self.buffer.state_dict(),
+            "table": {t: dict(series) for t, series in sorted(self.table.items())},
+            "stage": stage.index if stage else 0,
+            "stage_step": step - stage.start if stage else step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the stage follows from the restored step)."""
+        if not state:
+            return
+        self.buffer.load_state_dict(state["buffer"])
+        self.table = {
+            int(t): {int(n): float(v) for n, v in s.items()} for t, s in state["table"].items()
+        }
+
+
+def attach(trainer: Any) -> None:
+    """Loop hook (``Trainer._build``): bind the continual technique, if the recipe has one."""
+    for technique in trainer.techniques:
+        if isinstance(technique, Continual):
+            technique.bind(trainer)
+
+
+def summary_of(trainer: Any) -> dict[str, Any]:
+    """Loop hook (``Trainer._summary``): ``{"continual": {...}}``, or ``{}`` without one."""
+    for technique in trainer.techniques:
+        if isinstance(technique, Continual) and technique.stages:
+            return {
+                "continual": {
+                    "metrics": technique.final,
+                    "stages": [
+                        {"name": s.name, "start": s.start, "end": s.end, "classes": s.classes}
+                        for s in technique.stages
+                    ],
+                    "table": {
+                        str(t): {str(n): v for n, v in s.items()}
+                        for t, s in technique.table.items()
+                    },
+                    "buffer": {"size": len(technique.buffer), "counts": technique.buffer.counts()},
+                }
+            }
+    return {}
+
+
+# -- registration ---------------------------------------------------------------------------
+def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
+    cfg = cast(ContinualConfig, cfg)
+    problems: list[tuple[str, str]] = []
+    total = sum(s.steps for s in cfg.stages)
+    if total != recipe.schedule.steps:
+        problems.append(
+            (
+                "continual.stages",
+                f"the stages' steps sum to {total} but schedule.steps is "
+                f"{recipe.schedule.steps}: set schedule.steps: {total} or change the stages' steps",
+            )
+        )
+    classification = recipe.model.task == "classification"
+    for i, stage in enumerate(cfg.stages):
+        if stage.classes is not None and not classification:
+            problems.append(
+                (
+                    f"continual.stages.{i}.classes",
+                    "classes need a classifier (model.task: classification): remove classes",
+                )
+            )
+        warm = getattr(recipe.techniques, "warmup", None)
+        if stage.restart_schedule:
+            if warm is None or not warm.enabled:
+                problems.append(
+                    (
+                        f"continual.stages.{i}.restart_schedule",
+                        "restarts techniques.warmup's schedule, which is not configured: "
+                        "add techniques.warmup or remove restart_schedule",
+                    )
+                )
+            elif warm.resolved_warmup(stage.steps) >= stage.steps:
+                problems.append(
+                    (
+                        f"continual.stages.{i}.restart_schedule",
+                        f"the restarted warmup ({warm.resolved_warmup(stage.steps)} steps) must "
+                        f"be shorter than the stage ({stage.steps} steps): use warmup_fraction "
+                        "or fewer warmup_steps",
+                    )
+                )
+    if cfg.replay.policy == "class_balanced" and not classification:
+        problems.append(
+            (
+                "continual.replay.policy",
+                "class_balanced needs class labels (model.task: classification): "
+                "use task_balanced or reservoir",
+            )
+        )
+    k = round(cfg.replay.ratio * recipe.schedule.micro_batch_size)
+    if cfg.replay.ratio > 0 and k == 0:
+        problems.append(
+            (
+                "continual.replay.ratio",
+                f"ratio {cfg.replay.ratio} x micro_batch_size {recipe.schedule.micro_batch_size} "
+                "rounds to 0 replayed samples per micro-batch: raise the ratio or the batch",
+            )
+        )
+    return problems
+
+
+def _describe(cfg: TechniqueConfig, recipe: Recipe) -> dict[str, object]:
+    cfg = cast(ContinualConfig, cfg)
+    stages, start = [], 0
+    for s in cfg.stages:
+        what = f"classes {s.classes}" if s.classes is not None else (s.data or recipe.data).kind
+        extra = (", LR restart" if s.restart_schedule else "") + ("" if s.replay else ", no replay")
+        stages.append(f"{s.name} steps [{start}, {start + s.steps}) {what}{extra}")
+        start += s.steps
+    r = cfg.replay
+    k = round(r.ratio * recipe.schedule.micro_batch_size)
+    mb = recipe.schedule.micro_batch_size
+    return {
+        "stages": stages,
+        "replay": f"{r.policy} size {r.size}, {k}/{mb} per micro-batch"
+        if r.size and r.ratio
+        else "off",
+        "eval": f"every {cfg.eval.every or 'stage end'}, {cfg.eval.subset_size} samples per task",
+    }
+
+
+register(
+    TechniqueSpec(
+        name="continual",
+        config=ContinualConfig,
+        build=lambda cfg, recipe: Continual(cast(ContinualConfig, cfg), recipe),
+        order=15,
+        summary="Continual-learning stages, replay buffer and continual evaluation.",
+        section="continual",
+        check=_check,
+        describe=_describe,
+        example={
+            "stages": [
+                {"name": "first", "steps": 3},
+                {
+                    "name": "second",
+                    "steps": 3,
+                    "data": {"kind": "stdlib_bytes", "seq_len": 32, "max_bytes": 120_000},
+                },
+            ],
+            "replay": {"size": 8, "policy": "reservoir", "ratio": 0.5},
+            "eval": {"every": 2, "subset_size": 4},
+        },
+    )
+)

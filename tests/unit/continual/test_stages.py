@@ -1,0 +1,212 @@
+"""The `continual:` section: validation, plan, exact replay mixing, and rollback of the buffer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_recipe
+from orchestrator.continual.stages import build_stages
+from orchestrator.continual.technique import Continual
+from orchestrator.engine.loop import Trainer, WorkerContext
+from orchestrator.errors import RecipeError
+from orchestrator.recipe import load_recipe
+from orchestrator.recipe.expand import expand
+from orchestrator.recipe.plan import plan_of, render_plan
+
+
+def _digits(tmp_path: Path, **continual) -> dict:
+    return {
+        "name": "cl",
+        "model": {"kind": "builtin", "architecture": "mlp", "config": {"dropout": 0.0}},
+        "data": {"kind": "digits", "eval_fraction": 0.2},
+        "schedule": {"steps": 20, "micro_batch_size": 10},
+        "checkpoint": {"storage": str(tmp_path / "runs")},
+        "resources": {"workers": 1},
+        "continual": {
+            "stages": [
+                {"name": "a", "steps": 10, "classes": [0, 1]},
+                {"name": "b", "steps": 10, "classes": [2, 3]},
+            ],
+            "replay": {"size": 40, "policy": "class_balanced", "ratio": 0.3},
+            **continual,
+        },
+    }
+
+
+def _load(tmp_path: Path, data: dict) -> object:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_recipe(path)
+
+
+def _problems(tmp_path: Path, data: dict) -> dict[str, str]:
+    with pytest.raises(RecipeError) as info:
+        _load(tmp_path, data)
+    return {p.key: p.message for p in info.value.problems}
+
+
+def test_nonsense_is_rejected_with_key_and_fix(tmp_path):
+    data = _digits(tmp_path)
+    data["schedule"]["steps"] = 25
+    assert "set schedule.steps: 20" in _problems(tmp_path, data)["continual.stages"]
+    data = _digits(tmp_path, replay={"size": 10, "ratio": 1.0})
+    assert "continual.replay.ratio" in _problems(tmp_path, data)
+    data = _digits(tmp_path, replay={"size": 0, "ratio": 0.5})
+    assert "set size > 0" in _problems(tmp_path, data)["continual.replay"]
+    data = _digits(tmp_path)
+    data["continual"]["stages"][1]["classes"] = [2, 2]
+    assert "continual.stages.1.classes" in _problems(tmp_path, data)
+    data["continual"]["stages"][1] = {"name": "a", "steps": 10}
+    assert "unique" in _problems(tmp_path, data)["continual"]
+    data = _digits(tmp_path)
+    data["continual"]["stages"][0]["restart_schedule"] = True
+    assert (
+        "add techniques.warmup" in _problems(tmp_path, data)["continual.stages.0.restart_schedule"]
+    )
+
+
+def test_language_models_cannot_use_classes_or_class_balance(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        tiny_recipe(
+            tmp_path,
+            schedule={"steps": 6},
+            continual={
+                "stages": [{"name": "a", "steps": 6, "classes": [1]}],
+                "replay": {"size": 4, "policy": "class_balanced", "ratio": 0.5},
+            },
+        )
+    keys = {p.key for p in info.value.problems}
+    assert {"continual.stages.0.classes", "continual.replay.policy"} <= keys
+
+
+def test_plan_shows_each_stage_with_its_step_range(tmp_path):
+    loaded = _load(tmp_path, _digits(tmp_path))
+    (variant,) = expand(loaded)
+    plan = plan_of(variant)
+    assert plan["techniques"]["continual"]["stages"] == [
+        "a steps [0, 10) classes [0, 1]",
+        "b steps [10, 20) classes [2, 3]",
+    ]
+    assert "b steps [10, 20) classes [2, 3]" in render_plan(plan)
+    assert "class_balanced size 40, 3/10 per micro-batch" in render_plan(plan)
+
+
+@pytest.mark.parametrize(("ratio", "k"), [(0.1, 1), (0.3, 3), (0.5, 5), (0.9, 9)])
+def test_replay_ratio_is_exact_in_every_micro_batch(tmp_path, ratio, k):
+    recipe = _load(tmp_path, _digits(tmp_path, replay={"size": 40, "ratio": ratio})).recipe
+    technique = Continual(recipe.continual, recipe)
+
+    class Owner:  # what bind() reads from the Trainer
+        ctx = WorkerContext(run_dir=tmp_path, rank=0, world_size=1)
+        state = type("S", (), {"step": 0})()
+
+    owner = Owner()
+    technique.bind(owner)
+    batches = owner.batches
+    first = batches.micro_batch_at(0, 0)["labels"]
+    assert set(first.tolist()) <= {0, 1} and len(first) == 10  # empty buffer: all fresh
+    for step in range(10):  # stage a fills the buffer from its fresh samples
+        owner.state.step = step
+        for task, index, label in batches.fresh_ids(step * 10, step):
+            technique.buffer.add(task, index, label)
+    for step in range(10, 20):  # stage b: exactly k samples of the old classes per batch
+        owner.state.step = step
+        labels = batches.micro_batch_at(step * 10, 0)["labels"]
+        assert len(labels) == 10
+        assert int((labels < 2).sum()) == k and int((labels >= 2).sum()) == 10 - k
+    assert len(technique.buffer) == min(40, 10 + 9 * (10 - k))  # fresh samples only
+
+
+def test_stage_data_is_a_class_subset_with_a_fixed_eval_subset(tmp_path):
+    recipe = _load(tmp_path, _digits(tmp_path, eval={"subset_size": 7})).recipe
+    a, b = build_stages(recipe.continual, recipe)
+    assert set(a.labels.tolist()) == {0, 1} and set(b.labels.tolist()) == {2, 3}
+    assert (a.start, a.end, b.start, b.end) == (0, 10, 10, 20)
+    assert (
+        len(a.eval_subset) == 7
+        and a.eval_subset == build_stages(recipe.continual, recipe)[0].eval_subset
+    )
+    assert {int(b.eval[i]["labels"]) for i in b.eval_subset} <= {2, 3}
+
+
+GUARD = {"window": 16, "min_history": 4, "patience": 1, "good_after": 1, "skip_batches": 2}
+GUARD |= {"grad_norm_zscore": False}
+LM_STAGES = {
+    "stages": [
+        {"name": "first", "steps": 6},
+        {"name": "second", "steps": 6, "data": {"kind": "stdlib_bytes", "seq_len": 32,
+                                                 "max_bytes": 120_000}},
+    ],
+    "replay": {"size": 8, "policy": "task_balanced", "ratio": 0.5},
+    "eval": {"every": 2, "subset_size": 4},
+}  # fmt: skip
+
+
+def _buffer(trainer: Trainer) -> dict:
+    return next(t for t in trainer.techniques if isinstance(t, Continual)).buffer.state_dict()
+
+
+def test_rollback_restores_the_buffer_with_the_weights(tmp_path, gloo_world):
+    """A spike at step 9 rolls back to step 8 and skips that data: the buffer must equal a
+    clean run's that skipped the same data from the start (it would also hold the abandoned
+    steps' samples if it were not restored)."""
+    sections = {"schedule": {"steps": 12}, "checkpoint": {"every": 2}, "continual": LM_STAGES}
+    spiky = tiny_recipe(
+        tmp_path, stability=GUARD,
+        techniques={"fault_injection": {"spike_at_step": 9, "spike_factor": 100.0}}, **sections,
+    )  # fmt: skip
+    trainer = Trainer(spiky, WorkerContext(run_dir=tmp_path / "spiky"))
+    summary = trainer.run()
+    (rollback,) = [e for e in summary["events"] if e["kind"] == "rollback"]
+    assert rollback["to_step"] == 8
+    clean = Trainer(
+        tiny_recipe(tmp_path, stability=GUARD, **sections),
+        WorkerContext(run_dir=tmp_path / "clean"),
+    )
+    build = clean._build
+
+    def build_with_skip() -> None:
+        build()
+        clean.loop.skip_ranges = list(trainer.loop.skip_ranges)
+
+    clean._build = build_with_skip  # type: ignore[method-assign]
+    clean.run()
+    a, b = _buffer(trainer), _buffer(clean)
+    assert a["seen"] == b["seen"] and all(
+        torch.equal(a[k], b[k]) for k in ("task", "index", "label", "rng")
+    )
+    # 12 steps of 4 fresh samples, then 2 replayed of 4: 4 + 11 * 2 seen in the final timeline
+    assert a["seen"] == 4 + 11 * 2
+    assert set(summary["continual"]["metrics"]) >= {"final_avg_loss", "avg_max_loss", "bwt"}
+
+
+def test_restart_schedule_restarts_warmup_at_the_stage(tmp_path):
+    from orchestrator.techniques.base import TrainState
+    from orchestrator.techniques.registry import build_techniques
+
+    data = _digits(tmp_path)
+    data["techniques"] = {"warmup": {"warmup_steps": 4, "schedule": "linear"}}
+    data["optimizer"] = {"lr": 0.01}
+    data["continual"]["stages"][1]["restart_schedule"] = True
+    recipe = _load(tmp_path, data).recipe
+    techniques = build_techniques(recipe)
+    cl = next(t for t in techniques if isinstance(t, Continual))
+    cl.stages = build_stages(recipe.continual, recipe)
+    events: list[str] = []
+
+    def lr_at(step: int) -> float:
+        state = TrainState(recipe=recipe, total_steps=20, rank=0, world_size=1, step=step)
+        state.emit = lambda kind, **payload: events.append(f"{kind}:{payload['stage']}")
+        for technique in techniques:
+            technique.on_step_begin(state)
+        return state.lr
+
+    assert lr_at(0) == pytest.approx(0.0025) and lr_at(3) == pytest.approx(0.01)  # warmup
+    assert lr_at(9) < 0.01  # global linear decay over 20 steps in stage a
+    assert lr_at(10) == pytest.approx(0.0025)  # stage b: warmup again from its first step
+    assert lr_at(13) == pytest.approx(0.01) and lr_at(19) < lr_at(14)
+    assert events == ["stage:a", "stage:b"]  # the switch is an event
