@@ -73,8 +73,10 @@ def plot_curves(
     An event marks the curve at its step: ``spike`` at ``at_step``, ``rollback`` at
     ``from_step`` with a dashed line back to ``to_step``, the others at ``step``.
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.errors import RegimenError, UsageError
 
@@ -379,11 +379,12 @@ def mlflow_runs(details: Any) -> list[dict[str, Any]]:
         )
     except Exception:
         return []
+    closed = _close_orphaned_runs(uri, details, found)
     rows = [
         {
             "run_id": r.info.run_id,
             "name": r.info.run_name,
-            "status": r.info.status,
+            "status": closed.get(r.info.run_id, r.info.status),
             "role": r.data.tags.get("regimen.role", "job"),
             "variant": r.data.tags.get("regimen.variant", ""),
             "steps": r.data.metrics.get("steps"),
@@ -395,6 +396,41 @@ def mlflow_runs(details: Any) -> list[dict[str, Any]]:
     ]
     rows.sort(key=lambda r: (r["role"] != "sweep", r["start_time"] or 0))
     return rows
+
+
+# What a run left RUNNING becomes once Ray reports its job over (its driver can no longer end it).
+_ORPHAN_STATUS: dict[str, Literal["FAILED", "KILLED"]] = {
+    "STOPPED": "KILLED",
+    "FAILED": "FAILED",
+    "SUCCEEDED": "FAILED",
+}
+
+
+def _close_orphaned_runs(uri: str, details: Any, runs: list[Any]) -> dict[str, str]:
+    """End the job's runs still RUNNING after Ray says the job is over.
+
+    A stopped driver gets SIGTERM and then, after ``RAY_JOB_STOP_WAIT_TIME_S``, SIGKILL;
+    on a loaded node it may be killed before it closes its runs. Ray's job status is
+    the authority here, so the runs take the matching terminal status, with the reason
+    in ``regimen.end_reason``. Returns run id -> the status it was given.
+    """
+    from orchestrator.tracking.runs import end_run
+
+    job_status = status_name(details)
+    status = _ORPHAN_STATUS.get(job_status)
+    closed: dict[str, str] = {}
+    if status is None:
+        return closed
+    for run in runs:
+        if run.info.status != "RUNNING":
+            continue
+        reason = f"Ray job {details.submission_id} ended {job_status} with this run still open"
+        try:
+            end_run(uri, run.info.run_id, status, reason)
+        except Exception:  # the listing must not fail because one run could not be closed
+            continue
+        closed[run.info.run_id] = status
+    return closed
 
 
 def job_json(details: Any) -> dict[str, Any]:

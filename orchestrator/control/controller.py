@@ -137,12 +137,14 @@ def run_job(
         raise
     except Exception as exc:
         result.status, result.error = "FAILED", _root_cause(exc)
+        replay_leftover_metrics(tracking.uri, run_dir)
         log_checkpoints(tracking.uri, new_run_id, run_dir)
         end_run(tracking.uri, new_run_id, "FAILED", reason=result.error)
         _fill_from_summary(result, run_dir)
         return result
     finally:
         heartbeat.__exit__()
+    replay_leftover_metrics(tracking.uri, run_dir)
     _fill_from_summary(result, run_dir)
     log_checkpoints(tracking.uri, new_run_id, run_dir)
     result.status = "FINISHED"
@@ -161,6 +163,25 @@ def run_job(
     )
     end_run(tracking.uri, new_run_id, "FINISHED")
     return result
+
+
+def replay_leftover_metrics(tracking_uri: str, run_dir: Path) -> int:
+    """Send the points the workers' metric sinks left in ``run_dir/spool`` (MLflow was down
+    when they closed); return how many. Points stay on disk if MLflow is still unreachable."""
+    import logging
+
+    from orchestrator.errors import TrackingError
+    from orchestrator.tracking.sink import replay_spool
+
+    sent = 0
+    for path in sorted((run_dir / "spool").glob("*.metrics.jsonl")):
+        if not path.stat().st_size:
+            continue
+        try:
+            sent += replay_spool(tracking_uri, path.name.removesuffix(".metrics.jsonl"), path)
+        except TrackingError as exc:
+            logging.getLogger(__name__).warning("%s", exc)
+    return sent
 
 
 def absolute_tracking_uri(uri: str) -> str:

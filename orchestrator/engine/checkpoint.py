@@ -178,7 +178,39 @@ class CheckpointInfo:
     manifest: dict
 
 
-def _host_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+class HostPool:
+    """Host buffers for snapshots, reused from save to save: the same state has the same
+    storage sizes each time, and fresh memory costs page faults (CPU) or pinning (CUDA, where
+    pinned buffers make the device-to-host copy fast and asynchronous) far above the copy
+    itself. ``take`` lends a buffer, ``give_back`` returns a written save's buffers."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}
+        self.lent: list[tuple[tuple[int, bool], torch.UntypedStorage]] = []
+
+    def take(self, nbytes: int, pin: bool = False) -> torch.UntypedStorage:
+        """A host storage of ``nbytes`` bytes (page-locked when ``pin``)."""
+        key = (nbytes, pin)
+        spare = self.free.get(key)
+        buf = spare.pop() if spare else None
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).untyped_storage()
+        self.lent.append((key, buf))
+        return buf
+
+    @property
+    def pinned_lent(self) -> bool:
+        """Whether a lent buffer is page-locked (its copy may still be in flight)."""
+        return any(pin for (_, pin), _ in self.lent)
+
+    def give_back(self) -> None:
+        """Every lent buffer is free again (their save has been written)."""
+        for key, buf in self.lent:
+            self.free.setdefault(key, []).append(buf)
+        self.lent = []
+
+
+def _host_copy(obj: Any, memo: dict[int, Any] | None = None, pool: HostPool | None = None) -> Any:
     """A copy of ``obj`` in host memory that ``torch.save`` serialises to the same bytes.
 
     Tensors sharing a storage keep sharing one (copied) storage with the same offsets,
@@ -193,7 +225,13 @@ def _host_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
         src = obj.untyped_storage()
         dst = memo.get(src._cdata)
         if dst is None:
-            dst = memo[src._cdata] = src.clone() if src.device.type == "cpu" else src.cpu()
+            on_cpu = src.device.type == "cpu"
+            if pool is not None:  # reused buffers; from an accelerator pinned + asynchronous
+                dst = pool.take(src.nbytes(), pin=not on_cpu)
+                dst.copy_(src, non_blocking=not on_cpu)  # the caller synchronizes
+            else:
+                dst = src.clone() if on_cpu else src.cpu()
+            memo[src._cdata] = dst
         new = torch.empty(0, dtype=obj.dtype, device=dst.device)
         new.set_(dst, obj.storage_offset(), obj.size(), obj.stride())
         if type(obj) is torch.nn.Parameter:
@@ -202,14 +240,14 @@ def _host_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the type and instance attributes (state_dict._metadata)
         for k, v in list(obj.items()):
-            out[k] = _host_copy(v, memo)
+            out[k] = _host_copy(v, memo, pool)
         if getattr(obj, "__dict__", None):
             out.__dict__ = copy.deepcopy(obj.__dict__)
         return out
     if isinstance(obj, list):
-        return [_host_copy(v, memo) for v in obj]
+        return [_host_copy(v, memo, pool) for v in obj]
     if isinstance(obj, tuple):
-        items = [_host_copy(v, memo) for v in obj]
+        items = [_host_copy(v, memo, pool) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return copy.deepcopy(obj)
 
@@ -218,8 +256,9 @@ class _CaptureEngine:
     """Stands in for DeepSpeed's checkpoint engine during ``save_checkpoint``: directories are
     made at once, state dicts are copied to host memory and kept for the background writer."""
 
-    def __init__(self, real: Any):
+    def __init__(self, real: Any, pool: HostPool | None = None):
         self.real = real
+        self.pool = pool
         self.captured: list[tuple[str, Any]] = []
 
     def __getattr__(self, name: str) -> Any:  # is_data_parallel_writer, load, ...
@@ -232,7 +271,7 @@ class _CaptureEngine:
         self.real.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict: Any, path: str) -> None:
-        self.captured.append((str(path), _host_copy(state_dict)))
+        self.captured.append((str(path), _host_copy(state_dict, pool=self.pool)))
 
     def commit(self, info: Any) -> bool:
         return True  # Regimen's manifest rename is the commit
@@ -298,6 +337,7 @@ class CheckpointStore:
         self.world_size = world_size
         self.protect = protect
         self.pending: PendingSave | None = None
+        self._pool = HostPool()
         self.last_blocked_s = 0.0  # how long the latest save held the training thread
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -402,13 +442,18 @@ class CheckpointStore:
                 f"checkpoint.async needs DeepSpeed's default TorchCheckpointEngine, the engine "
                 f"uses {type(real).__name__}: drop the DeepSpeed checkpoint.writer settings"
             )
-        capture = _CaptureEngine(real)
+        capture = _CaptureEngine(real, self._pool)
         engine.checkpoint_engine = capture
         try:
             engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        except BaseException:
+            self._pool.give_back()
+            raise
         finally:
             engine.checkpoint_engine = real
         own_state = _host_copy(rank_state)
+        if self._pool.pinned_lent:  # the device-to-host copies were issued asynchronously
+            torch.cuda.synchronize()
         blocked = time.perf_counter() - started
         pending = PendingSave(step=step, tmp=tmp, thread=threading.Thread(), blocked_s=blocked)
         pending.started = time.time()
@@ -490,6 +535,7 @@ class CheckpointStore:
         if pending is None:
             return None
         pending.thread.join()
+        self._pool.give_back()
         if collective:
             results = _gather((pending.error, pending.info.manifest if pending.info else None))
             _raise_first([e for e, _ in results])

@@ -492,6 +492,9 @@ class Trainer:
             ds_config=getattr(self.built.engine, "config", None), world_size=self.ctx.world_size,
             device=getattr(self.built.engine, "device", "cpu"),
         )  # fmt: skip
+        for e in self.events:  # emitted while building (resume, manual_rollback): record them
+            extra = {k: v for k, v in e.items() if k not in ("kind", "step", "time")}
+            self.sink.event(e["kind"], e["step"], **extra)
         if any(e["kind"] == "resume" for e in self.events):  # a restart: close dead segments
             from orchestrator.control.resume import close_segments
 

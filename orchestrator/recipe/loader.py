@@ -273,7 +273,8 @@ def _parse(
     With ``recipe=False`` any single value is accepted (an override's value).
     """
     if (deep := _too_deep(text)) is not None:  # before composing: libyaml's composer recurses
-        problems.add("", f"nested deeper than {MAX_DEPTH} levels: flatten the structure", file, deep)
+        why = f"nested deeper than {MAX_DEPTH} levels: flatten the structure"
+        problems.add("", why, file, deep)
         return None, {}
     loader = _Loader(text)
     walker = _Walker(loader, file, problems)

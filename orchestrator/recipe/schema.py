@@ -137,7 +137,7 @@ class ScheduleConfig(Section):
 
 
 # `async` is a Python keyword, so the key is declared on a generated base class.
-_CheckpointAsync: Any = create_model(
+_CheckpointAsync: Any = create_model(  # type: ignore[call-overload]
     "_CheckpointAsync",
     __base__=Section,
     **{

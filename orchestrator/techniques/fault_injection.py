@@ -113,7 +113,7 @@ class FaultInjection(Technique):
             return out
 
         model.forward = forward  # type: ignore[method-assign]
-        model._regimen_fault_wrapped = True  # type: ignore[attr-defined]
+        model._regimen_fault_wrapped = True  # type: ignore[attr-defined,assignment]
 
     def on_train_start(self, state: TrainState) -> None:
         self.rank = state.rank

@@ -173,16 +173,15 @@ class IndicatorProbe:
                 beta2 = float(group.get("betas", (0.9, 0.999))[1])
                 eps = float(group.get("eps", 1e-8))
                 state = optimizer.state.get(param, {})
-                g2 = param.grad.detach().float().reshape(-1).pow(2)
+                g = param.grad.detach().reshape(-1).float()
                 prev = state.get("exp_avg_sq")
-                v = g2 * (1 - beta2) if prev is None else prev.float().reshape(-1) * beta2
-                if prev is not None:
-                    v = v + g2 * (1 - beta2)
                 step = float(state["step"]) + 1 if "step" in state else 1.0
-                v_hat = v / (1 - beta2**step)
-                ratios[id(param)] = g2 / v_hat.clamp_min(eps * eps)
+                # v_hat = (beta2 v_prev + (1 - beta2) g^2) / (1 - beta2^t); few temporaries
+                v = torch.zeros_like(g) if prev is None else prev.reshape(-1).float() * beta2
+                v.addcmul_(g, g, value=1 - beta2).div_(1 - beta2**step).clamp_(min=eps * eps)
+                ratios[id(param)] = (g * g).div_(v)
             r = ratios[id(param)].narrow(0, start, numel)
-            sums[layer, 0] += r.double().sum()
+            sums[layer, 0] += float(r.sum(dtype=torch.float64))  # host scalar (state may be on GPU)
             sums[layer, 1] += numel
         self._update_sums = sums
 

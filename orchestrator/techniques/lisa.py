@@ -148,7 +148,8 @@ def classify_params(model: torch.nn.Module, layers: torch.nn.ModuleList) -> dict
         for p in layer.parameters():
             units[id(p)] = f"layer.{i}"
     head_params: set[int] = set()
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    out = get_head() if callable(get_head) else None
     heads = [out] if isinstance(out, torch.nn.Module) else []
     heads += [m for n, m in model.named_children() if n in _HEAD_NAMES]
     for m in heads:

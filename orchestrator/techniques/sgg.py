@@ -304,6 +304,8 @@ class SGGOptimizer(torch.optim.Optimizer):
         for key in ("exp_avg", "momentum_buffer"):
             if key in st and torch.is_tensor(st[key]):
                 return st[key]
+        if p.grad is None:  # _after_update runs only for parameters that had a gradient
+            raise RuntimeError("SGG: a scaled parameter has neither momentum nor gradient")
         return p.grad
 
     def _adam_step(self, group: dict[str, Any]) -> None:

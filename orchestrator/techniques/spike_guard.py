@@ -232,7 +232,8 @@ class SpikeGuard(Technique):
 
     # -- hooks -------------------------------------------------------------------------------
     def on_step_begin(self, state: TrainState) -> None:
-        if self.probe is not None and state.step % self.cfg.indicators_every == 0:
+        # measured on the steps logged as multiples of N (the loop logs step i as i + 1)
+        if self.probe is not None and (state.step + 1) % self.cfg.indicators_every == 0:
             self.probe.arm()
         if self.cooldown_until >= 0 and state.step >= self.cooldown_until:
             state.lr_scale, self.cooldown_until = 1.0, -1

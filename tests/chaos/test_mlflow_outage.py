@@ -19,10 +19,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import free_port
-
 from chaos.ckpt_helpers import trials
 from chaos.run_helpers import mlp_recipe, regimen, write_recipe
+
+from conftest import free_port
 
 pytestmark = pytest.mark.chaos
 

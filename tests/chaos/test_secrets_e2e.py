@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from chaos.run_helpers import mlp_recipe, regimen, write_recipe
 
 pytestmark = pytest.mark.integration

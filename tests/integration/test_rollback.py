@@ -14,8 +14,8 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_RECIPE, tiny_recipe
 
+from conftest import REPO, TINY_RECIPE, tiny_recipe
 from orchestrator.recipe.expand import Variant
 
 pytestmark = pytest.mark.integration
@@ -51,8 +51,15 @@ def _model_states(checkpoint: str) -> dict[str, torch.Tensor]:
 
 
 def test_spike_detected_rolled_back_skipped_and_lineage_in_mlflow(tmp_path, ray_local):
+    """Async checkpoints (2 ranks commit through markers) and leading indicators switched on."""
     faults = {"spike_at_step": 7, "spike_factor": 100.0}
-    result, uri = _job(tmp_path, stability=GUARD, techniques={"fault_injection": faults})
+    stability = {**GUARD, "indicators_every": 2, "update_rms_max": 1e6}  # logged, never warns
+    result, uri = _job(
+        tmp_path,
+        stability=stability,
+        techniques={"fault_injection": faults},
+        checkpoint={"every": 2, "keep": 0, "async": True},
+    )
     assert result.status == "FINISHED", result.error
     assert result.steps == 10 and result.rollbacks == 1
     client = mlflow.MlflowClient(uri)
@@ -73,6 +80,13 @@ def test_spike_detected_rolled_back_skipped_and_lineage_in_mlflow(tmp_path, ray_
     assert sorted(seg_loss) == [7, 8, 9, 10] and seg_loss[8] < job_loss[7] * 2
     anomaly = client.get_metric_history(job.info.run_id, "spike/loss_z")
     assert max(m.value for m in anomaly) > 6
+    assert tags["regimen.warned_steps_before"] == ""  # no indicator warned before this spike
+    rms = client.get_metric_history(job.info.run_id, "indicator/update_rms_max")
+    assert sorted(m.step for m in rms) == [2, 4, 6]  # step 8 was skipped: no update, no RMS
+    redo = client.get_metric_history(seg.info.run_id, "indicator/update_rms_max")
+    assert sorted(m.step for m in redo) == [8, 10] and all(m.value > 0 for m in rms + redo)
+    ckpts = sorted(p.name for p in (Path(result.run_dir) / "checkpoints").iterdir())
+    assert ckpts == [f"step-{s:08d}" for s in (2, 4, 6, 8, 10)]  # all committed, no .tmp left
 
 
 def test_rollback_budget_exhausted_fails_with_message(tmp_path, ray_local):

@@ -120,3 +120,30 @@ def test_unreachable_dashboard(no_token, monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     with pytest.raises(jobs.ClusterError, match="no cluster address"):
         jobs.client(None)
+
+
+@pytest.mark.parametrize(
+    ("job_status", "expected"),
+    [("STOPPED", "KILLED"), ("FAILED", "FAILED"), ("RUNNING", "RUNNING")],
+)
+def test_runs_left_open_by_an_ended_job_are_closed(tmp_path, job_status, expected):
+    """A driver SIGKILLed after `regimen stop` cannot end its runs; the next listing does."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("orphans")
+    run = client.create_run(exp, tags={jobs.JOB_TAG: "job-1"})
+    details = SimpleNamespace(
+        status=job_status,
+        submission_id="job-1",
+        metadata={"regimen.tracking_uri": uri, "regimen.experiment": "orphans"},
+    )
+    rows = jobs.mlflow_runs(details)
+    assert [r["status"] for r in rows] == [expected]
+    stored = client.get_run(run.info.run_id)
+    assert stored.info.status == expected
+    if expected != "RUNNING":
+        assert "job-1 ended " + job_status in stored.data.tags["regimen.end_reason"]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_recipe
 
+from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RollbackExhausted
 from orchestrator.techniques.spike_guard import SpikeGuard, StabilityConfig, robust_z
