@@ -251,6 +251,11 @@ def main() -> None:
         f"\nrecovery {rec['recovery_s'] * 1e3:.0f} ms vs checkpoint load {rec['load_s'] * 1e3:.0f}"
         f" ms: ratio {rec['recovery_s'] / rec['load_s']:.2f} (target <= 2)"
     )
+    print(
+        f"  of which the in-place restore {rec['restore_s'] * 1e3:.0f} ms "
+        f"({rec['restore_s'] / rec['load_s']:.2f} x load) and the first step after it "
+        f"{(rec['recovery_s'] - rec['restore_s']) * 1e3:.0f} ms"
+    )
     print(f"steps lost {rec['steps_lost']} (bound every + patience + good_after = {rec['bound']})")
     print(
         f"checkpoint blocking: sync {blk['sync']['blocked_median_s'] * 1e3:.1f} ms, async "

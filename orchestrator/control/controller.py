@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.engine.loop import read_summary
+from orchestrator.engine.remote import is_remote, run_storage_uri
 from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.loader import dump_recipe
@@ -93,9 +94,14 @@ def run_job(
         tags=tags,
         parent_run_id=parent_run_id,
     )
-    run_dir = Path(recipe.checkpoint.storage).resolve() / (run_id or new_run_id)
+    run_dir = recipe.checkpoint.local_root.resolve() / (run_id or new_run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_tags(tracking.uri, new_run_id, {"regimen.run_dir": str(run_dir)})
+    storage_tags = {"regimen.run_dir": str(run_dir)}
+    if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
+        storage_tags["regimen.storage_uri"] = run_storage_uri(
+            recipe.checkpoint.storage, run_dir.name
+        )
+    set_tags(tracking.uri, new_run_id, storage_tags)
     result = JobResult(
         variant=variant.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir)
     )

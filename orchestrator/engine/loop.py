@@ -27,8 +27,9 @@ from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore, atom
 from orchestrator.engine.data import BatchSource, build_data
 from orchestrator.engine.ds_config import build_ds_config
 from orchestrator.engine.optim import StepGate, build_optimizer
+from orchestrator.engine.remote import CheckpointMirror, is_remote, run_storage_uri
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
-from orchestrator.errors import RollbackExhausted
+from orchestrator.errors import CheckpointError, RollbackExhausted
 from orchestrator.recipe.schema import Recipe
 from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
 from orchestrator.techniques.registry import build_techniques
@@ -163,6 +164,11 @@ class Trainer:
             world_size=ctx.world_size,
             protect=self._protected,
         )
+        self.mirror = (
+            CheckpointMirror(run_storage_uri(recipe.checkpoint.storage, ctx.run_dir.name))
+            if is_remote(recipe.checkpoint.storage)
+            else None
+        )
         self.techniques = build_techniques(recipe)
         self.loop = LoopState()
         self.protected_steps: set[int] = set()
@@ -216,6 +222,8 @@ class Trainer:
             run_dir=str(ctx.run_dir),
         )
         attach_continual(self)  # `continual:` stages and replay take over the batches
+        if ctx.resume_step != -1:
+            self._pull_from_remote_storage()
         resume = self.store.latest(ctx.resume_step) if ctx.resume_step != -1 else None
         rank_state = self.store.load_rank_state(resume, ctx.rank) if resume else None
         if rank_state is not None:
@@ -228,6 +236,32 @@ class Trainer:
             self._restore_loop(rank_state)
             self._emit("resume", from_step=resume.step, checkpoint=str(resume.path))
         self._apply_manual_segment()
+
+    def _pull_from_remote_storage(self) -> None:
+        """With `checkpoint.storage` a URI: fetch the newest mirrored checkpoint (at or before
+        the step to resume from) that this node does not have, e.g. on a fresh cluster.
+
+        Rank 0 downloads (the store's directory is shared by the job's ranks); the others
+        wait for it, and a failed download fails every rank."""
+        if self.mirror is None:
+            return
+        error = None
+        if self.ctx.rank == 0:
+            local = self.store.latest(self.ctx.resume_step)
+            try:
+                step = self.mirror.pull_latest(
+                    self.store.root, local.step if local else None, self.ctx.resume_step
+                )
+            except Exception as exc:
+                error = str(exc)
+            else:
+                if step is not None:
+                    self._emit("checkpoint_pulled", step=step, source=self.mirror.uri)
+        errors = [error]
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            dist.all_gather_object(errors, error)
+        if any(errors):
+            raise CheckpointError(next(e for e in errors if e))
 
     def _apply_manual_segment(self) -> None:
         """`regimen rollback --skip-batches/--lr-scale`: the driver's ``segment.json``.

@@ -7,6 +7,7 @@ make its config part of the schema (and of `regimen schema`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -158,8 +159,37 @@ class CheckpointConfig(_CheckpointAsync):  # type: ignore[misc]
 
     every: NonNegativeInt = Field(50, description="Checkpoint every N steps; 0 = only at end.")
     keep: NonNegativeInt = Field(3, description="Newest checkpoints kept; 0 keeps all.")
-    storage: str = Field("./runs", description="Root directory of run storage.")
+    storage: str = Field(
+        "./runs",
+        description="Root of run storage: a directory (local or shared, e.g. NFS), or a URI "
+        "that pyarrow's filesystems reach (s3://bucket/prefix, gs://..., hdfs://..., "
+        "abfs://..., file:///...): then checkpoints are written under `local_dir` and every "
+        "committed one is mirrored there, so a run resumes after its cluster is gone.",
+    )
+    local_dir: str = Field(
+        "~/.cache/regimen/runs",
+        description="Node-local working copy of run storage when `storage` is a URI.",
+    )
     at_end: bool = True
+
+    @field_validator("storage")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        from orchestrator.engine.remote import REMOTE_SCHEMES, is_remote
+
+        if "://" in value and not is_remote(value):
+            raise ValueError(
+                f"{value.partition('://')[0]}:// is not a storage Regimen can reach: use a "
+                f"directory or one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}"
+            )
+        return value
+
+    @property
+    def local_root(self) -> Path:
+        """The local directory runs live in: `storage`, or `local_dir` for a storage URI."""
+        from orchestrator.engine.remote import is_remote
+
+        return Path(self.local_dir if is_remote(self.storage) else self.storage).expanduser()
 
     @property
     def is_async(self) -> bool:

@@ -1,0 +1,170 @@
+"""Checkpoints on object storage: committed checkpoints mirrored to any pyarrow filesystem.
+
+When ``checkpoint.storage`` is a URI (``s3://bucket/prefix``, ``gs://…``, ``hdfs://…``,
+``abfs://…``, ``file:///…``), each run trains against a node-local working copy under
+``checkpoint.local_dir`` (DeepSpeed writes to local files) and every *committed*
+checkpoint is copied to ``<storage>/<run_id>/checkpoints/step-N/``, its files first
+and ``manifest.json`` last. The manifest is the commit marker on the remote side too:
+a step directory without one (an upload cut short) is never pulled. Retention is
+mirrored: steps the local store dropped are deleted remotely.
+
+On start (resume, or a restart on a fresh node after the cluster is gone) the newest
+remote checkpoint that is newer than anything local is downloaded into a temporary
+directory, every file is checked against the manifest's SHA-256, and only then is the
+directory renamed into the local store, where :class:`CheckpointStore` sees it as an
+ordinary committed checkpoint.
+
+Credentials come from the environment as pyarrow reads them (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL`` for S3-compatible stores such as MinIO, …); they never appear in a
+recipe or in MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+# URI schemes pyarrow.fs.FileSystem.from_uri understands (without a network call to check).
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+_CHUNK = 8 << 20
+
+
+def is_remote(storage: str) -> bool:
+    """True when ``storage`` is a URI for a pyarrow filesystem rather than a local path."""
+    scheme, sep, _ = storage.partition("://")
+    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
+
+
+def run_storage_uri(storage: str, run_id: str) -> str:
+    """Where one run's checkpoints live under a storage URI."""
+    return f"{storage.rstrip('/')}/{run_id}/checkpoints"
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class CheckpointMirror:
+    """The remote copy of one run's committed checkpoints (push after commit, pull on start)."""
+
+    def __init__(self, uri: str):
+        import pyarrow.fs as pafs
+
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with its reason
+            raise CheckpointError(
+                f"checkpoint.storage {uri!r} is not reachable: {exc}. Check the URI and the "
+                "credentials in the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)"
+            ) from None
+        self.uri = uri
+        self.root = self.root.rstrip("/")
+
+    # -- push ---------------------------------------------------------------------------------
+    def push(self, step: int, local_dir: Path, manifest: dict[str, Any]) -> None:
+        """Upload one committed checkpoint: every file of the manifest, then the manifest."""
+        dest = f"{self.root}/{_step_name(step)}"
+        self.fs.create_dir(dest, recursive=True)
+        for rel in sorted(manifest["files"]):
+            parent = f"{dest}/{rel}".rsplit("/", 1)[0]
+            self.fs.create_dir(parent, recursive=True)
+            self._upload(local_dir / rel, f"{dest}/{rel}")
+        self._upload(local_dir / MANIFEST, f"{dest}/{MANIFEST}")
+
+    def _upload(self, src: Path, dest: str) -> None:
+        with open(src, "rb") as f, self.fs.open_output_stream(dest) as out:
+            while chunk := f.read(_CHUNK):
+                out.write(chunk)
+
+    def prune(self, keep_steps: set[int]) -> list[int]:
+        """Delete remote checkpoints whose step is not in ``keep_steps``; the steps removed."""
+        removed = []
+        for step in self.steps(committed_only=False):
+            if step not in keep_steps:
+                self.fs.delete_dir(f"{self.root}/{_step_name(step)}")
+                removed.append(step)
+        return removed
+
+    # -- pull ---------------------------------------------------------------------------------
+    def steps(self, committed_only: bool = True) -> list[int]:
+        """Remote step directories (only those holding a manifest, unless told otherwise)."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError:
+            return []
+        out = []
+        for info in infos:
+            name = info.base_name
+            if info.type != pafs.FileType.Directory or not name.startswith("step-"):
+                continue
+            if not name[5:].isdigit():
+                continue
+            if committed_only:
+                manifest = self.fs.get_file_info(f"{info.path}/{MANIFEST}")
+                if manifest.type != pafs.FileType.File:
+                    continue
+            out.append(int(name[5:]))
+        return sorted(out)
+
+    def pull_latest(
+        self, local_root: Path, newer_than: int | None, at_or_before: int | None = None
+    ) -> int | None:
+        """Download the newest committed remote checkpoint (with ``step <= at_or_before`` when
+        given) if it is newer than ``newer_than``.
+
+        Returns the step pulled, or None. Every file is verified against the manifest's
+        SHA-256 before the directory is renamed into ``local_root``; a mismatch raises
+        CheckpointError and leaves nothing behind."""
+        steps = [
+            s
+            for s in self.steps()
+            if (newer_than is None or s > newer_than)
+            and (at_or_before is None or s <= at_or_before)
+        ]
+        if not steps:
+            return None
+        step = steps[-1]
+        src = f"{self.root}/{_step_name(step)}"
+        local_root.mkdir(parents=True, exist_ok=True)
+        tmp = local_root / f".tmp-pull-{_step_name(step)}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            manifest = json.loads(self._read(f"{src}/{MANIFEST}"))
+            for rel, want in sorted(manifest["files"].items()):
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = self._download(f"{src}/{rel}", target)
+                if digest != want["sha256"]:
+                    raise CheckpointError(
+                        f"remote checkpoint {self.uri}/{_step_name(step)}: {rel} fails its "
+                        "sha256 check against the manifest; it was modified after upload. "
+                        f"Delete {self.uri}/{_step_name(step)} to fall back to an older one"
+                    )
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            os.replace(tmp, local_root / _step_name(step))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return step
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return bytes(f.read())
+
+    def _download(self, src: str, target: Path) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(src) as f, open(target, "wb") as out:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        return digest.hexdigest()
