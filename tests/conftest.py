@@ -55,7 +55,7 @@ def tiny_recipe(tmp_path: Path, **sections: Any) -> Any:
     from orchestrator.recipe.loader import _Problems, validate_data
 
     data = deep_merge(TINY_RECIPE, sections)
-    data.setdefault("checkpoint", {})["storage"] = str(tmp_path / "runs")
+    data.setdefault("checkpoint", {}).setdefault("storage", str(tmp_path / "runs"))
     data.setdefault("tracking", {}).setdefault("uri", f"sqlite:///{tmp_path}/mlflow.db")
     problems = _Problems("<test>")
     recipe = validate_data(data, problems)

@@ -12,10 +12,11 @@ A *segment* is one stretch of training with its own MLflow run:
 
 Every segment run carries ``regimen.parent_run_id``, ``regimen.segment``,
 ``regimen.restored_step``, ``regimen.reason`` (and for rollbacks the detector, value,
-threshold, ``regimen.skipped_ranges`` and ``regimen.lr_scale``). The root job run counts
-``regimen.rollbacks`` and ``regimen.resumes`` (tags and metrics). Pre-rollback metrics stay in
-the run that logged them. A stale RUNNING run (its driver was killed) is ended KILLED when
-resume touches it, with its open segment runs.
+threshold, ``regimen.skipped_ranges``, ``regimen.lr_scale`` and, from the leading indicators,
+``regimen.warned_steps_before`` / ``regimen.warned_by``, empty when none warned). The root
+job run counts ``regimen.rollbacks`` and ``regimen.resumes`` (tags and metrics). Pre-rollback
+metrics stay in the run that logged them. A stale RUNNING run (its driver was killed) is ended
+KILLED when resume touches it, with its open segment runs.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def continue_run(
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.control.controller import run_job
     from orchestrator.engine.checkpoint import CheckpointStore, atomic_write_json
+    from orchestrator.engine.remote import CheckpointMirror
     from orchestrator.recipe.expand import Variant
     from orchestrator.recipe.loader import load_recipe_text
     from orchestrator.tracking.runs import read_recipe_yaml
@@ -181,20 +183,30 @@ def continue_run(
             f"no MLflow run {run_id!r} at {tracking_uri}: check the id and --tracking-uri"
         ) from exc
     run_dir_tag = old.data.tags.get("regimen.run_dir")
-    if not run_dir_tag or not Path(run_dir_tag).is_dir():
+    storage_uri = old.data.tags.get("regimen.storage_uri")
+    recipe = load_recipe_text(read_recipe_yaml(tracking_uri, run_id), name=f"{run_id}/recipe.yaml")
+    if run_dir_tag and Path(run_dir_tag).is_dir():
+        run_dir = Path(run_dir_tag)
+    elif storage_uri:  # another machine, or the cluster is gone: a fresh local working copy
+        run_dir = recipe.checkpoint.local_root.resolve() / Path(run_dir_tag or run_id).name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
         raise UsageError(
             f"run {run_id} has no reachable storage (tag regimen.run_dir={run_dir_tag!r}): "
             "mount the same storage path on this machine"
         )
-    run_dir = Path(run_dir_tag)
-    recipe = load_recipe_text(read_recipe_yaml(tracking_uri, run_id), name=f"{run_id}/recipe.yaml")
+    local_key = "local_dir" if storage_uri else "storage"
     recipe = recipe.model_copy(
         update={
             "tracking": recipe.tracking.model_copy(update={"uri": tracking_uri}),
-            "checkpoint": recipe.checkpoint.model_copy(update={"storage": str(run_dir.parent)}),
+            "checkpoint": recipe.checkpoint.model_copy(update={local_key: str(run_dir.parent)}),
         }
     )
     store = CheckpointStore(run_dir / "checkpoints", keep=0)
+    mirror = CheckpointMirror(storage_uri) if storage_uri else None
+    if mirror is not None:  # the storage may hold newer checkpoints than this machine
+        local = store.latest(to_step)
+        mirror.pull_latest(store.root, local.step if local else None, to_step)
     target = store.latest(to_step)
     if target is None:
         where = f"at or before step {to_step}" if to_step is not None else "at all"
@@ -214,6 +226,8 @@ def continue_run(
     }
     if kind == "rollback":
         moved = _abandon_after(run_dir, target.step, f"{kind}-{segment}")
+        if mirror is not None:
+            mirror.abandon_after(target.step, f"{kind}-{segment}")
         cursor = int(target.manifest.get("meta", {}).get("cursor", 0))
         skip = [[cursor, cursor + skip_batches * recipe.global_batch_size]] if skip_batches else []
         atomic_write_json(

@@ -19,7 +19,10 @@ ZeRO shard loaders), i.e. with full pickle, and it must: under torch 2.13 the Ze
 optimizer shards pickle a ``deepspeed.runtime.fp16.loss_scaler.LossScaler`` object and
 fail a ``weights_only=True`` load (the model-states file alone would pass). That is
 acceptable only because :meth:`CheckpointStore.load_engine` first checks every file
-against the SHA-256 manifest written at save time, before DeepSpeed opens any of them.
+against the SHA-256 manifest written at save time and scans DeepSpeed's pickles, without
+running them, for the globals they would import (anything beyond tensors and
+:data:`DEEPSPEED_SAFE_GLOBALS` is refused: a forged manifest cannot smuggle code in),
+before DeepSpeed opens any of them.
 Regimen's own files are always read with ``weights_only=True``.
 
 The store assumes a filesystem shared by all ranks (rank 0 hashes every rank's
@@ -51,6 +54,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import threading
 import time
@@ -82,6 +86,16 @@ ASYNC_TIMEOUT_S = 1800.0  # rank 0 gives up waiting for other ranks' async write
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _Paths = list[Path]
 _PRIMITIVES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
+# The classes DeepSpeed 0.19's ZeRO 0/1/2 files reference beyond torch's weights-only set
+# (read off real checkpoints with torch.serialization.get_unsafe_globals_in_checkpoint).
+DEEPSPEED_SAFE_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -290,6 +304,39 @@ def _write_file(real_engine: Any, state: Any, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as torch's zip writer reports it (``unexpected pos`` on a short
+    write) when the filesystem has no room left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(exc)
+    return "No space left" in text or "unexpected pos" in text or "file too large" in text.lower()
+
+
+def _write_error(tmp: Path, step: int, exc: BaseException) -> str:
+    """The message for a checkpoint whose files could not be written."""
+    where = tmp.parent
+    fsize_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    efbig = isinstance(exc, OSError) and exc.errno == errno.EFBIG
+    if efbig or (_disk_full(exc) and fsize_limit != resource.RLIM_INFINITY):
+        return (
+            f"checkpoint {step} was not written under {where}: file too large for this "
+            f"process's file-size limit (ulimit -f: {fsize_limit} bytes). The previous "
+            "checkpoints are untouched; raise the limit, then `regimen resume` the run"
+        )
+    if _disk_full(exc):
+        free = shutil.disk_usage(where).free if where.exists() else 0
+        return (
+            f"checkpoint {step} was not written: disk full under {where} ({free} bytes free). "
+            "The previous checkpoints are untouched; free space or lower checkpoint.keep, "
+            "then `regimen resume` the run"
+        )
+    return (
+        f"checkpoint {step} was not written to {tmp} ({type(exc).__name__}: {exc}); "
+        "the previous checkpoints are untouched"
+    )
+
+
 def _write_rank_state(rank_state: dict[str, Any], own: Path) -> None:
     own.parent.mkdir(parents=True, exist_ok=True)
     with open(own, "wb") as f:
@@ -328,6 +375,7 @@ class CheckpointStore:
         rank: int = 0,
         world_size: int = 1,
         protect: Callable[[int], bool] | None = None,
+        on_commit: Callable[[CheckpointInfo, list[int]], None] | None = None,
     ) -> None:
         if keep < 0 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad CheckpointStore args: keep={keep}, rank={rank}/{world_size}")
@@ -336,6 +384,7 @@ class CheckpointStore:
         self.rank = rank
         self.world_size = world_size
         self.protect = protect
+        self.on_commit = on_commit  # rank 0, after commit + retention: (info, steps kept)
         self.pending: PendingSave | None = None
         self._pool = HostPool()
         self.last_blocked_s = 0.0  # how long the latest save held the training thread
@@ -369,13 +418,13 @@ class CheckpointStore:
         self.wait()
         started = time.perf_counter()
         tmp, meta_d = self._prepare(engine, step, rank_state, meta)
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         own = tmp / "regimen" / f"rank{self.rank:05d}.pt"
         try:
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
             _write_rank_state(rank_state, own)
             err = None
-        except Exception as e:
-            err = f"cannot write {own}: {type(e).__name__}: {e}"
+        except Exception as e:  # shared below, so no rank is left waiting in a collective
+            err = _write_error(tmp, step, e)
         _raise_first(_gather(err))
 
         manifest: dict[str, Any] | None = None
@@ -386,11 +435,11 @@ class CheckpointStore:
             except Exception as e:
                 err = f"checkpoint {step} was not committed ({type(e).__name__}: {e}); "
                 err += f"the previous checkpoints are untouched, {tmp} is left for cleanup"
+        if manifest is not None:
+            err = self._after_commit(CheckpointInfo(step, self._dir(step), manifest))
         results = _gather((err, manifest))
         _raise_first([e for e, _ in results])
         info = CheckpointInfo(step, self._dir(step), results[0][1])
-        if self.rank == 0:
-            self._retain_quietly(step)
         self.last_blocked_s = time.perf_counter() - started
         return info
 
@@ -420,6 +469,21 @@ class CheckpointStore:
             self._retain(step)
         except OSError as e:  # retention must never fail training
             log.warning("checkpoint retention failed: %s", e)
+
+    def _after_commit(self, info: CheckpointInfo) -> str | None:
+        """Rank 0: retention, then the ``on_commit`` hook (e.g. the object-storage mirror).
+        Returns the hook's error, which fails the save like a commit error would."""
+        self._retain_quietly(info.step)
+        if self.on_commit is None:
+            return None
+        try:
+            self.on_commit(info, [i.step for i in self.list()])
+        except Exception as e:
+            return (
+                f"checkpoint {info.step} is committed at {info.path} but could not be copied "
+                f"to its storage ({type(e).__name__}: {e})"
+            )
+        return None
 
     # -- asynchronous saves ------------------------------------------------------------------
     def save_async(
@@ -483,8 +547,7 @@ class CheckpointStore:
             _write_rank_state(rank_state, tmp / "regimen" / f"rank{self.rank:05d}.pt")
             err = None
         except Exception as e:
-            err = f"rank {self.rank} cannot write checkpoint {pending.step}: "
-            err += f"{type(e).__name__}: {e}"
+            err = f"rank {self.rank}: " + _write_error(tmp, pending.step, e)
         files.clear()  # free the host copy
         try:
             done.mkdir(parents=True, exist_ok=True)
@@ -521,8 +584,7 @@ class CheckpointStore:
                 f"the previous checkpoints are untouched, {pending.tmp} is left for cleanup"
             )
         pending.info = CheckpointInfo(pending.step, self._dir(pending.step), manifest)
-        self._retain_quietly(pending.step)
-        return None
+        return self._after_commit(pending.info)
 
     def wait(self, *, collective: bool = True) -> CheckpointInfo | None:
         """Block until the in-flight async save (if any) is committed; its info, else None.
@@ -619,6 +681,34 @@ class CheckpointStore:
             if problem:
                 raise CheckpointError(self._corrupt(info, f"{p} {problem}"))
 
+    def scan_pickles(self, info: CheckpointInfo) -> None:
+        """Refuse DeepSpeed files that reference anything but tensors and a few known classes.
+
+        DeepSpeed unpickles its own files with ``weights_only=False``, and the manifest
+        only proves the files were not changed *after* it was written: someone who can
+        write the directory can rewrite both. So every pickle is scanned first, without
+        executing it, for the globals it would import; any outside torch's weights-only
+        set and :data:`DEEPSPEED_SAFE_GLOBALS` makes the checkpoint unloadable."""
+        for rel in sorted(info.manifest["files"]):
+            if not rel.startswith(f"{DS_TAG}/"):
+                continue
+            path = info.path / rel
+            try:
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            except Exception as e:
+                raise CheckpointError(
+                    self._corrupt(info, f"{path} is not a readable torch file ({e})")
+                ) from None
+            unknown = sorted(set(found) - DEEPSPEED_SAFE_GLOBALS)
+            if unknown:
+                raise CheckpointError(
+                    self._corrupt(
+                        info,
+                        f"{path} would import {', '.join(unknown)} when loaded, which no "
+                        "DeepSpeed checkpoint does (refusing to unpickle it)",
+                    )
+                )
+
     def _corrupt(self, info: CheckpointInfo, detail: str) -> str:
         prev = self.latest(at_or_before=info.step - 1)
         fix = (
@@ -669,6 +759,7 @@ class CheckpointStore:
         if err is None and self.rank == 0:
             try:
                 self.verify(info)
+                self.scan_pickles(info)
             except Exception as e:  # shared below, so no rank is left waiting in a collective
                 err = (
                     str(e) if isinstance(e, CheckpointError) else f"cannot verify {info.path}: {e}"

@@ -157,17 +157,18 @@ class Trainer:
     def __init__(self, recipe: Recipe, ctx: WorkerContext):
         self.recipe = recipe
         self.ctx = ctx
+        self.mirror = (
+            CheckpointMirror(run_storage_uri(recipe.checkpoint.storage, ctx.run_dir.name))
+            if is_remote(recipe.checkpoint.storage)
+            else None
+        )
         self.store = CheckpointStore(
             ctx.run_dir / "checkpoints",
             keep=recipe.checkpoint.keep,
             rank=ctx.rank,
             world_size=ctx.world_size,
             protect=self._protected,
-        )
-        self.mirror = (
-            CheckpointMirror(run_storage_uri(recipe.checkpoint.storage, ctx.run_dir.name))
-            if is_remote(recipe.checkpoint.storage)
-            else None
+            on_commit=self._mirror_commit if self.mirror is not None else None,
         )
         self.techniques = build_techniques(recipe)
         self.loop = LoopState()
@@ -237,6 +238,14 @@ class Trainer:
             self._emit("resume", from_step=resume.step, checkpoint=str(resume.path))
         self._apply_manual_segment()
 
+    def _mirror_commit(self, info: CheckpointInfo, kept_steps: list[int]) -> None:
+        """Rank 0, after each commit: copy the checkpoint to `checkpoint.storage`, and drop
+        there what retention dropped here."""
+        if self.mirror is None:  # only installed with a mirror
+            return
+        self.mirror.push(info.step, info.path, info.manifest)
+        self.mirror.prune(set(kept_steps))
+
     def _pull_from_remote_storage(self) -> None:
         """With `checkpoint.storage` a URI: fetch the newest mirrored checkpoint (at or before
         the step to resume from) that this node does not have, e.g. on a fresh cluster.
@@ -257,8 +266,9 @@ class Trainer:
             else:
                 if step is not None:
                     self._emit("checkpoint_pulled", step=step, source=self.mirror.uri)
-        errors = [error]
+        errors: list[str | None] = [error]
         if dist.is_initialized() and self.ctx.world_size > 1:
+            errors = [None] * self.ctx.world_size
             dist.all_gather_object(errors, error)
         if any(errors):
             raise CheckpointError(next(e for e in errors if e))

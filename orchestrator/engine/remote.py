@@ -92,6 +92,18 @@ class CheckpointMirror:
                 removed.append(step)
         return removed
 
+    def abandon_after(self, step: int, label: str) -> list[int]:
+        """Move remote checkpoints after ``step`` to ``../abandoned/<label>/`` (a manual
+        rollback's discarded timeline: kept, never pulled again); the steps moved."""
+        moved = []
+        target = f"{self.root.rsplit('/', 1)[0]}/abandoned/{label}"
+        for s in self.steps(committed_only=False):
+            if s > step:
+                self.fs.create_dir(target, recursive=True)
+                self.fs.move(f"{self.root}/{_step_name(s)}", f"{target}/{_step_name(s)}")
+                moved.append(s)
+        return moved
+
     # -- pull ---------------------------------------------------------------------------------
     def steps(self, committed_only: bool = True) -> list[int]:
         """Remote step directories (only those holding a manifest, unless told otherwise)."""

@@ -255,7 +255,8 @@ def _too_deep(text: str) -> int | None:
             if isinstance(event, opening):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    return int(event.start_mark.line) + 1
+                    mark = event.start_mark
+                    return int(mark.line) + 1 if mark is not None else 1
             elif isinstance(event, closing):
                 depth -= 1
     except yaml.YAMLError:

@@ -143,6 +143,7 @@ class SpikeGuard(Technique):
         self._scores: dict[str, float] = {}
         self.warnings: list[list[Any]] = []  # [step, indicator, value] of indicator warnings
         self.probe = IndicatorProbe() if cfg.indicators_every else None
+        self._told_unavailable = False
 
     def configure(self, setup: Setup) -> None:
         """Hook the indicator probe into the model and the base optimizer's ``step``."""
@@ -155,6 +156,14 @@ class SpikeGuard(Technique):
         assert self.probe is not None and state.model is not None
         values = self.probe.collect(state.model)
         metrics.update(values)
+        if self.probe.entropy_unavailable and not self._told_unavailable:
+            self._told_unavailable = True
+            state.emit(
+                "indicator_unavailable",
+                indicator="attn_entropy",
+                reason="the attention implementation returns no probabilities (sdpa/flash): "
+                "load the model with attn_implementation='eager' to measure attention entropy",
+            )
         cfg, step, found = self.cfg, state.step - 1, None
         checks = [
             ("update_rms", values.get("indicator/update_rms_max"), cfg.update_rms_max, 1),

@@ -142,15 +142,6 @@ def test_disk_full_keeps_the_previous_checkpoint(tiny_disk: Path, gloo_world: No
     assert check_loadable(tiny_disk / "ckpts", width=WIDTH) == 1
 
 
-DISK_FULL_BUG = (
-    "CheckpointStore.save does not wrap engine.save_checkpoint: a full disk surfaces as "
-    "torch's RuntimeError '[enforce fail at inline_container.cc:672] unexpected pos ...' "
-    "(no path, no 'disk full'), and on world > 1 the other ranks are left waiting in the "
-    "next collective. Owner: orchestrator/engine/checkpoint.py."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=DISK_FULL_BUG)
 def test_disk_full_error_is_clear(tiny_disk: Path, gloo_world: None) -> None:
     _, error = _fill_disk(tiny_disk)
     message = str(error)
@@ -190,7 +181,6 @@ print("LATEST", store.latest().step)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=DISK_FULL_BUG)
 def test_file_size_limit_in_a_child(tmp_path: Path, gloo_world: None) -> None:
     """The non-root variant of the full disk: writes fail with EFBIG past RLIMIT_FSIZE."""
     root = tmp_path / "ckpts"

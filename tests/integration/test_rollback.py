@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,11 +128,17 @@ def _regimen(cwd: Path, *args: str, **kw) -> subprocess.Popen:
 
 
 def test_resume_and_rollback_cli_after_driver_sigkill(tmp_path):
+    """The driver dies with its embedded Ray, and the node-local checkpoints are lost too:
+    `regimen resume` and `regimen rollback` continue from the object-storage mirror
+    (a file:// URI through pyarrow, the same code path as s3://)."""
     recipe = json.loads(json.dumps(TINY_RECIPE))
     recipe.update(BASE, schedule={"steps": 40, "micro_batch_size": 2})
     recipe["resources"] = {"workers": 2}
     recipe["tracking"] = {"uri": "sqlite:///mlflow.db", "experiment": "resume"}
-    recipe["checkpoint"] = {"every": 2, "keep": 0, "storage": "./runs"}
+    bucket = tmp_path / "bucket"
+    recipe["checkpoint"] = {
+        "every": 2, "keep": 0, "storage": f"file://{bucket}", "local_dir": "./runs",
+    }  # fmt: skip
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     driver = _regimen(tmp_path, "run", "r.yaml", "--json")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -154,6 +161,9 @@ def test_resume_and_rollback_cli_after_driver_sigkill(tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray die at once
     driver.wait(timeout=30)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # stale
+    mirrored = sorted(bucket.glob("*/checkpoints/step-*/manifest.json"))
+    assert mirrored, "no committed checkpoint reached the storage URI"
+    shutil.rmtree(tmp_path / "runs")  # the node's disk is gone with it
 
     proc = _regimen(tmp_path, "resume", run.info.run_id, "--json")
     out, err = proc.communicate(timeout=300)
@@ -164,6 +174,7 @@ def test_resume_and_rollback_cli_after_driver_sigkill(tmp_path):
     assert old.info.status == "KILLED" and new.data.tags["regimen.reason"] == "resume"
     assert new.data.tags["regimen.parent_run_id"] == run.info.run_id
     assert int(new.data.tags["regimen.restored_step"]) >= 2
+    assert new.data.tags["regimen.storage_uri"] == old.data.tags["regimen.storage_uri"]
     assert old.data.tags["regimen.resumes"] == "1"
 
     proc = _regimen(
