@@ -384,7 +384,7 @@ class CheckpointStore:
         self.rank = rank
         self.world_size = world_size
         self.protect = protect
-        self.on_commit = on_commit  # rank 0, after commit + retention: (info, steps kept)
+        self.on_commit = on_commit  # rank 0, after commit + retention: (info, steps removed)
         self.pending: PendingSave | None = None
         self._pool = HostPool()
         self.last_blocked_s = 0.0  # how long the latest save held the training thread
@@ -464,20 +464,22 @@ class CheckpointStore:
         _raise_first(_gather(err))
         return tmp, meta_d
 
-    def _retain_quietly(self, step: int) -> None:
+    def _retain_quietly(self, step: int) -> list[int]:
+        """Retention that never fails training; the steps it removed."""
         try:
-            self._retain(step)
-        except OSError as e:  # retention must never fail training
+            return self._retain(step)
+        except OSError as e:
             log.warning("checkpoint retention failed: %s", e)
+            return []
 
     def _after_commit(self, info: CheckpointInfo) -> str | None:
         """Rank 0: retention, then the ``on_commit`` hook (e.g. the object-storage mirror).
         Returns the hook's error, which fails the save like a commit error would."""
-        self._retain_quietly(info.step)
+        removed = self._retain_quietly(info.step)
         if self.on_commit is None:
             return None
         try:
-            self.on_commit(info, [i.step for i in self.list()])
+            self.on_commit(info, removed)
         except Exception as e:
             return (
                 f"checkpoint {info.step} is committed at {info.path} but could not be copied "
@@ -629,14 +631,17 @@ class CheckpointStore:
         shutil.rmtree(old, ignore_errors=True)
         return manifest
 
-    def _retain(self, just_saved: int) -> None:
+    def _retain(self, just_saved: int) -> list[int]:
         if self.keep == 0:
-            return
+            return []
         infos = self.list()
+        removed = []
         for info in infos[: max(0, len(infos) - self.keep)]:
             if info.step == just_saved or (self.protect is not None and self.protect(info.step)):
                 continue
             self._remove(info.path)
+            removed.append(info.step)
+        return removed
 
     def _remove(self, path: Path) -> None:
         doomed = self.root / f".tmp-del-{path.name}-{time.monotonic_ns()}"

@@ -7,6 +7,7 @@ hand). Rank 0 additionally streams metrics to MLflow through an async sink.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -238,13 +239,13 @@ class Trainer:
             self._emit("resume", from_step=resume.step, checkpoint=str(resume.path))
         self._apply_manual_segment()
 
-    def _mirror_commit(self, info: CheckpointInfo, kept_steps: list[int]) -> None:
+    def _mirror_commit(self, info: CheckpointInfo, removed_steps: list[int]) -> None:
         """Rank 0, after each commit: copy the checkpoint to `checkpoint.storage`, and drop
-        there what retention dropped here."""
+        there what retention just dropped here."""
         if self.mirror is None:  # only installed with a mirror
             return
         self.mirror.push(info.step, info.path, info.manifest)
-        self.mirror.prune(set(kept_steps))
+        self.mirror.remove(removed_steps)
 
     def _pull_from_remote_storage(self) -> None:
         """With `checkpoint.storage` a URI: fetch the newest mirrored checkpoint (at or before
@@ -420,8 +421,8 @@ class Trainer:
         target: CheckpointInfo | None = self.store.latest(state.rollback_to)
         if target is None:
             raise RollbackExhausted(
-                f"step {state.step}: a rollback was requested but no checkpoint exists at or before "
-                f"step {state.rollback_to}: checkpoint more often (checkpoint.every)"
+                f"step {state.step}: a rollback was requested but no checkpoint exists at or "
+                f"before step {state.rollback_to}: checkpoint more often (checkpoint.every)"
             )
         started = time.perf_counter()
         from_step = state.step
@@ -542,12 +543,10 @@ class Trainer:
         if any(e["kind"] == "resume" for e in self.events):  # a restart: close dead segments
             from orchestrator.control.resume import close_segments
 
-            try:
+            with contextlib.suppress(Exception):
                 close_segments(
                     self.ctx.tracking_uri, self.ctx.run_id, "KILLED", "worker died; job restarted"
                 )
-            except Exception:
-                pass
 
     def _end_segment(self, status: str) -> None:
         """Rank 0: end the current rollback segment run (the controller ends the job run)."""

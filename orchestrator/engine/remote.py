@@ -6,7 +6,7 @@ When ``checkpoint.storage`` is a URI (``s3://bucket/prefix``, ``gs://…``, ``hd
 checkpoint is copied to ``<storage>/<run_id>/checkpoints/step-N/``, its files first
 and ``manifest.json`` last. The manifest is the commit marker on the remote side too:
 a step directory without one (an upload cut short) is never pulled. Retention is
-mirrored: steps the local store dropped are deleted remotely.
+mirrored: steps the local store's retention drops are deleted remotely.
 
 On start (resume, or a restart on a fresh node after the cluster is gone) the newest
 remote checkpoint that is newer than anything local is downloaded into a temporary
@@ -83,14 +83,15 @@ class CheckpointMirror:
             while chunk := f.read(_CHUNK):
                 out.write(chunk)
 
-    def prune(self, keep_steps: set[int]) -> list[int]:
-        """Delete remote checkpoints whose step is not in ``keep_steps``; the steps removed."""
-        removed = []
-        for step in self.steps(committed_only=False):
-            if step not in keep_steps:
+    def remove(self, steps: list[int]) -> list[int]:
+        """Delete these remote checkpoints (the ones local retention just dropped); the
+        steps that were there. Older remote steps that were never local (a resumed run
+        pulls only the newest) are left alone."""
+        present = set(self.steps(committed_only=False))
+        for step in steps:
+            if step in present:
                 self.fs.delete_dir(f"{self.root}/{_step_name(step)}")
-                removed.append(step)
-        return removed
+        return [s for s in steps if s in present]
 
     def abandon_after(self, step: int, label: str) -> list[int]:
         """Move remote checkpoints after ``step`` to ``../abandoned/<label>/`` (a manual

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import tiny_recipe
 
+from conftest import tiny_recipe
 from orchestrator.engine.checkpoint import CheckpointStore
 from orchestrator.engine.loop import Trainer, WorkerContext
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
 
+from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RecipeError
 from orchestrator.techniques.sgg import SGGConfig, SGGOptimizer
