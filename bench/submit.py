@@ -122,7 +122,7 @@ def main() -> None:
 
     # regimen plan on a 1,000-variant sweep
     grid = {
-        "optimizer.lr": [1e-4 * (i + 1) for i in range(10)],
+        "optimizer.lr": [1e-3 * (i + 1) for i in range(10)],
         "seed": list(range(10)),
         "optimizer.weight_decay": [0.01 * i for i in range(10)],
     }

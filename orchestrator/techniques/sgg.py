@@ -145,23 +145,37 @@ def _cluster_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster element counts and sums of ``x``.
 
-    One masked reduction per cluster rather than ``bincount``/``index_add_``: with a
-    handful of bins, CUDA atomics contend on every element (slow) and float atomics
-    make the sums order-dependent, which would break bit-for-bit resume."""
-    counts, sums = [], []
-    for c in range(k):
-        mask = labels == c
-        counts.append(mask.sum())
-        sums.append(torch.where(mask, x, 0.0).sum())
-    return torch.stack(counts).to(x.dtype), torch.stack(sums)
+    On CUDA, one masked reduction per cluster rather than ``bincount``/``index_add_``:
+    with a handful of bins the atomics contend on every element (3.5x slower on an
+    H200) and float atomics make the sums order-dependent, which would break bit-for-bit
+    resume. On the CPU ``index_add_`` is deterministic and the faster of the two."""
+    if x.is_cuda:
+        counts, sums = [], []
+        for c in range(k):
+            mask = labels == c
+            counts.append(mask.sum())
+            sums.append(torch.where(mask, x, 0.0).sum())
+        return torch.stack(counts).to(x.dtype), torch.stack(sums)
+    counts_t = torch.bincount(labels, minlength=k).to(x.dtype)
+    return counts_t, torch.zeros(k, dtype=x.dtype).index_add_(0, labels, x)
 
 
 def cluster_mda(m: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """``D[k] = lower-median |m_i - mean(m)|`` over the elements of cluster k (NaN when empty).
 
-    Two sorts for all clusters (by deviation, then stably by label) instead of one
-    median per cluster; cluster k's lower median then sits at a known offset."""
+    On CUDA two sorts serve all clusters (by deviation, then stably by label; cluster k's
+    lower median then sits at a known offset); on the CPU a selection per cluster
+    (``kthvalue``) is faster. Both give exactly torch's lower median."""
     dev = (m - m.mean()).abs()
+    if not dev.is_cuda:
+        out = []
+        for c in range(k):
+            members = dev[labels == c]
+            if members.numel() == 0:
+                out.append(torch.tensor(float("nan"), dtype=dev.dtype))
+            else:
+                out.append(members.kthvalue((members.numel() + 1) // 2).values)
+        return torch.stack(out)
     by_dev = torch.argsort(dev)
     by_label = torch.argsort(labels[by_dev], stable=True)
     grouped = dev[by_dev][by_label]
