@@ -229,6 +229,8 @@ class _Walker:
                 self.lines.setdefault(key, (self.file, line))
             else:
                 self.lines[key] = (self.file, line)
+            if (bad := self.walk(key_node, key, depth + 1, merged)) is not None:  # `!!int x:`
+                return bad
             if (bad := self.walk(value_node, key, depth + 1, merged)) is not None:
                 return bad
         for source in merges:  # `<<: *base`: keys written here win over merged ones

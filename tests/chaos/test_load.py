@@ -89,7 +89,7 @@ def _long_run(tmp_path: Path, steps: int) -> None:
             if workers and dirs:  # warm-up ends with the first checkpoint (engine built, ran)
                 rss = sum(_rss(p) for p in workers)
                 samples.append((time.monotonic() - start, rss, _du(ckpts[0]), len(dirs)))
-            time.sleep(0.5)
+            time.sleep(0.1)  # a quiet machine runs 1,000 tiny steps in a few seconds
         out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -131,7 +131,7 @@ def _rss(p: psutil.Process) -> int:
 
 
 def test_long_run_is_flat_ci(tmp_path: Path) -> None:
-    _long_run(tmp_path, 10_000 if FULL else 1_000)
+    _long_run(tmp_path, 10_000 if FULL else 2_000)
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_training_survives_mlflow_outage(tmp_path: Path) -> None:
-    steps = trials(ci=400, full=3000)
+    steps = trials(ci=3000, full=20_000)  # long enough that the outage lands mid-run
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _server(tmp_path, port)

@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_recipe
 from orchestrator.engine.checkpoint import CheckpointStore
 from orchestrator.engine.loop import Trainer, WorkerContext
+from orchestrator.errors import CheckpointError
 
 
 def _trainer(tmp_path, name, faults=None, steps=4, every=2):
@@ -67,7 +68,7 @@ def test_kill_fires_once_across_a_restart(tmp_path, gloo_world):
 
 def test_kill_during_checkpoint_write_leaves_no_loadable_checkpoint(tmp_path, gloo_world):
     faults = {"kill_in_checkpoint_at_step": 4, "kill_mode": "raise"}
-    with pytest.raises(RuntimeError, match="while writing checkpoint 4"):
+    with pytest.raises(CheckpointError, match="while writing checkpoint 4"):
         _trainer(tmp_path, "run", faults, steps=6).run()
     store = CheckpointStore(tmp_path / "run" / "checkpoints", keep=0)
     assert [i.step for i in store.list()] == [2]  # the half-written step 4 is invisible
