@@ -96,6 +96,7 @@ class Continual(Technique):
         stage = stage_at(self.stages, state.step)
         if state.step == stage.start:
             state.emit("stage", stage=stage.name, index=stage.index, end=stage.end)
+            state.regime_change = stage.index > 0  # a new task's loss is not a spike
         state.metrics["cl/stage"] = float(stage.index)
         warm = getattr(self.recipe.techniques, "warmup", None)
         if stage.restart_schedule and warm is not None and warm.enabled:

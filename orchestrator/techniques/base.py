@@ -97,6 +97,10 @@ class TrainState:
     rollback_reason: dict[str, Any] = field(default_factory=dict)
     cursor: int = 0
     run_dir: str | None = None
+    # Set (for one step) by a technique that changes the data distribution on purpose, e.g. a
+    # continual-learning stage switch: detectors restart their statistics instead of taking
+    # the expected jump in loss for a spike.
+    regime_change: bool = False
 
 
 class Technique:

@@ -249,6 +249,9 @@ class SpikeGuard(Technique):
             state.emit("cooldown_end")
 
     def on_before_optimizer_step(self, state: TrainState) -> Verdict:
+        if state.regime_change:  # e.g. a continual stage switch: the old statistics no longer apply
+            self.loss_hist, self.grad_hist = [], []
+            state.emit("detector_reset", reason="regime change")
         self._scores = {}
         grad = (
             _pre_step_grad_norm(state)

@@ -210,3 +210,22 @@ def test_restart_schedule_restarts_warmup_at_the_stage(tmp_path):
     assert lr_at(10) == pytest.approx(0.0025)  # stage b: warmup again from its first step
     assert lr_at(13) == pytest.approx(0.01) and lr_at(19) < lr_at(14)
     assert events == ["stage:a", "stage:b"]  # the switch is an event
+
+
+def test_a_stage_switch_is_not_taken_for_a_loss_spike(tmp_path, gloo_world):
+    """New classes at a switch make the loss jump by design: the spike guard restarts its
+    statistics there instead of skipping steps and rolling back."""
+    data = _digits(tmp_path)
+    data["schedule"] = {"steps": 40, "micro_batch_size": 10}
+    data["continual"]["stages"] = [
+        {"name": "a", "steps": 20, "classes": [0, 1]},
+        {"name": "b", "steps": 20, "classes": [2, 3]},
+    ]
+    data["stability"] = {**GUARD, "min_history": 6}
+    recipe = _load(tmp_path, data).recipe
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "run"))
+    summary = trainer.run()
+    kinds = [(e["kind"], e["step"]) for e in summary["events"]]
+    assert ("detector_reset", 20) in kinds
+    assert not [k for k in kinds if k[0] in ("spike", "rollback")], kinds
+    assert summary["skipped_steps"] == 0 and summary["rollbacks"] == 0
