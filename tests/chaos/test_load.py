@@ -6,6 +6,7 @@ CI sizes by default; the full sizes (50 jobs, 10,000 steps) are marked ``slow`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -70,7 +71,14 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    """Bytes of the committed checkpoints under ``path`` (a save or delete in progress,
+    ``.tmp-*``, is transient and not what retention promises to bound)."""
+    total = 0
+    for step_dir in path.glob("step-*"):
+        for p in step_dir.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # retention removed it meanwhile
+                total += p.stat().st_size if p.is_file() else 0
+    return total
 
 
 def _long_run(tmp_path: Path, steps: int) -> None:

@@ -151,18 +151,19 @@ def _buffer(trainer: Trainer) -> dict:
 
 
 def test_rollback_restores_the_buffer_with_the_weights(tmp_path, gloo_world):
-    """A spike at step 9 rolls back to step 8 and skips that data: the buffer must equal a
+    """A spike at step 11 rolls back to step 10 and skips that data: the buffer must equal a
     clean run's that skipped the same data from the start (it would also hold the abandoned
-    steps' samples if it were not restored)."""
+    steps' samples if it were not restored). The guard restarts its statistics at the stage
+    switch (step 6) and is armed again 4 healthy steps later."""
     sections = {"schedule": {"steps": 12}, "checkpoint": {"every": 2}, "continual": LM_STAGES}
     spiky = tiny_recipe(
         tmp_path, stability=GUARD,
-        techniques={"fault_injection": {"spike_at_step": 9, "spike_factor": 100.0}}, **sections,
+        techniques={"fault_injection": {"spike_at_step": 11, "spike_factor": 100.0}}, **sections,
     )  # fmt: skip
     trainer = Trainer(spiky, WorkerContext(run_dir=tmp_path / "spiky"))
     summary = trainer.run()
     (rollback,) = [e for e in summary["events"] if e["kind"] == "rollback"]
-    assert rollback["to_step"] == 8
+    assert rollback["to_step"] == 10
     clean = Trainer(
         tiny_recipe(tmp_path, stability=GUARD, **sections),
         WorkerContext(run_dir=tmp_path / "clean"),

@@ -22,20 +22,20 @@ def _trainer(tmp_path, name, faults=None, steps=4, every=2):
 def _trace(trainer):
     """Run and return (loss, gradient norm before the update) of every step."""
     seen, norms = [], []
-    step, verdict = trainer._train_step, trainer._max_verdict
+    step, decide = trainer._train_step, trainer._decide
 
-    def spy_verdict(verdicts):  # first call of a step: after backward, before the update
+    def spy_decide(hook, *args):  # after backward, before the update
         grads = [p.grad for p in trainer.built.engine.module.parameters() if p.grad is not None]
-        if grads and len(norms) == len(seen):
+        if hook == "on_before_optimizer_step" and grads and len(norms) == len(seen):
             norms.append(float(sum(g.double().pow(2).sum() for g in grads)) ** 0.5)
-        return verdict(verdicts)
+        return decide(hook, *args)
 
     def spy():
         out = step()
         seen.append((out["loss"], norms[-1]))
         return out
 
-    trainer._train_step, trainer._max_verdict = spy, spy_verdict
+    trainer._train_step, trainer._decide = spy, spy_decide
     trainer.run()
     return seen
 
