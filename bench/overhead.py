@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
-    """The bare DeepSpeed loop on one rank (no Ray, no Regimen loop)."""
+def _rank_env(rank: int, world: int, port: int) -> None:
+    """The torch.distributed environment of one spawned rank."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -40,6 +40,11 @@ def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) ->
         WORLD_SIZE=str(world),
         LOCAL_RANK="0",
     )
+
+
+def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
+    """The bare DeepSpeed loop on one rank (no Ray, no Regimen loop)."""
+    _rank_env(rank, world, port)
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -78,13 +83,7 @@ def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) ->
 def loop_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
     """Regimen's own training loop on one rank, without Ray and without MLflow: the share
     of the overhead that is the loop's (hooks, all-reduced loss and verdicts)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK="0",
-    )
+    _rank_env(rank, world, port)
     import torch.distributed as dist
 
     from orchestrator.engine.loop import Trainer, WorkerContext

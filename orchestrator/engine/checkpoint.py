@@ -14,7 +14,7 @@ leaves either the complete checkpoint or nothing that :meth:`CheckpointStore.lis
 would return. Leftover ``.tmp-*`` directories are removed by the next save.
 
 Loading and ``weights_only``: DeepSpeed 0.19 reads its own files with
-``torch.load(..., weights_only=False)`` (``TorchCheckpointEngine.load`` and the
+``weights_only=False`` (``TorchCheckpointEngine.load`` and the
 ZeRO shard loaders), i.e. with full pickle, and it must: under torch 2.13 the ZeRO-1/2
 optimizer shards pickle a ``deepspeed.runtime.fp16.loss_scaler.LossScaler`` object and
 fail a ``weights_only=True`` load (the model-states file alone would pass). That is

@@ -105,7 +105,8 @@ def _combos(loaded: LoadedRecipe) -> list[dict[str, tuple[str, int]]]:
 
 def _value(loaded: LoadedRecipe, key: str, where: tuple[str, int]) -> Any:
     sweep = loaded.recipe.sweep
-    assert sweep is not None
+    if sweep is None:  # only called for keys that come from the sweep section
+        raise RuntimeError(f"sweep key {key} looked up in a recipe without a sweep")
     return getattr(sweep, where[0])[key][where[1]]
 
 

@@ -259,7 +259,8 @@ class DropoutSchedule(Technique):
 
     def apply(self, step: int, total_steps: int) -> tuple[float, float]:
         """Write the rates of ``step`` into the model."""
-        assert self.sites is not None, "attach() or configure() first"
+        if self.sites is None:
+            raise RuntimeError("dropout schedule: attach() or configure() first")
         rate, path_rate = self.rates(step, total_steps)
         if self._dropout:
             for module in self.sites.modules:

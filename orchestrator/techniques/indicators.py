@@ -145,7 +145,8 @@ class IndicatorProbe:
 
     def _param_slices(self, optimizer: Any) -> list[tuple[int, torch.Tensor, int, int]]:
         """(layer, optimizer param, start, numel) for every module parameter's slice here."""
-        assert self._model is not None
+        if self._model is None:
+            raise RuntimeError("indicator probe used before attach()")
         groups = optimizer.param_groups
         by_id = {id(p): p for g in groups for p in g["params"]}
         out = []

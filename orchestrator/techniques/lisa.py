@@ -244,7 +244,8 @@ class Lisa(Technique):
 
     def _apply_requires_grad(self) -> None:
         active = {f"layer.{i}" for i in self.active or []}
-        assert self._model is not None
+        if self._model is None:
+            raise RuntimeError("LISA: configure() has not seen the model yet")
         for p in self._model.parameters():
             if id(p) in self._base_trainable:
                 unit = self._units.get(id(p), "final_norm")
@@ -283,7 +284,8 @@ class Lisa(Technique):
             self.active = self._sample(self.interval)
         self._apply_requires_grad()
         self._free_check()
-        assert self._template is not None
+        if self._template is None:
+            raise RuntimeError("LISA: configure() has not seen the param groups yet")
         always: list[dict[str, Any]] = []
         per_layer: list[dict[str, Any]] = []
         for i in self.active:

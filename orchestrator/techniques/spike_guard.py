@@ -153,7 +153,8 @@ class SpikeGuard(Technique):
 
     def _indicators(self, state: TrainState, metrics: dict[str, float]) -> dict[str, Any] | None:
         """Collect the armed probe's values; the first threshold crossed, as a finding."""
-        assert self.probe is not None and state.model is not None
+        if self.probe is None or state.model is None:  # only called with a probe armed
+            return None
         values = self.probe.collect(state.model)
         metrics.update(values)
         if self.probe.entropy_unavailable and not self._told_unavailable:
@@ -306,7 +307,8 @@ class SpikeGuard(Technique):
 
     def _escalate(self, state: TrainState) -> Verdict:
         cfg = self.cfg
-        assert self.onset is not None
+        if self.onset is None:  # _escalate follows an anomaly, which sets the onset
+            raise RuntimeError("spike guard escalated without an anomaly onset")
         onset_step, onset_cursor = self.onset
         skip = (onset_cursor, onset_cursor + cfg.skip_batches * self.global_batch)
         if len(self.rollbacks) >= cfg.max_rollbacks:
