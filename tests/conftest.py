@@ -64,21 +64,30 @@ def tiny_recipe(tmp_path: Path, **sections: Any) -> Any:
     return recipe
 
 
+def init_one_process_group(backend: str) -> None:
+    """A torch.distributed world of one process (rank 0), unless one exists already.
+
+    Never destroyed: DeepSpeed caches the world group, so a re-created one would not be
+    the group it knows."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
+    dist.init_process_group(backend, rank=0, world_size=1)
+
+
 @pytest.fixture(scope="session")
 def gloo_world() -> Iterator[None]:
     """A one-process torch.distributed group (gloo), as DeepSpeed needs one."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-        )
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    init_one_process_group("gloo")
     yield
 
 

@@ -177,6 +177,10 @@ class Trainer:
             on_commit=self._mirror_commit if self.mirror is not None else None,
         )
         self.techniques = build_techniques(recipe)
+        self._deciders = {  # fixed for the job: which techniques can return a verdict
+            hook: [t for t in self.techniques if _implements(t, hook)]
+            for hook in ("on_before_optimizer_step", "on_step_end")
+        }
         self.loop = LoopState()
         self.protected_steps: set[int] = set()
         self.sink: Any = None
@@ -344,7 +348,7 @@ class Trainer:
         Techniques that keep the base class's hook can only say PROCEED, and the technique
         list is the same on every rank: with none implementing the hook, every rank knows
         the answer without the all-reduce (two collectives a step saved in plain runs)."""
-        deciders = [t for t in self.techniques if _implements(t, hook)]
+        deciders = self._deciders[hook]
         if not deciders:
             return Verdict.PROCEED
         return self._max_verdict([getattr(t, hook)(*args) for t in deciders])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, tiny_recipe
+from conftest import init_one_process_group, tiny_recipe
 
 
 def _cuda_ready() -> bool:
@@ -38,25 +38,9 @@ _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 @pytest.fixture(scope="module")
 def nccl_world() -> Iterator[None]:
-    """A one-process NCCL group on device 0, as Ray Train sets up for a GPU worker.
-
-    Kept for the whole module: DeepSpeed caches the world group, so a destroyed and
-    re-created one would not be the group it knows."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-    )
+    """A one-process NCCL group on device 0, as Ray Train sets up for a GPU worker."""
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    init_one_process_group("nccl")
     yield
 
 
