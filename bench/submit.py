@@ -25,8 +25,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "integration")]
 
-from conftest import free_port  # noqa: I001  (after the sys.path line above)
-from test_cluster import _kill_cluster, _ray, _tiny_recipe
+from ray_cluster import ray_cluster  # noqa: I001  (after the sys.path line above)
+from test_cluster import _tiny_recipe
 
 
 def _recipe(work: Path, name: str, **extra: object) -> Path:
@@ -83,42 +83,17 @@ def main() -> None:
     )
 
     # regimen submit --wait (Ray Jobs, 2-node local cluster, token auth)
-    temp_dir, gcs, dash = Path(f"/tmp/rgm-b{secrets.token_hex(2)}"), free_port(), free_port()
-
-    def extra() -> list[str]:
-        return [
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-        ]
-
-    try:
-        head = ["start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}"]  # fmt: skip
-        _ray([*head, "--disable-usage-stats", *extra()], env)
-        _ray(
-            [
-                "start",
-                f"--address=127.0.0.1:{gcs}",
-                "--num-cpus=2",
-                "--disable-usage-stats",
-                *extra(),
-            ],
-            env,
-        )
+    with ray_cluster(root / "cluster", second_node=True) as cluster:
         work = root / "submit"
-        url = f"http://127.0.0.1:{dash}"
         for label in ("regimen submit --wait (cold: first job)", "regimen submit --wait (warm)"):
             rec = _recipe(work, "bench-submit")
             t0, t1, out = _timed(
-                [*cli, "submit", str(rec), "--address", url, "--wait", "--json"], work, env
+                [*cli, "submit", str(rec), "--address", cluster.url, "--wait", "--json"],
+                work,
+                cluster.env,
             )
             run_id = next(r["run_id"] for r in out["runs"] if r["role"] != "sweep")
             rows.append((label, _first_step(f"sqlite:///{work}/mlflow.db", run_id) - t0, t1 - t0))
-    finally:
-        _kill_cluster(temp_dir, gcs)
 
     # regimen plan on a 1,000-variant sweep
     grid = {

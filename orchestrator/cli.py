@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode typer turns typer.Exit(N) and Ctrl-C into a return value (N,
+        # 130) instead of exiting: the exit code is what app() returns.
+        code = app(args=argv, standalone_mode=False)
     except RecipeError as exc:
         for problem in exc.problems:  # contract: FILE:LINE: dotted.key: message, one a line
             print(problem, file=sys.stderr)
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted: the MLflow run was marked KILLED")
+        err.print("interrupted: the MLflow runs still open were marked KILLED")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -258,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             f"[red]error:[/] {type(exc).__name__}: {exc} (REGIMEN_DEBUG=1 shows the traceback)"
         )
         sys.exit(1)
-    sys.exit(0)
+    if code == 130:
+        err.print("interrupted: the MLflow runs still open were marked KILLED")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _session_members(sid: int) -> list[int]:
+    """PIDs of the live processes in session ``sid`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(leader: subprocess.Popen[Any], timeout: float = 60.0) -> None:
+    """SIGKILL every process of the session ``leader`` started (start_new_session=True) and
+    wait until none is left: a node that dies takes its Ray workers with it, and they live
+    in process groups of their own, so killpg(leader) alone leaves them running a while."""
+    sid = leader.pid
+    deadline = time.monotonic() + timeout
+    while True:
+        members = _session_members(sid)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            leader.wait(timeout=0.1)
+        if not members:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {members} of session {sid} outlived SIGKILL")
+        time.sleep(0.2)
 
 
 def tiny_recipe(tmp_path: Path, **sections: Any) -> Any:

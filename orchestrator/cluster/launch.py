@@ -8,6 +8,8 @@ small ``ProgressBoard`` actor carries rank 0's progress back for the terminal.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         "log_to_driver": os.environ.get("REGIMEN_WORKER_LOGS", "0") == "1",
         "include_dashboard": False,
     }
+    # ray.init installs a SIGTERM handler that exits at once (sys.exit), past the code that
+    # marks the MLflow run KILLED; keep the one the CLI installed (SIGTERM acts as Ctrl-C).
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, **kwargs)
     else:
         kwargs.pop("include_dashboard")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _has_cuda() -> bool:

@@ -76,7 +76,11 @@ class CheckpointMirror:
             parent = f"{dest}/{rel}".rsplit("/", 1)[0]
             self.fs.create_dir(parent, recursive=True)
             self._upload(local_dir / rel, f"{dest}/{rel}")
-        self._upload(local_dir / MANIFEST, f"{dest}/{MANIFEST}")
+        # The manifest is the commit marker: written under another name and moved into place,
+        # so a reader never sees a half-written one (a rename on file://; object stores only
+        # show an object once its upload is complete anyway).
+        self._upload(local_dir / MANIFEST, f"{dest}/{MANIFEST}.partial")
+        self.fs.move(f"{dest}/{MANIFEST}.partial", f"{dest}/{MANIFEST}")
 
     def _upload(self, src: Path, dest: str) -> None:
         with open(src, "rb") as f, self.fs.open_output_stream(dest) as out:

@@ -26,7 +26,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO, TINY_RECIPE, free_port
+from conftest import REPO, TINY_RECIPE, free_port, kill_session
 
 pytestmark = pytest.mark.integration
 
@@ -210,8 +210,7 @@ def test_rollback_kill_reconcile_resume_lineage_and_plot(
         return segs[0] if segs else None
 
     seg = _wait(segment_and_progress, 240, "a rollback segment and step 10")
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray die at once
-    driver.wait(timeout=30)
+    kill_session(driver)  # the driver, its embedded Ray and the workers die at once
     job_id = seg.data.tags["regimen.parent_run_id"]
     assert client.get_run(job_id).info.status == "RUNNING"  # stale
 

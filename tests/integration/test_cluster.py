@@ -1,45 +1,27 @@
-"""Ray Jobs against a real local cluster started here: a head and a second worker node.
-
-The cluster has token authentication on (Ray 2.60's default for ``ray start
---head``) with a token made for this test, passed as ``RAY_AUTH_TOKEN`` so
-``~/.ray/auth_token`` is never touched. Teardown kills exactly the processes of
-this cluster (found by its temp dir and GCS port), never every Ray on the machine.
-Every wait is bounded.
+"""Ray Jobs against a real local cluster started here: a head and a second worker node
+(tests/ray_cluster.py: token authentication on, torn down by pid, every wait bounded).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import psutil
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO
+from ray_cluster import Cluster, ray_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 DATA = Path(__file__).parent / "data"
-
-
-@dataclass
-class Cluster:
-    gcs: str
-    url: str
-    token: str
-    env: dict[str, str]
-    root: Path
 
 
 def _tiny_recipe() -> dict:
@@ -47,96 +29,10 @@ def _tiny_recipe() -> dict:
     return yaml.safe_load((ci if ci.exists() else DATA / "tiny.yaml").read_text())
 
 
-def _ray(args: list[str], env: dict[str, str], tries: int = 2) -> None:
-    """``ray start``, retried once: on a loaded 2-core machine node startup can time out."""
-    for attempt in range(tries):
-        proc = subprocess.run(
-            [shutil.which("ray") or "ray", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        if proc.returncode == 0:
-            return
-        if attempt + 1 < tries and "timed out during startup" in proc.stderr + proc.stdout:
-            time.sleep(5)
-            continue
-        raise AssertionError(proc.stdout[-2000:] + proc.stderr[-3000:])
-
-
-def _kill_cluster(temp_dir: Path, gcs_port: int) -> None:
-    """Terminate this cluster's processes (and their children) by pid."""
-    marks = (str(temp_dir), f":{gcs_port}")
-    roots = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-        except (psutil.Error, TypeError):
-            continue
-        if p.pid != os.getpid() and any(m in cmd for m in marks):
-            roots.append(p)
-    procs = {p.pid: p for p in roots}
-    for p in roots:
-        with contextlib.suppress(psutil.Error):
-            procs.update({c.pid: c for c in p.children(recursive=True)})
-    procs.pop(os.getpid(), None)
-    for p in procs.values():
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("cluster")
-    temp_dir = Path("/tmp") / f"rgm-{secrets.token_hex(3)}"  # short: unix socket paths
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(
-        REGIMEN_DEBUG="1",  # forwarded to jobs: a failure shows its traceback in the logs
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        PYTHONPATH=str(REPO),
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    gcs_port, dash_port = free_port(), free_port()
-
-    def ports() -> list[str]:
-        return [
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-        ]
-
-    try:
-        _ray(
-            [
-                "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
-                "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
-                "--disable-usage-stats", *ports(),
-            ],
-            env,
-        )  # fmt: skip
-        _ray(
-            [
-                "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
-                '--resources={"second_node": 1}', "--disable-usage-stats", *ports(),
-            ],
-            env,
-        )  # fmt: skip
-        yield Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, env, root)
-    finally:
-        _kill_cluster(temp_dir, gcs_port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_cluster(tmp_path_factory.mktemp("cluster"), second_node=True) as c:
+        yield c
 
 
 def _regimen(

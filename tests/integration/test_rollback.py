@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_RECIPE, tiny_recipe
+from conftest import REPO, TINY_RECIPE, kill_session, tiny_recipe
 from orchestrator.recipe.expand import Variant
 
 pytestmark = pytest.mark.integration
@@ -126,6 +126,36 @@ def _regimen(cwd: Path, *args: str, **kw) -> subprocess.Popen:
     )
 
 
+def test_sigterm_to_the_driver_ends_the_run_killed(tmp_path):
+    """SIGTERM (a scheduler's stop, `kill PID`) acts as Ctrl-C even after Ray installed its
+    own handler: the MLflow run ends KILLED and the command exits 130, never RUNNING."""
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe.update(BASE, schedule={"steps": 5000, "micro_batch_size": 2})
+    recipe["resources"] = {"workers": 1}
+    recipe["tracking"] = {"uri": "sqlite:///mlflow.db", "experiment": "term"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    driver = _regimen(tmp_path, "run", "r.yaml", "--json")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        deadline, run = time.time() + 180, None
+        while time.time() < deadline and run is None:
+            time.sleep(1)
+            if not (tmp_path / "runs").exists():
+                continue
+            exps = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(exps) if exps else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run = runs[0]  # training, with the handler Ray installed
+        assert run is not None, "no training step logged within 180 s"
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        kill_session(driver)
+    assert driver.returncode == 130, err[-3000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
 def test_resume_and_rollback_cli_after_driver_sigkill(tmp_path):
     """The driver dies with its embedded Ray, and the node-local checkpoints are lost too:
     `regimen resume` and `regimen rollback` continue from the object-storage mirror
@@ -157,20 +187,18 @@ def test_resume_and_rollback_cli_after_driver_sigkill(tmp_path):
         if run is not None and len(ckpts) >= 2:
             break
     assert run is not None, driver.communicate(timeout=5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray die at once
-    driver.wait(timeout=30)
+    kill_session(driver)  # the node dies: the driver, its embedded Ray and the workers
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # stale
     mirrored = sorted(bucket.glob("*/checkpoints/step-*/manifest.json"))
     assert mirrored, "no committed checkpoint reached the storage URI"
-    # The node's disk is gone with it. A rename, not a delete: a worker still being torn
-    # down by Ray may be writing there for a moment.
+    # The node's disk is gone with it (renamed, so a failure leaves it to look at).
     (tmp_path / "runs").rename(tmp_path / "lost-node-disk")
 
     proc = _regimen(tmp_path, "resume", run.info.run_id, "--json")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     resumed = json.loads(out.strip().splitlines()[-1])
-    assert resumed["status"] == "FINISHED" and resumed["steps"] == 40
+    assert resumed["status"] == "FINISHED" and resumed["steps"] == 40, (resumed, err[-3000:])
     old, new = client.get_run(run.info.run_id), client.get_run(resumed["run_id"])
     assert old.info.status == "KILLED" and new.data.tags["regimen.reason"] == "resume"
     assert new.data.tags["regimen.parent_run_id"] == run.info.run_id

@@ -65,6 +65,28 @@ def test_an_upload_cut_short_is_never_pulled(tmp_path: Path):
     assert mirror.pull_latest(tmp_path / "node-b", newer_than=None) == 4
 
 
+def test_a_manifest_upload_cut_short_is_never_seen(tmp_path: Path, monkeypatch):
+    """The writer dies half-way through the manifest itself: readers never see it."""
+    mirror = CheckpointMirror(f"file://{tmp_path}/bucket/checkpoints")
+    d, manifest = _committed(tmp_path / "node-a", 4, b"a" * 100)
+    mirror.push(4, d, manifest)
+    d, manifest = _committed(tmp_path / "node-a", 8, b"b" * 100)
+    upload = mirror._upload
+
+    def dies_in_the_manifest(src: Path, dest: str) -> None:
+        if "manifest.json" not in dest:
+            return upload(src, dest)
+        with mirror.fs.open_output_stream(dest) as out:
+            out.write(src.read_bytes()[:10])
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(mirror, "_upload", dies_in_the_manifest)
+    with pytest.raises(OSError):
+        mirror.push(8, d, manifest)
+    assert mirror.steps() == [4]
+    assert mirror.pull_latest(tmp_path / "node-b", newer_than=None) == 4
+
+
 def test_a_tampered_remote_file_is_refused_and_leaves_nothing(tmp_path: Path):
     mirror = CheckpointMirror(f"file://{tmp_path}/bucket/checkpoints")
     d, manifest = _committed(tmp_path / "node-a", 4, b"a" * 100)
