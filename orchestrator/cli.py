@@ -1,6 +1,7 @@
 """The `regimen` command.
 
-Exit codes: 0 success, 2 bad input (recipe, arguments), 1 anything else.
+Exit codes: 0 success, 2 bad input (recipe, arguments), 130 interrupted (Ctrl-C or
+SIGTERM: open MLflow runs are marked KILLED), 1 anything else (a job that did not finish).
 Errors are printed as one line each with the fix; no traceback unless
 ``REGIMEN_DEBUG=1``.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,13 +88,14 @@ def kill_session(leader: subprocess.Popen[Any], timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def tiny_recipe(tmp_path: Path, **sections: Any) -> Any:
-    """A validated tiny Recipe; keyword sections are deep-merged over the defaults."""
+def tiny_recipe(tmp_path: Path, replace: dict[str, Any] | None = None, **sections: Any) -> Any:
+    """A validated tiny Recipe; keyword sections are deep-merged over the defaults, the
+    sections in ``replace`` (say, another model and its data) replace them whole."""
     from orchestrator.errors import RecipeError
     from orchestrator.recipe.dotted import deep_merge
     from orchestrator.recipe.loader import _Problems, validate_data
 
-    data = deep_merge(TINY_RECIPE, sections)
+    data = deep_merge({**TINY_RECIPE, **(replace or {})}, sections)
     data.setdefault("checkpoint", {}).setdefault("storage", str(tmp_path / "runs"))
     data.setdefault("tracking", {}).setdefault("uri", f"sqlite:///{tmp_path}/mlflow.db")
     problems = _Problems("<test>")
@@ -101,6 +103,23 @@ def tiny_recipe(tmp_path: Path, **sections: Any) -> Any:
     if recipe is None:
         raise RecipeError(problems.items)
     return recipe
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated MLflow sqlite store, built once per session (migrations take ~3 s)."""
+    from mlflow import MlflowClient
+
+    fresh = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{fresh}").search_experiments()
+    return fresh
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, mlflow_template_db: Path) -> str:
+    """A fresh MLflow sqlite store in tmp_path (a copy of the migrated template)."""
+    shutil.copy(mlflow_template_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def init_one_process_group(backend: str) -> None:
@@ -128,12 +147,6 @@ def gloo_world() -> Iterator[None]:
     """A one-process torch.distributed group (gloo), as DeepSpeed needs one."""
     init_one_process_group("gloo")
     yield
-
-
-@pytest.fixture
-def mlflow_uri(tmp_path: Path) -> str:
-    """A fresh MLflow sqlite store for one test."""
-    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 @pytest.fixture(scope="session")

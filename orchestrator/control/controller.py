@@ -225,6 +225,10 @@ def _fill_from_summary(result: JobResult, run_dir: Path) -> None:
     result.rollbacks = int(summary.get("rollbacks") or 0)
     result.checkpoint = summary.get("checkpoint")
     result.extra["skipped_steps"] = summary.get("skipped_steps", 0)
+    if summary.get("eval_accuracy") is not None:
+        result.extra["eval_accuracy"] = summary["eval_accuracy"]
+    if "continual" in summary:  # the final continual metrics (cl/final/* in MLflow)
+        result.extra["continual"] = summary["continual"]["metrics"]
 
 
 def run_variants(

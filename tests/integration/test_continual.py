@@ -83,6 +83,9 @@ def test_run_logs_per_task_metrics_and_ranks_share_the_buffer(tmp_path):
     for key in ("final_avg_acc", "avg_min_acc", "wc_acc", "bwt", "min_acc/task_0"):
         assert f"cl/final/{key}" in final, sorted(final)
     assert final["cl/final/min_acc/task_0"] <= history[0][30]  # a min is never above a value
+    assert summary["continual"] == pytest.approx(  # `run --json` carries them too
+        {k.removeprefix("cl/final/"): v for k, v in final.items() if k.startswith("cl/final/")}
+    )
 
     ckpt = Path(summary["checkpoint"])
     files = [ckpt / "regimen" / f"rank{r:05d}.pt" for r in (0, 1)]

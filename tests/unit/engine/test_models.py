@@ -6,19 +6,12 @@ import pytest
 import torch
 import transformers
 
+from conftest import TINY_RECIPE
 from orchestrator.engine.models import build_model, vocab_size
 from orchestrator.errors import UsageError
 from orchestrator.recipe.schema import ModelConfig
 
-TINY = {
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+TINY = TINY_RECIPE["model"]["config"]
 
 
 def test_config_models_are_seeded():

@@ -9,33 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RECIPE
+from conftest import tiny_recipe
 from orchestrator.engine.data import build_data
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.engine.tasks import CausalLM, Classification, build_task_model, eval_metrics
-from orchestrator.errors import RecipeError, UsageError
-from orchestrator.recipe.dotted import deep_merge
-from orchestrator.recipe.loader import _Problems, validate_data
+from orchestrator.errors import UsageError
 from orchestrator.recipe.schema import DataConfig, ModelConfig
 
 
 def _recipe(tmp_path: Path, **sections: Any) -> Any:
-    base = {k: v for k, v in TINY_RECIPE.items() if k not in ("model", "data")}
-    data = deep_merge(
-        {
-            **base,
-            "model": {"kind": "builtin", "architecture": "mlp"},
-            "data": {"kind": "digits", "eval_fraction": 0.2},
-        },
-        sections,
-    )
-    data["checkpoint"]["storage"] = str(tmp_path / "runs")
-    data.setdefault("tracking", {})["uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    problems = _Problems("<test>")
-    recipe = validate_data(data, problems)
-    if recipe is None:
-        raise RecipeError(problems.items)
-    return recipe
+    """The tiny recipe with the builtin MLP on 8x8 digits."""
+    mlp = {"model": {"kind": "builtin", "architecture": "mlp"},
+           "data": {"kind": "digits", "eval_fraction": 0.2}}  # fmt: skip
+    return tiny_recipe(tmp_path, replace=mlp, **sections)
 
 
 def test_digits_split_is_fixed_normalised_and_labelled():

@@ -15,9 +15,7 @@ from conftest import TINY_RECIPE, tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.engine.vision import DropPath, build_builtin
 from orchestrator.errors import RecipeError, UsageError
-from orchestrator.recipe.dotted import deep_merge
 from orchestrator.recipe.expand import Variant
-from orchestrator.recipe.loader import _Problems, validate_data
 from orchestrator.recipe.plan import plan_of
 from orchestrator.techniques.base import Setup
 from orchestrator.techniques.dropout import DropoutConfig, DropoutSchedule, scheduled_rate
@@ -42,22 +40,12 @@ def _cfg(mode: str, schedule: str, **extra: Any) -> dict[str, Any]:
 
 
 def _vit_recipe(tmp_path: Path, **sections: Any) -> Any:
-    base = {k: v for k, v in TINY_RECIPE.items() if k not in ("model", "data")}
-    data = deep_merge(
-        {
-            **base,
-            "model": {"kind": "builtin", "architecture": "vit", "config": {"dim": 32, "depth": 3}},
-            "data": {"kind": "digits", "eval_fraction": 0.1},
-        },
-        sections,
-    )
-    data["checkpoint"]["storage"] = str(tmp_path / "runs")
-    data.setdefault("tracking", {})["uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    problems = _Problems("<test>")
-    recipe = validate_data(data, problems)
-    if recipe is None:
-        raise RecipeError(problems.items)
-    return recipe
+    """The tiny recipe with a 3-block ViT (width 32) on 8x8 digits."""
+    vit = {
+        "model": {"kind": "builtin", "architecture": "vit", "config": {"dim": 32, "depth": 3}},
+        "data": {"kind": "digits", "eval_fraction": 0.1},
+    }
+    return tiny_recipe(tmp_path, replace=vit, **sections)
 
 
 class Recording(Trainer):

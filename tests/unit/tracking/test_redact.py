@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -139,21 +137,7 @@ def test_no_secret_reaches_mlflow(
     assert run.data.params["tracking.password"] == MASK
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated MLflow sqlite store, built once per session (migrations take ~3 s)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.getbasetemp() / "regimen-mlflow-template.db"
-    if not path.exists():
-        fresh = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-        MlflowClient(f"sqlite:///{fresh}").search_experiments()
-        os.replace(fresh, path)
-    return path
-
-
 @pytest.fixture
-def uri(tmp_path: Path, template_db: Path) -> str:
-    """A fresh MLflow sqlite store in tmp_path (a copy of the template)."""
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
+def uri(mlflow_uri: str) -> str:
+    """A fresh MLflow sqlite store (tests/conftest.py)."""
+    return mlflow_uri

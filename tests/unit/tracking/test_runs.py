@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -38,24 +37,10 @@ RECIPE: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated MLflow sqlite store, built once per session (migrations take ~3 s)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.getbasetemp() / "regimen-mlflow-template.db"
-    if not path.exists():
-        fresh = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-        MlflowClient(f"sqlite:///{fresh}").search_experiments()
-        os.replace(fresh, path)
-    return path
-
-
 @pytest.fixture
-def uri(tmp_path: Path, template_db: Path) -> str:
-    """A fresh MLflow sqlite store in tmp_path (a copy of the template)."""
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
+def uri(mlflow_uri: str) -> str:
+    """A fresh MLflow sqlite store (tests/conftest.py)."""
+    return mlflow_uri
 
 
 @pytest.fixture
