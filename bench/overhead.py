@@ -16,6 +16,7 @@ median over rounds of its median step time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -127,13 +128,13 @@ def run_bare(recipe_path: Path, workdir: Path) -> list[float]:
     return json.loads(out.read_text())
 
 
-def run_regimen(recipe_path: Path, workdir: Path) -> list[float]:
-    """`regimen run --json` in a subprocess; step times read back from MLflow."""
+def run_regimen(recipe_path: Path, workdir: Path, overrides: tuple[str, ...] = ()) -> list[float]:
+    """`regimen run --json [KEY=VALUE ...]` in a subprocess; step times read back from MLflow."""
     import mlflow
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(recipe_path), "--json"],
+        [sys.executable, "-m", "orchestrator.cli", "run", str(recipe_path), "--json", *overrides],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -153,6 +154,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warm", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the arms")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the `regimen run` arm only (e.g. schedule.log_every=10)",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="regimen-bench-"))
     recipe = yaml.safe_load((REPO / "recipes/quickstart.yaml").read_text())
@@ -165,7 +173,8 @@ def main() -> None:
     arms: dict[str, list[float]] = {"bare": [], "loop": [], "regimen": []}
     counts: dict[str, int] = {}
     for _ in range(args.rounds):  # alternate the arms so drifting machine load hits all three
-        for name, runner in (("bare", run_bare), ("loop", run_loop), ("regimen", run_regimen)):
+        regimen_arm = functools.partial(run_regimen, overrides=tuple(args.override))
+        for name, runner in (("bare", run_bare), ("loop", run_loop), ("regimen", regimen_arm)):
             times = runner(path, workdir)[args.warm :]
             arms[name].append(statistics.median(times))
             counts[name] = counts.get(name, 0) + len(times)
@@ -179,7 +188,8 @@ def main() -> None:
         f"| {len(loop)} |"
     )
     print(
-        f"| regimen run (Ray Train, 2 workers, MLflow) | {r * 1e3:.1f} | {r / b:.3f} "
+        f"| regimen run (Ray Train, 2 workers, MLflow) {' '.join(args.override)} "
+        f"| {r * 1e3:.1f} | {r / b:.3f} "
         f"| {len(ours)} |"
     )
     print(f"\nratio regimen/bare = {r / b:.3f}  (target <= 1.05)")

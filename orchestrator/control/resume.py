@@ -32,9 +32,9 @@ SEGMENT_FILE = "segment.json"  # a manual rollback's extra skip ranges / LR scal
 
 
 def _client(uri: str) -> Any:
-    import mlflow
+    from orchestrator.tracking.runs import _client as shared
 
-    return mlflow.MlflowClient(uri)
+    return shared(uri)
 
 
 def _tag(value: Any) -> str:

@@ -18,6 +18,7 @@ import platform
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,11 +41,39 @@ _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _VERSIONED = ("torch", "deepspeed", "ray", "mlflow", "transformers")
 
 
+# sqlite has one writer at a time, and MLflow's SQLAlchemy pool (5 + 10 connections, 30 s
+# wait) runs dry when dozens of driver threads (one per concurrent sweep variant, each with
+# a heartbeat) wait on sqlite's lock together: "QueuePool limit ... reached". Calls on a
+# sqlite store therefore take turns, fewer at once than the pool holds.
+_SQLITE_TURNS = threading.BoundedSemaphore(4)
+
+
+class _TakingTurns:
+    """An MlflowClient whose calls wait for a turn (see ``_SQLITE_TURNS``) instead of failing."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def in_turn(*args: Any, **kwargs: Any) -> Any:
+            with _SQLITE_TURNS:
+                return attr(*args, **kwargs)
+
+        return in_turn
+
+
 @functools.lru_cache(maxsize=16)
 def _client(tracking_uri: str) -> Any:
+    """The driver's MlflowClient for ``tracking_uri`` (one per URI; sqlite calls take turns)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    return _TakingTurns(client) if tracking_uri.startswith("sqlite:") else client
 
 
 @contextlib.contextmanager

@@ -176,11 +176,11 @@ def replay_spool(tracking_uri: str, run_id: str, spool_path: str | Path) -> int:
     Do not run it on a spool that a live ``MetricSink`` is using. Raises
     ``TrackingError`` when MLflow fails; the unsent lines then stay in the file.
     """
-    from mlflow import MlflowClient
+    from orchestrator.tracking.runs import _client
 
     path = Path(spool_path)
     try:
-        client = MlflowClient(tracking_uri)
+        client = _client(tracking_uri)
         sent = _replay(client, run_id, _Spool(path))
         events = _events_path(path)
         if events != path and events.exists() and events.stat().st_size:

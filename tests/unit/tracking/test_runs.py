@@ -174,3 +174,58 @@ def test_git_provenance(
     assert tags["regimen.git_dirty"] == "false"
     (repo / "f.txt").write_text("b")
     assert client.get_run(_open(uri, tmp_path)).data.tags["regimen.git_dirty"] == "true"
+
+
+def test_sqlite_calls_take_turns_and_all_land(uri: str, client: Any, tmp_path: Path) -> None:
+    """32 driver threads (a wide sweep) open runs on one sqlite store at once: at most 4
+    MLflow calls are in flight together (below SQLAlchemy's pool of 5, so the pool never runs
+    dry and times out), and every run arrives whole."""
+    import threading
+    import time
+
+    from orchestrator.tracking import runs
+
+    shared = runs._client(uri)
+    inner = shared._client
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Watched:
+        def __getattr__(self, name: str) -> Any:
+            attr = getattr(inner, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                with lock:
+                    state["now"] += 1
+                    state["most"] = max(state["most"], state["now"])
+                try:
+                    time.sleep(0.002)  # widen the window in which calls could overlap
+                    return attr(*args, **kwargs)
+                finally:
+                    with lock:
+                        state["now"] -= 1
+
+            return call
+
+    shared._client = Watched()
+    ids: list[str] = []
+
+    def one(i: int) -> None:
+        recipe = {"optimizer": {"lr": i}}
+        ids.append(_open(uri, tmp_path, recipe=recipe, recipe_yaml=yaml.safe_dump(recipe)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        shared._client = inner
+    assert len(ids) == 32 and 1 < state["most"] <= 4
+    for run_id in ids:
+        run = client.get_run(run_id)
+        assert (
+            read_recipe_yaml(uri, run_id)
+            == f"optimizer:\n  lr: {run.data.params['optimizer.lr']}\n"
+        )
