@@ -108,6 +108,17 @@ def fit_problems(
     return []
 
 
+def jobs_at_once(resources: Any, nodes: Iterable[Mapping[str, float]]) -> int:
+    """How many jobs of ``resources`` the cluster of ``nodes`` holds at the same time (at
+    least 1): its worker slots over the workers one job needs (per node for STRICT_PACK)."""
+    bundle = bundle_of(resources)
+    workers = max(1, int(resources.workers))
+    per_node = [_how_many(bundle, n) for n in nodes]
+    if resources.placement == "STRICT_PACK":
+        return max(1, sum(c // workers for c in per_node))
+    return max(1, sum(per_node) // workers)
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     """Total resources of each alive node of the connected Ray cluster."""
     import ray

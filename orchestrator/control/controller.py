@@ -248,13 +248,14 @@ def run_variants(
     FINISHED only if every variant did. Before anything starts, resources that
     can never fit the connected cluster are refused (``ResourceFitError``, exit 2).
     """
-    from orchestrator.cluster.fit import check_variants
+    from orchestrator.cluster.fit import check_variants, cluster_nodes, jobs_at_once
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.tracking.record import DriverHeartbeat, driver_tags
     from orchestrator.tracking.runs import end_run, open_run
 
     ensure_ray(address)
-    check_variants(variants)
+    nodes = cluster_nodes()
+    check_variants(variants, nodes)
     job_tags = (
         {"regimen.job_id": os.environ["REGIMEN_JOB_ID"]} if "REGIMEN_JOB_ID" in os.environ else {}
     )
@@ -263,19 +264,26 @@ def run_variants(
     tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
     if len(variants) == 1:
         return [run_job(variants[0], on_progress=on_progress, extra_tags=job_tags)]
-    parent = open_run(
-        tracking.uri,
-        tracking.experiment,
-        recipe_name,
-        tags={"regimen.role": "sweep", "regimen.variants": str(len(variants)), **job_tags}
-        | driver_tags(),
-    )
     if max_concurrent is None:  # expanded variants carry no sweep section
         from orchestrator.recipe.schema import SweepConfig
 
         sweep = variants[0].recipe.sweep
         max_concurrent = (sweep or SweepConfig()).max_concurrent
     limit = max(1, min(len(variants), max_concurrent))
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # Regimen's own local Ray has fixed resources: variants beyond what it holds at once
+        # wait here rather than in Ray, where each would already cost a Ray Train controller
+        # process (~400 MB; 50 waiting ones filled 24 GB). A cluster may autoscale on queued
+        # demand, so there Ray queues them.
+        limit = min(limit, *(jobs_at_once(v.recipe.resources, nodes) for v in variants))
+    parent = open_run(
+        tracking.uri,
+        tracking.experiment,
+        recipe_name,
+        tags={"regimen.role": "sweep", "regimen.variants": str(len(variants)), **job_tags}
+        | {"regimen.concurrency": str(limit)}
+        | driver_tags(),
+    )
     cancel = threading.Event()
 
     def one(variant: Variant) -> JobResult:

@@ -51,14 +51,25 @@ def _many_jobs(tmp_path: Path, jobs: int) -> None:
     for r in finished:
         steps_logged = {m.step for m in client.get_metric_history(r.info.run_id, "loss")}
         assert steps_logged == set(range(1, steps + 1)), r.info.run_id
+    # The local Ray holds 2 one-CPU jobs: the rest wait in the driver, not as Ray Train
+    # controllers (one process each) in Ray's queue.
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`regimen.role` = 'sweep'",
+    )
+    assert parent.data.tags["regimen.concurrency"] == "2"
+    spans = [(r.info.start_time, r.info.end_time) for r in finished]
+    assert max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans) <= 2
     print(f"\nLOAD jobs={jobs} finished={len(finished)} lost=0 seconds={elapsed:.0f}")
 
 
+@pytest.mark.timeout(3600)  # the 50-job size, 2 at a time on 2 CPUs, takes about 15 min
 def test_many_jobs_at_once_ci(tmp_path: Path) -> None:
     _many_jobs(tmp_path, 50 if FULL else 6)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_many_jobs_at_once_full(tmp_path: Path) -> None:
     _many_jobs(tmp_path, 50)
 

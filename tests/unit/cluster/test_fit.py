@@ -69,3 +69,17 @@ def test_check_variants_names_each_bad_variant(tmp_path):
     with pytest.raises(ResourceFitError) as info:
         check_variants([ok, big], nodes=TWO_NODES)
     assert info.value.exit_code == 2 and str(info.value).startswith("big: resources")
+
+
+def test_jobs_at_once_counts_worker_slots():
+    from orchestrator.cluster.fit import jobs_at_once
+
+    assert jobs_at_once(res(workers=1, cpus_per_worker=1), TWO_NODES) == 4
+    assert jobs_at_once(res(workers=2, cpus_per_worker=1), TWO_NODES) == 2
+    assert jobs_at_once(res(workers=3, cpus_per_worker=1), TWO_NODES) == 1  # 4 slots, 3 a job
+    assert jobs_at_once(res(workers=2, placement="STRICT_PACK"), TWO_NODES) == 2
+    # 3 per node never packs two jobs onto a node, and never one across two
+    three = [{"CPU": 3.0}, {"CPU": 3.0}]
+    assert jobs_at_once(res(workers=2, placement="STRICT_PACK"), three) == 2
+    assert jobs_at_once(res(workers=4, cpus_per_worker=1), TWO_NODES) == 1
+    assert jobs_at_once(res(workers=1, cpus_per_worker=8), TWO_NODES) == 1  # never 0
