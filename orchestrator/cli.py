@@ -242,9 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     except RegimenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted: the MLflow runs still open were marked KILLED")
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (typer turns one inside into 130)
+        code = 130
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:

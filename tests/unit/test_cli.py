@@ -54,3 +54,14 @@ def test_bad_input_exits_2(capsys, tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nschedule: {stepz: 3}\n")
     got, err = _exit_code(capsys, "validate", str(tmp_path / "bad.yaml"))
     assert got == 2 and "bad.yaml:2" in err and "schedule.stepz" in err
+
+
+def test_interrupt_outside_a_command_exits_130_too(monkeypatch, capsys):
+    import orchestrator.cli as cli
+
+    def interrupted(**_: Any) -> None:
+        raise KeyboardInterrupt  # e.g. while typer parses the arguments
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    got, err = _exit_code(capsys, "run", "x.yaml")
+    assert got == 130 and "interrupted" in err
