@@ -88,6 +88,16 @@ def kill_session(leader: subprocess.Popen[Any], timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.5) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def tiny_recipe(tmp_path: Path, replace: dict[str, Any] | None = None, **sections: Any) -> Any:
     """A validated tiny Recipe; keyword sections are deep-merged over the defaults, the
     sections in ``replace`` (say, another model and its data) replace them whole."""

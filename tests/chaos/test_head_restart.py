@@ -18,21 +18,12 @@ import mlflow
 import pytest
 from chaos.run_helpers import mlp_recipe, regimen, write_recipe
 
-from conftest import kill_session
+from conftest import kill_session, wait_for
 from ray_cluster import ray_cluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
 STEPS = 3000
-
-
-def _wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_resume_on_a_fresh_head_after_the_cluster_died(tmp_path: Path) -> None:
@@ -50,7 +41,7 @@ def test_resume_on_a_fresh_head_after_the_cluster_died(tmp_path: Path) -> None:
         driver = regimen(tmp_path, "run", "r.yaml", "--address", first.gcs, "--json",
                          env=first.env)  # fmt: skip
         try:
-            _wait(lambda: len(list(bucket.glob("*/checkpoints/step-*/manifest.json"))) >= 2,
+            wait_for(lambda: len(list(bucket.glob("*/checkpoints/step-*/manifest.json"))) >= 2,
                   300, "two checkpoints mirrored to storage")  # fmt: skip
         except AssertionError:
             kill_session(driver)

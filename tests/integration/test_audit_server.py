@@ -26,7 +26,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO, TINY_RECIPE, free_port, kill_session
+from conftest import REPO, TINY_RECIPE, free_port, kill_session, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -179,16 +179,6 @@ def _reached(tmp: Path, step: int) -> bool:
     return any(int(name.split("-")[1]) >= step for name in done)
 
 
-def _wait(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise TimeoutError(what)
-
-
 def test_rollback_kill_reconcile_resume_lineage_and_plot(
     server: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -209,7 +199,7 @@ def test_rollback_kill_reconcile_resume_lineage_and_plot(
         segs = client.search_runs([exp.experiment_id], "tags.`regimen.role` = 'segment'")
         return segs[0] if segs else None
 
-    seg = _wait(segment_and_progress, 240, "a rollback segment and step 10")
+    seg = wait_for(segment_and_progress, 240, "a rollback segment and step 10")
     kill_session(driver)  # the driver, its embedded Ray and the workers die at once
     job_id = seg.data.tags["regimen.parent_run_id"]
     assert client.get_run(job_id).info.status == "RUNNING"  # stale
@@ -261,9 +251,9 @@ def test_sweep_through_an_outage_loses_no_metric_then_compare(
         sweep={"grid": {"optimizer.lr": [0.001, 0.004]}, "max_concurrent": 1},
     )  # fmt: skip
     driver = _regimen(tmp_path, "run", recipe.name, "--json")
-    _wait(lambda: _reached(tmp_path, 5), 240, "step 5")
+    wait_for(lambda: _reached(tmp_path, 5), 240, "step 5")
     proxy.set_down(True)
-    _wait(lambda: _reached(tmp_path, 20), 120, "step 20 in the outage")
+    wait_for(lambda: _reached(tmp_path, 20), 120, "step 20 in the outage")
     proxy.set_down(False)
     summary = _done(driver)
     assert proxy.refused > 0  # the outage was real
