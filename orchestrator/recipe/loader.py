@@ -138,6 +138,8 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
         return line, f"YAML tag {tag} is not allowed (recipes are plain data): remove the tag"
     if "unhashable key" in what:
         return line, "a key is a list or mapping: keys must be plain names; rename it"
+    if "nesting depth" in what:  # the YAML library's own limit, worded its own way
+        return line, f"nested deeper than {MAX_DEPTH} levels: flatten the structure"
     if "undefined alias" in what:
         return line, "alias (*name) used before its anchor (&name): define the anchor first"
     if "another document" in what:
@@ -262,9 +264,44 @@ def _too_deep(text: str) -> int | None:
             elif isinstance(event, closing):
                 depth -= 1
     except yaml.YAMLError:
-        return None
+        # libyaml >= 0.2.6 stops at its own nesting limit (about 1,000 levels) while looking
+        # ahead, before any event this walk could count. Count again on the pure-Python
+        # scanner, which has no limit of its own, so the message does not depend on versions.
+        return _too_deep_tokens(text)
     finally:
         loader.dispose()
+    return None
+
+
+def _too_deep_tokens(text: str) -> int | None:
+    """Like :func:`_too_deep`, on tokens of the pure-Python scanner; stops past ``MAX_DEPTH``.
+
+    Only the error path of :func:`_too_deep` comes here: the pure-Python scanner is slow on
+    large files, but this returns as soon as the limit is passed. Syntax errors are left to
+    the real parse.
+    """
+    opening = (
+        yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken,
+        yaml.BlockSequenceStartToken, yaml.BlockMappingStartToken,
+    )  # fmt: skip
+    closing = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+    try:
+        scanner, depth = yaml.SafeLoader(text), 0  # (its reader refuses control characters)
+    except yaml.YAMLError:
+        return None
+    try:
+        while scanner.check_token():
+            token = scanner.get_token()
+            if isinstance(token, opening):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return int(token.start_mark.line) + 1
+            elif isinstance(token, closing):
+                depth -= 1
+    except yaml.YAMLError:
+        return None
+    finally:
+        scanner.dispose()
     return None
 
 

@@ -392,3 +392,22 @@ def test_quickstart_and_ci_recipes_are_valid() -> None:
         *sorted((REPO / "recipes").glob("ci/*.yaml")),
     ]:
         assert load_recipe(path).recipe.name
+
+
+@pytest.mark.parametrize("depth", [65, 999, 1_001, 20_000])
+@pytest.mark.parametrize("style", ["flow", "block"])
+def test_deep_nesting_is_reported_the_same_at_any_depth(
+    tmp_path: Path, depth: int, style: str
+) -> None:
+    """libyaml stops at about 1,000 levels with its own wording (PyYAML 6.0.4): the message
+    and its line must not depend on which limit is hit first."""
+    if style == "flow":
+        nested = "[" * depth + "]" * depth
+        line = 3
+    else:  # `- - - 1`: one block sequence inside the next, two bytes a level
+        nested = "\n  " + "- " * depth + "1"
+        line = 4
+    path = write(tmp_path, "deep.yaml", f"name: deep\nschedule: {{steps: 2}}\nx: {nested}\n")
+    (problem,) = problems_of(path)
+    assert "nested deeper than 64 levels" in problem.message, problem.message
+    assert problem.line == line
