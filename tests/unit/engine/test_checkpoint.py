@@ -409,15 +409,15 @@ def test_async_save_is_byte_identical_to_sync_and_loads(
 def test_async_training_continues_during_write_and_snapshot_is_isolated(
     engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import orchestrator.engine.checkpoint as ckpt
+    import orchestrator.engine.checkpoint.async_save as ckpt_async
 
-    slow = ckpt._write_file
+    slow = ckpt_async.write_file
 
     def slow_write(real: Any, state: Any, path: str) -> None:
         time.sleep(0.4)  # slow storage
         slow(real, state, path)
 
-    monkeypatch.setattr(ckpt, "_write_file", slow_write)
+    monkeypatch.setattr(ckpt_async, "write_file", slow_write)
     store = CheckpointStore(tmp_path, keep=0)
     saved = snapshot(engine)
     pending = store.save_async(engine, 5, {"step": 5})
@@ -437,7 +437,7 @@ def test_async_training_continues_during_write_and_snapshot_is_isolated(
 def test_async_write_error_is_raised_at_wait_and_nothing_is_committed(
     engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import orchestrator.engine.checkpoint as ckpt
+    import orchestrator.engine.checkpoint.async_save as ckpt_async
 
     store = CheckpointStore(tmp_path, keep=0)
     store.save_async(engine, 1, {})
@@ -446,7 +446,7 @@ def test_async_write_error_is_raised_at_wait_and_nothing_is_committed(
     def full_disk(real: Any, state: Any, path: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_file", full_disk)
+    monkeypatch.setattr(ckpt_async, "write_file", full_disk)
     store.save_async(engine, 2, {})
     with pytest.raises(CheckpointError, match="disk full"):
         store.wait()
@@ -465,15 +465,16 @@ import torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT={port!r}, RANK="0", WORLD_SIZE="1")
 dist.init_process_group("gloo", rank=0, world_size=1)
 import orchestrator.engine.checkpoint as ckpt
+import orchestrator.engine.checkpoint.async_save as ckpt_async
 engine = make_engine(stage=1)
 train_step(engine, seed=1)
 store = ckpt.CheckpointStore({root!r}, keep=0)
 store.save(engine, 1, {{"v": 1}})
-real_write = ckpt._write_file
+real_write = ckpt_async.write_file
 def write_then_die(real, state, path):
     real_write(real, state, path)
     os._exit(9)  # killed after the first file of the async write, before the commit
-ckpt._write_file = write_then_die
+ckpt_async.write_file = write_then_die
 store.save_async(engine, 2, {{"v": 2}})
 for seed in range(100):
     train_step(engine, seed=seed)

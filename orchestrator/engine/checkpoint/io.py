@@ -1,0 +1,165 @@
+"""Durable files of a checkpoint: atomic writes, fsync, the SHA-256 manifest, write errors.
+
+A checkpoint directory holds DeepSpeed's files, one ``regimen/rankNNNNN.pt`` per rank and a
+``manifest.json`` written last: ``{format, step, world_size, created, meta, files: {relpath:
+{sha256, bytes}}}``. This module hashes and fsyncs a directory's files, writes and reads that
+manifest, checks a file against it and words the errors of a write that failed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint: its step, its directory and its parsed manifest."""
+
+    step: int
+    path: Path
+    manifest: dict
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that the renames and creations inside it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, replace, fsync."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (atomic_write_bytes)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """The file's SHA-256 hex digest and size in bytes; fsyncs it on the way."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+        os.fsync(f.fileno())
+    return h.hexdigest(), n
+
+
+def write_rank_state(rank_state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` one rank's state to ``path`` and fsync it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        torch.save(rank_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_manifest(tmp: Path, step: int, world_size: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """Hash (and fsync) every file under ``tmp``, fsync its dirs, then write the manifest last.
+
+    Returns the manifest written to ``tmp / MANIFEST``.
+    """
+    files: dict[str, dict[str, Any]] = {}
+    dirs = [tmp]
+    for p in sorted(tmp.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.name != MANIFEST:
+            digest, size = sha256_file(p)  # also fsyncs the file
+            files[p.relative_to(tmp).as_posix()] = {"sha256": digest, "bytes": size}
+    for d in dirs:
+        fsync_dir(d)
+    manifest: dict[str, Any] = {"format": FORMAT, "step": step, "world_size": world_size}
+    manifest |= {"created": time.time(), "meta": meta, "files": files}
+    atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(path: Path, step: int) -> dict[str, Any] | None:
+    """The manifest of checkpoint dir ``path`` if it is readable and matches ``step``, else None."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+    if ok and manifest.get("format") == FORMAT and manifest.get("step") == step:
+        return manifest
+    return None
+
+
+def file_problem(path: Path, want: Any) -> str | None:
+    """What is wrong with ``path`` against its manifest entry ``want``; None when it matches."""
+    if not isinstance(want, dict) or not path.is_file():
+        return "is missing or has a malformed manifest entry"
+    digest, size = sha256_file(path)
+    if size != want["bytes"] or digest != want["sha256"]:
+        return (
+            f"has {size} bytes sha256 {digest[:16]}…, manifest says "
+            f"{want['bytes']} bytes sha256 {want['sha256'][:16]}…"
+        )
+    return None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as torch's zip writer reports it (``unexpected pos`` on a short
+    write) when the filesystem has no room left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(exc)
+    return "No space left" in text or "unexpected pos" in text or "file too large" in text.lower()
+
+
+def write_error(tmp: Path, step: int, exc: BaseException) -> str:
+    """The message for a checkpoint whose files could not be written."""
+    where = tmp.parent
+    fsize_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    efbig = isinstance(exc, OSError) and exc.errno == errno.EFBIG
+    if efbig or (disk_full(exc) and fsize_limit != resource.RLIM_INFINITY):
+        return (
+            f"checkpoint {step} was not written under {where}: file too large for this "
+            f"process's file-size limit (ulimit -f: {fsize_limit} bytes). The previous "
+            "checkpoints are untouched; raise the limit, then `regimen resume` the run"
+        )
+    if disk_full(exc):
+        free = shutil.disk_usage(where).free if where.exists() else 0
+        return (
+            f"checkpoint {step} was not written: disk full under {where} ({free} bytes free). "
+            "The previous checkpoints are untouched; free space or lower checkpoint.keep, "
+            "then `regimen resume` the run"
+        )
+    return (
+        f"checkpoint {step} was not written to {tmp} ({type(exc).__name__}: {exc}); "
+        "the previous checkpoints are untouched"
+    )
