@@ -126,16 +126,12 @@ def _one(name: str, steps: int, interval: int) -> dict[str, Any]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from orchestrator.engine.loop import Trainer, WorkerContext
-    from orchestrator.errors import RecipeError
-    from orchestrator.recipe.loader import _Problems, validate_data
+    from orchestrator.recipe.loader import load_recipe_data
     from orchestrator.techniques.lisa import find_layers, optimizer_state_bytes
 
     dist.init_process_group("nccl" if GPU else "gloo", rank=0, world_size=1)
     tmp = Path(tempfile.mkdtemp(prefix="lisa-bench-"))
-    problems = _Problems("<bench>")
-    recipe = validate_data(_recipe_data(name, steps, interval, tmp), problems)
-    if recipe is None:
-        raise RecipeError(problems.items)
+    recipe = load_recipe_data(_recipe_data(name, steps, interval, tmp), "<bench>")
     rec: dict[str, Any] = {"bytes": [], "step_s": [], "rebuild_s": [], "loss": []}
 
     class Measured(Trainer):

@@ -43,8 +43,9 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def _recipe(args: argparse.Namespace, root: Path, **sections: Any) -> Any:
+    from orchestrator.errors import RecipeError
     from orchestrator.recipe.dotted import deep_merge
-    from orchestrator.recipe.loader import _Problems, validate_data
+    from orchestrator.recipe.loader import load_recipe_data
 
     h = args.hidden
     base = {
@@ -69,11 +70,10 @@ def _recipe(args: argparse.Namespace, root: Path, **sections: Any) -> Any:
         "resources": {"workers": args.world, "threads_per_worker": 1},
         "deepspeed": {"zero_optimization": {"stage": 1}},
     }
-    problems = _Problems("<bench>")
-    recipe = validate_data(deep_merge(base, sections), problems)
-    if recipe is None:
-        raise SystemExit("\n".join(str(p) for p in problems.items))
-    return recipe
+    try:
+        return load_recipe_data(deep_merge(base, sections), "<bench>")
+    except RecipeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _trainer(recipe: Any, run_dir: Path, rank: int, world: int) -> Any:

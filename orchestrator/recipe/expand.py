@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import Problem
-from orchestrator.recipe.loader import LoadedRecipe, _Problems, validate_data
+from orchestrator.recipe.loader import LoadedRecipe, Problems, validate_data
 from orchestrator.recipe.schema import Recipe
 
 MAX_NAME = 100
@@ -161,7 +161,7 @@ def expand(loaded: LoadedRecipe) -> list[Variant]:
         data = {**base, "name": name}
         for key, value in assignments.items():
             data = _with(data, key, value)
-        problems = _Problems(file)
+        problems = Problems(file)
         problems.lines = loaded.lines
         recipe = validate_data(data, problems, scan=assignments)
         for p in problems.items:
@@ -176,7 +176,7 @@ def expand(loaded: LoadedRecipe) -> list[Variant]:
             found.setdefault(p, []).append(name)
         if recipe is not None:
             variants.append(Variant(name=name, assignments=assignments, recipe=recipe))
-    report = _Problems(file)
+    report = Problems(file)
     report.lines = loaded.lines
     for p, names in found.items():
         report.add(p.key, f"{_names(names, len(combos))}: {p.message}", p.file, p.line)
