@@ -9,6 +9,7 @@ composed nodes records the line of every dotted key.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,22 @@ class _Walker:
         return None
 
 
+def _past_max_depth(
+    items: Iterator[Any], opening: tuple[type, ...], closing: tuple[type, ...]
+) -> int | None:
+    """Line of the first ``opening`` item nested deeper than ``MAX_DEPTH``, else None."""
+    depth = 0
+    for item in items:
+        if isinstance(item, opening):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = getattr(item, "start_mark", None)
+                return int(mark.line) + 1 if mark is not None else 1
+        elif isinstance(item, closing):
+            depth -= 1
+    return None
+
+
 def _too_deep(text: str) -> int | None:
     """Line of the first collection nested deeper than ``MAX_DEPTH``, else None.
 
@@ -163,20 +180,11 @@ def _too_deep(text: str) -> int | None:
     kill the process (SIGSEGV) before any Python limit applies. Syntax errors are left
     to the real parse.
     """
-    opening, closing = (yaml.MappingStartEvent, yaml.SequenceStartEvent), (
-        yaml.MappingEndEvent, yaml.SequenceEndEvent,
-    )  # fmt: skip
-    loader, depth = _Loader(text), 0
+    opening = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+    closing = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+    loader = _Loader(text)
     try:
-        while loader.check_event():
-            event = loader.get_event()
-            if isinstance(event, opening):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    mark = event.start_mark
-                    return int(mark.line) + 1 if mark is not None else 1
-            elif isinstance(event, closing):
-                depth -= 1
+        return _past_max_depth(iter(loader.get_event, None), opening, closing)
     except yaml.YAMLError:
         # libyaml >= 0.2.6 stops at its own nesting limit (about 1,000 levels) while looking
         # ahead, before any event this walk could count. Count again on the pure-Python
@@ -184,7 +192,6 @@ def _too_deep(text: str) -> int | None:
         return _too_deep_tokens(text)
     finally:
         loader.dispose()
-    return None
 
 
 def _too_deep_tokens(text: str) -> int | None:
@@ -200,23 +207,15 @@ def _too_deep_tokens(text: str) -> int | None:
     )  # fmt: skip
     closing = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
     try:
-        scanner, depth = yaml.SafeLoader(text), 0  # (its reader refuses control characters)
+        scanner = yaml.SafeLoader(text)  # (its reader refuses control characters)
     except yaml.YAMLError:
         return None
     try:
-        while scanner.check_token():
-            token = scanner.get_token()
-            if isinstance(token, opening):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    return int(token.start_mark.line) + 1
-            elif isinstance(token, closing):
-                depth -= 1
+        return _past_max_depth(iter(scanner.get_token, None), opening, closing)
     except yaml.YAMLError:
         return None
     finally:
         scanner.dispose()
-    return None
 
 
 def parse(
