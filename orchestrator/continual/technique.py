@@ -1,6 +1,7 @@
 """The `continual:` section as a technique: stages, replay, continual evaluation.
 
-Registered like any technique (section ``continual``), so its state (the replay
+A technique like any other (catalog entry ``continual``, config in
+:mod:`orchestrator.recipe.techniques.continual`), so its state (the replay
 buffer, the per-task score table and the stage position) goes into every checkpoint's
 rank state, comes back on resume, and comes back with the weights on a spike-guard
 rollback. Two loop hooks do what the technique interface cannot:

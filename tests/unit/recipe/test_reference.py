@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.recipe.catalog import CATALOG
 from orchestrator.recipe.reference import all_paths, key_problem, render_markdown
 from orchestrator.recipe.schema import Recipe
-from orchestrator.recipe.catalog import CATALOG
 
 REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "RECIPES.md"
