@@ -1,6 +1,7 @@
 """The `continual:` section as a technique: stages, replay, continual evaluation.
 
-Registered like any technique (section ``continual``), so its state (the replay
+A technique like any other (catalog entry ``continual``, config in
+:mod:`orchestrator.recipe.techniques.continual`), so its state (the replay
 buffer, the per-task score table and the stage position) goes into every checkpoint's
 rank state, comes back on resume, and comes back with the weights on a spike-guard
 rollback. Two loop hooks do what the technique interface cannot:
@@ -19,7 +20,7 @@ for language models), ``cl/eval_time_share``. At the end the metrics of
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,9 +29,10 @@ from orchestrator.continual.metrics import summarize
 from orchestrator.continual.replay import ReplayBuffer
 from orchestrator.continual.stages import Stage, StageBatches, build_stages, stage_at
 from orchestrator.engine.data import collate
-from orchestrator.recipe.schema import ContinualConfig
-from orchestrator.techniques.base import Technique, TechniqueConfig, TrainState, Verdict
-from orchestrator.techniques.registry import TechniqueSpec, register
+from orchestrator.recipe import catalog
+from orchestrator.recipe.techniques.continual import ContinualConfig
+from orchestrator.techniques.base import Technique, TrainState, Verdict
+from orchestrator.techniques.registry import TechniqueSpec
 
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import Recipe
@@ -221,108 +223,4 @@ def summary_of(trainer: Any) -> dict[str, Any]:
     return {}
 
 
-# -- registration ---------------------------------------------------------------------------
-def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
-    cfg = cast(ContinualConfig, cfg)
-    problems: list[tuple[str, str]] = []
-    total = sum(s.steps for s in cfg.stages)
-    if total != recipe.schedule.steps:
-        problems.append(
-            (
-                "continual.stages",
-                f"the stages' steps sum to {total} but schedule.steps is "
-                f"{recipe.schedule.steps}: set schedule.steps: {total} or change the stages' steps",
-            )
-        )
-    classification = recipe.model.task == "classification"
-    for i, stage in enumerate(cfg.stages):
-        if stage.classes is not None and not classification:
-            problems.append(
-                (
-                    f"continual.stages.{i}.classes",
-                    "classes need a classifier (model.task: classification): remove classes",
-                )
-            )
-        warm = getattr(recipe.techniques, "warmup", None)
-        if stage.restart_schedule:
-            if warm is None or not warm.enabled:
-                problems.append(
-                    (
-                        f"continual.stages.{i}.restart_schedule",
-                        "restarts techniques.warmup's schedule, which is not configured: "
-                        "add techniques.warmup or remove restart_schedule",
-                    )
-                )
-            elif warm.resolved_warmup(stage.steps) >= stage.steps:
-                problems.append(
-                    (
-                        f"continual.stages.{i}.restart_schedule",
-                        f"the restarted warmup ({warm.resolved_warmup(stage.steps)} steps) must "
-                        f"be shorter than the stage ({stage.steps} steps): use warmup_fraction "
-                        "or fewer warmup_steps",
-                    )
-                )
-    if cfg.replay.policy == "class_balanced" and not classification:
-        problems.append(
-            (
-                "continual.replay.policy",
-                "class_balanced needs class labels (model.task: classification): "
-                "use task_balanced or reservoir",
-            )
-        )
-    k = round(cfg.replay.ratio * recipe.schedule.micro_batch_size)
-    if cfg.replay.ratio > 0 and k == 0:
-        problems.append(
-            (
-                "continual.replay.ratio",
-                f"ratio {cfg.replay.ratio} x micro_batch_size {recipe.schedule.micro_batch_size} "
-                "rounds to 0 replayed samples per micro-batch: raise the ratio or the batch",
-            )
-        )
-    return problems
-
-
-def _describe(cfg: TechniqueConfig, recipe: Recipe) -> dict[str, object]:
-    cfg = cast(ContinualConfig, cfg)
-    stages, start = [], 0
-    for s in cfg.stages:
-        what = f"classes {s.classes}" if s.classes is not None else (s.data or recipe.data).kind
-        extra = (", LR restart" if s.restart_schedule else "") + ("" if s.replay else ", no replay")
-        stages.append(f"{s.name} steps [{start}, {start + s.steps}) {what}{extra}")
-        start += s.steps
-    r = cfg.replay
-    k = round(r.ratio * recipe.schedule.micro_batch_size)
-    mb = recipe.schedule.micro_batch_size
-    return {
-        "stages": stages,
-        "replay": f"{r.policy} size {r.size}, {k}/{mb} per micro-batch"
-        if r.size and r.ratio
-        else "off",
-        "eval": f"every {cfg.eval.every or 'stage end'}, {cfg.eval.subset_size} samples per task",
-    }
-
-
-register(
-    TechniqueSpec(
-        name="continual",
-        config=ContinualConfig,
-        build=lambda cfg, recipe: Continual(cast(ContinualConfig, cfg), recipe),
-        order=15,
-        summary="Continual-learning stages, replay buffer and continual evaluation.",
-        section="continual",
-        check=_check,
-        describe=_describe,
-        example={
-            "stages": [
-                {"name": "first", "steps": 3},
-                {
-                    "name": "second",
-                    "steps": 3,
-                    "data": {"kind": "stdlib_bytes", "seq_len": 32, "max_bytes": 120_000},
-                },
-            ],
-            "replay": {"size": 8, "policy": "reservoir", "ratio": 0.5},
-            "eval": {"every": 2, "subset_size": 4},
-        },
-    )
-)
+SPEC = TechniqueSpec(catalog.CONTINUAL, build=Continual)

@@ -29,17 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import CheckpointError
+from orchestrator.recipe.storage import is_remote as is_remote
 
 MANIFEST = "manifest.json"
-# URI schemes pyarrow.fs.FileSystem.from_uri understands (without a network call to check).
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 _CHUNK = 8 << 20
-
-
-def is_remote(storage: str) -> bool:
-    """True when ``storage`` is a URI for a pyarrow filesystem rather than a local path."""
-    scheme, sep, _ = storage.partition("://")
-    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
 
 
 def run_storage_uri(storage: str, run_id: str) -> str:

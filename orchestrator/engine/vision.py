@@ -18,27 +18,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UsageError
-
-VIT_DEFAULTS: dict[str, Any] = {
-    "image_size": 8,
-    "patch_size": 2,
-    "channels": 1,
-    "num_classes": 10,
-    "dim": 64,
-    "depth": 4,
-    "heads": 4,
-    "mlp_ratio": 2.0,
-    "dropout": 0.1,
-    "drop_path": 0.1,
-}
-MLP_DEFAULTS: dict[str, Any] = {
-    "in_features": 64,
-    "hidden": 64,
-    "depth": 2,
-    "num_classes": 10,
-    "dropout": 0.1,
-}
-DEFAULTS = {"vit": VIT_DEFAULTS, "mlp": MLP_DEFAULTS}
+from orchestrator.recipe.builtin_models import DEFAULTS, MLP_DEFAULTS, VIT_DEFAULTS, unknown_keys
 
 
 class DropPath(nn.Module):
@@ -152,11 +132,6 @@ class MLP(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values)
-
-
-def unknown_keys(architecture: str, config: dict[str, Any]) -> list[str]:
-    """Keys of ``config`` that the builtin ``architecture`` does not take."""
-    return sorted(set(config) - set(DEFAULTS.get(architecture, {})))
 
 
 def build_builtin(architecture: str, config: dict[str, Any], seed: int) -> nn.Module:

@@ -6,8 +6,8 @@ from typing import Any
 
 from rich.markup import escape
 
+from orchestrator.recipe.catalog import enabled
 from orchestrator.recipe.expand import Variant
-from orchestrator.techniques.registry import config_of, registered
 
 MAX_LISTED_CHECKPOINTS = 1000
 
@@ -33,10 +33,8 @@ def plan_of(variant: Variant) -> dict[str, Any]:
         steps, r.checkpoint.every, r.checkpoint.at_end, MAX_LISTED_CHECKPOINTS
     )
     techniques: dict[str, Any] = {}
-    for spec in registered():
-        cfg = config_of(spec, r)
-        if cfg is not None and cfg.enabled:
-            techniques[spec.name] = spec.describe(cfg, r) if spec.describe else {}
+    for entry, cfg in enabled(r):
+        techniques[entry.name] = entry.describe(cfg, r) if entry.describe else {}
     user_code = [
         f"{where}: {ref}"
         for where, ref in (("model.factory", r.model.factory), ("data.factory", r.data.factory))

@@ -1,7 +1,7 @@
 """The recipe schema in words: docs/RECIPES.md and the wording of validation problems.
 
 ``render_markdown()`` generates docs/RECIPES.md from :class:`Recipe` (its JSON schema
-and ``model_fields``), techniques included since they come from the registry::
+and ``model_fields``), techniques included since they come from the catalog::
 
     python -m orchestrator.recipe.reference > docs/RECIPES.md
 
@@ -360,7 +360,7 @@ def _section(model: type[BaseModel], path: str, defs: dict[str, Any], out: list[
     if path == "techniques":
         out.append(
             "Each technique is off unless its section is present; `enabled: false` turns a "
-            "present one off. Run order is fixed (the registry's order), the same on every rank.\n"
+            "present one off. Run order is fixed (the catalog's order), the same on every rank.\n"
         )
     out.append("| key | type | default | constraints | description |")
     out.append("|---|---|---|---|---|")

@@ -1,8 +1,9 @@
 """The technique interface: one small set of hooks, run in a fixed order on every rank.
 
-A technique is a module with a config model (a pydantic ``TechniqueConfig``), a
-class implementing these hooks, and one ``register(...)`` call. Hooks default to
-no-ops; techniques never inherit from one another.
+A technique is a class implementing these hooks, built from its config (a
+``TechniqueConfig`` listed in :mod:`orchestrator.recipe.catalog`) by its module's ``SPEC``
+(:mod:`orchestrator.techniques.registry`). Hooks default to no-ops; techniques never
+inherit from one another.
 
 Hook order inside one optimizer step::
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from orchestrator.recipe.sections import TechniqueConfig as TechniqueConfig
 
 if TYPE_CHECKING:
     import torch
@@ -32,14 +33,6 @@ class Verdict(IntEnum):
     SKIP_STEP = 1
     ROLLBACK = 2
     STOP = 3
-
-
-class TechniqueConfig(BaseModel):
-    """Base of every technique's config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True
 
 
 @dataclass

@@ -36,17 +36,15 @@ telling to build the model with the maximum rate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
 from orchestrator.errors import UsageError
-from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState
-from orchestrator.techniques.registry import TechniqueSpec, register
-
-if TYPE_CHECKING:
-    from orchestrator.recipe.schema import Recipe
+from orchestrator.recipe import catalog
+from orchestrator.recipe.techniques.dropout import DropoutConfig, scheduled_rate
+from orchestrator.techniques.base import Setup, Technique, TrainState
+from orchestrator.techniques.registry import TechniqueSpec
 
 # Float attributes that HF modules read in forward() as a dropout probability.
 DROPOUT_ATTRS = (
@@ -72,68 +70,6 @@ DROPOUT_CONFIG_KEYS = (
     "embd_pdrop",
 )
 DROP_PATH_ATTRS = ("drop_prob", "drop_path", "drop_path_rate")
-
-
-class DropoutConfig(TechniqueConfig):
-    """`techniques.dropout`: mode, schedule, rate, cut-off (`cutoff_steps` or `cutoff_fraction`)."""
-
-    mode: Literal["standard", "early", "late"] = "early"
-    schedule: Literal["constant", "linear"] = "constant"
-    rate: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout rate of the active phase.")
-    drop_path_rate: float | None = Field(
-        None, ge=0.0, lt=1.0, description="Stochastic-depth rate; default: `rate`."
-    )
-    cutoff_steps: int | None = Field(None, ge=0, description="Phase boundary in steps.")
-    cutoff_fraction: float | None = Field(
-        None, ge=0.0, le=1.0, description="Phase boundary as a fraction of schedule.steps."
-    )
-    target: Literal["dropout", "drop_path", "both"] = "dropout"
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DropoutConfig:
-        if self.cutoff_steps is not None and self.cutoff_fraction is not None:
-            raise ValueError("give cutoff_steps or cutoff_fraction, not both")
-        if self.mode == "standard":
-            if self.schedule != "constant":
-                raise ValueError(
-                    "mode 'standard' keeps the rate constant: use schedule 'constant' "
-                    "(or mode 'early' with schedule 'linear' for a decreasing rate)"
-                )
-        elif self.cutoff_steps is None and self.cutoff_fraction is None:
-            raise ValueError(
-                f"mode '{self.mode}' needs a cut-off: set cutoff_steps or cutoff_fraction"
-            )
-        return self
-
-    def resolved_cutoff(self, total_steps: int) -> int:
-        """The phase boundary in steps (0 for standard)."""
-        if self.cutoff_steps is not None:
-            return self.cutoff_steps
-        return round((self.cutoff_fraction or 0.0) * total_steps)
-
-    @property
-    def path_rate(self) -> float:
-        """The stochastic-depth rate of the active phase."""
-        return self.rate if self.drop_path_rate is None else self.drop_path_rate
-
-
-def scheduled_rate(cfg: DropoutConfig, peak: float, step: int, total_steps: int) -> float:
-    """The rate of optimizer step ``step`` (0-based) for a peak rate ``peak``."""
-    if cfg.mode == "standard":
-        return peak
-    cut = cfg.resolved_cutoff(total_steps)
-    if cfg.mode == "early":
-        if step >= cut:
-            return 0.0
-        if cfg.schedule == "constant" or cut <= 1:
-            return peak
-        return peak * (1.0 - step / (cut - 1))
-    if step < cut:
-        return 0.0
-    if cfg.schedule == "constant":
-        return peak
-    span = total_steps - 1 - cut
-    return peak if span <= 0 else peak * min(1.0, (step - cut) / span)
 
 
 @dataclass
@@ -288,52 +224,4 @@ class DropoutSchedule(Technique):
         self._apply_state(state)
 
 
-def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
-    cfg = cast(DropoutConfig, cfg)
-    cut, total = cfg.resolved_cutoff(recipe.schedule.steps), recipe.schedule.steps
-    if cfg.mode != "standard" and cut > total:
-        key = "cutoff_steps" if cfg.cutoff_steps is not None else "cutoff_fraction"
-        return [
-            (
-                f"techniques.dropout.{key}",
-                f"cut-off ({cut} steps) is after the end of training (schedule.steps {total}): "
-                "lower it or train longer",
-            )
-        ]
-    return []
-
-
-def _describe(cfg: TechniqueConfig, recipe: Recipe) -> dict[str, object]:
-    cfg = cast(DropoutConfig, cfg)
-    total = recipe.schedule.steps
-    cut = cfg.resolved_cutoff(total) if cfg.mode != "standard" else 0
-    marks = {0, total - 1}
-    if cfg.mode != "standard":
-        marks |= {max(0, cut - 1), cut}
-        if cfg.schedule == "linear":
-            marks.add(cut // 2 if cfg.mode == "early" else (cut + total - 1) // 2)
-    marks &= set(range(total))
-    out: dict[str, object] = {"mode": cfg.mode, "schedule": cfg.schedule, "target": cfg.target}
-    if cfg.mode != "standard":
-        out["cutoff_step"] = cut
-    if cfg.target in ("dropout", "both"):
-        out["rate_at_step"] = {k: scheduled_rate(cfg, cfg.rate, k, total) for k in sorted(marks)}
-    if cfg.target in ("drop_path", "both"):
-        out["drop_path_rate_at_step"] = {
-            k: scheduled_rate(cfg, cfg.path_rate, k, total) for k in sorted(marks)
-        }
-    return out
-
-
-register(
-    TechniqueSpec(
-        name="dropout",
-        config=DropoutConfig,
-        build=lambda cfg, recipe: DropoutSchedule(cfg),  # type: ignore[arg-type]
-        order=20,
-        summary="Standard / early / late dropout and stochastic depth, set every step.",
-        check=_check,
-        describe=_describe,
-        example={"mode": "early", "schedule": "linear", "rate": 0.2, "cutoff_steps": 4},
-    )
-)
+SPEC = TechniqueSpec(catalog.DROPOUT, build=lambda cfg, recipe: DropoutSchedule(cfg))

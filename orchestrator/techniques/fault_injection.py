@@ -21,29 +21,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState
+from orchestrator.recipe import catalog
+from orchestrator.recipe.techniques.fault_injection import FaultInjectionConfig
+from orchestrator.techniques.base import Setup, Technique, TrainState
+from orchestrator.techniques.registry import TechniqueSpec
 
 FAULTS = ("nan", "spike", "grad_blowup", "kill", "kill_in_checkpoint")
-
-
-class FaultInjectionConfig(TechniqueConfig):
-    """`techniques.fault_injection`: deliberate faults at given steps (tests, demos)."""
-
-    nan_at_step: int | None = Field(None, ge=0)
-    spike_at_step: int | None = Field(None, ge=0)
-    spike_steps: int = Field(1, ge=1)
-    spike_factor: float = Field(100.0, gt=0.0)
-    grad_blowup_at_step: int | None = Field(None, ge=0)
-    grad_factor: float = Field(1e4, gt=0.0)
-    kill_at_step: int | None = Field(None, ge=0)
-    kill_in_checkpoint_at_step: int | None = Field(None, ge=1)
-    kill_rank: int = Field(0, ge=0)
-    kill_mode: Literal["exit", "raise"] = "exit"
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -174,20 +161,4 @@ class FaultInjection(Technique):
             self._spike_until = int(state["spike_until"])
 
 
-def _register() -> None:
-    from orchestrator.techniques.registry import TechniqueSpec, register
-
-    register(
-        TechniqueSpec(
-            name="fault_injection",
-            config=FaultInjectionConfig,
-            build=lambda cfg, recipe: FaultInjection(cfg),  # type: ignore[arg-type]
-            order=5,
-            summary="Deliberate faults (NaN, loss spike, gradient blow-up, worker kill) for tests.",
-            describe=lambda cfg, recipe: cfg.model_dump(exclude_none=True),
-            example={"spike_at_step": 1, "spike_factor": 1.0},
-        )
-    )
-
-
-_register()
+SPEC = TechniqueSpec(catalog.FAULT_INJECTION, build=lambda cfg, recipe: FaultInjection(cfg))

@@ -34,18 +34,16 @@ from __future__ import annotations
 
 import gc
 import weakref
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
 
 from orchestrator.errors import UsageError
-from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState, Verdict
-from orchestrator.techniques.registry import TechniqueSpec, register
-
-if TYPE_CHECKING:
-    from orchestrator.recipe.schema import Recipe
+from orchestrator.recipe import catalog
+from orchestrator.recipe.techniques.lisa import LisaConfig, sample_layers
+from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
+from orchestrator.techniques.registry import TechniqueSpec
 
 # Where common HF causal LMs keep their transformer blocks (tried in order).
 LAYER_PATHS = (
@@ -60,61 +58,6 @@ LAYER_PATHS = (
 )
 _HEAD_NAMES = ("lm_head", "score", "classifier", "embed_out")
 _MASK_LIMIT = 52  # a float64 metric holds an exact bitmask of up to 53 bits
-
-
-class LisaConfig(TechniqueConfig):
-    """`techniques.lisa`: `gamma` sampled layers + always-on parts train; redrawn per `interval`."""
-
-    gamma: int = Field(2, ge=0, description="Layers trained per interval (paper: 1-2).")
-    interval: int = Field(20, ge=1, description="K, optimizer steps between switches.")
-    train_embeddings: bool = Field(True, description="Input embeddings always train.")
-    train_head: bool = Field(True, description="LM head (output embeddings) always trains.")
-    train_final_norm: bool = Field(
-        True,
-        description="Every other parameter outside the layers (final norm, ...) always trains.",
-    )
-    weights: list[float] | None = Field(
-        None,
-        description="Sampling weight per layer (sampled without replacement); default uniform.",
-    )
-    layers_path: str | None = Field(
-        None,
-        description="Dotted path of the layer ModuleList, e.g. 'model.layers'; default: detected.",
-    )
-    keep_always_on_state: bool = Field(
-        True,
-        description="Carry the always-on params' moments (and ZeRO fp32 master) across switches.",
-    )
-
-    @model_validator(mode="after")
-    def _weights_ok(self) -> LisaConfig:
-        if self.weights is not None:
-            if any(w < 0 for w in self.weights):
-                raise ValueError("weights must be >= 0 (one per layer)")
-            if sum(1 for w in self.weights if w > 0) < self.gamma:
-                raise ValueError(
-                    f"weights give fewer than gamma={self.gamma} layers a positive weight"
-                )
-        nothing = self.gamma == 0 and not (
-            self.train_embeddings or self.train_head or self.train_final_norm
-        )
-        if nothing:
-            raise ValueError("gamma is 0 and no always-on part trains: nothing would train")
-        return self
-
-
-# -- pure helpers (also used by the benchmark) -----------------------------------------------
-def sample_layers(cfg: LisaConfig, n_layers: int, seed: int, interval: int) -> list[int]:
-    """The active layers of ``interval`` (sorted): a pure function of (seed, interval)."""
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(interval) + 1)
-    if cfg.gamma == 0:
-        return []
-    if cfg.weights is None:
-        chosen = torch.randperm(n_layers, generator=gen)[: cfg.gamma]
-    else:
-        w = torch.tensor(cfg.weights, dtype=torch.float64)
-        chosen = torch.multinomial(w, cfg.gamma, replacement=False, generator=gen)
-    return sorted(int(i) for i in chosen)
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -429,89 +372,4 @@ class Lisa(Technique):
             self._state.request_rebuild = True
 
 
-def _layer_count(recipe: Recipe) -> int | None:
-    """Layers of an `hf_config` model, known without building it; None when unknown."""
-    model = recipe.model
-    if model.kind != "hf_config":
-        return None
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in model.config:
-            return int(model.config[key])
-    try:
-        import transformers
-
-        arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}[
-            model.architecture
-        ]
-        return int(transformers.AutoConfig.for_model(arch).num_hidden_layers)
-    except Exception:
-        return None
-
-
-def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
-    cfg = cast(LisaConfig, cfg)
-    problems: list[tuple[str, str]] = []
-    if recipe.zero_stage >= 3:
-        problems.append(
-            (
-                "techniques.lisa",
-                "LISA cannot run under ZeRO-3: ZeRO-3 partitions the parameters themselves "
-                "at deepspeed.initialize, and LISA rebuilds the engine for each new layer set, "
-                "which would re-partition live parameters; use deepspeed.zero_optimization.stage "
-                "2 (LISA already keeps optimizer state only for the active layers)",
-            )
-        )
-    n = _layer_count(recipe)
-    if n is not None:
-        if cfg.gamma > n:
-            problems.append(
-                (
-                    "techniques.lisa.gamma",
-                    f"{cfg.gamma} is more than the model's {n} layers: use 1..{n}",
-                )
-            )
-        if cfg.weights is not None and len(cfg.weights) != n:
-            problems.append(
-                (
-                    "techniques.lisa.weights",
-                    f"{len(cfg.weights)} weights for a {n}-layer model: give one per layer",
-                )
-            )
-    return problems
-
-
-def _describe(cfg: TechniqueConfig, recipe: Recipe) -> dict[str, object]:
-    cfg = cast(LisaConfig, cfg)
-    steps, k = recipe.schedule.steps, cfg.interval
-    switches = list(range(k, steps, k))
-    always = [n for n, on in (("embeddings", cfg.train_embeddings), ("head", cfg.train_head),
-                              ("final_norm", cfg.train_final_norm)) if on]  # fmt: skip
-    out: dict[str, object] = {
-        "gamma": cfg.gamma,
-        "interval": k,
-        "always_on": always,
-        "switch_steps": switches[:8]
-        + ([f"... ({len(switches)} in all)"] if len(switches) > 8 else []),
-    }
-    n = _layer_count(recipe)
-    if n is not None and cfg.gamma <= n and (cfg.weights is None or len(cfg.weights) == n):
-        out["layers"] = n
-        out["active_from_step"] = {
-            i * k: sample_layers(cfg, n, recipe.seed, i) for i in range(min(6, len(switches) + 1))
-        }
-    return out
-
-
-register(
-    TechniqueSpec(
-        name="lisa",
-        config=LisaConfig,
-        build=lambda cfg, recipe: Lisa(cfg, recipe.seed),  # type: ignore[arg-type]
-        order=30,
-        summary="LISA: gamma sampled layers (+ embeddings/head) train per interval; "
-        "optimizer state only for them.",
-        check=_check,
-        describe=_describe,
-        example={"gamma": 1, "interval": 2},
-    )
-)
+SPEC = TechniqueSpec(catalog.LISA, build=lambda cfg, recipe: Lisa(cfg, recipe.seed))

@@ -1,85 +1,107 @@
-"""The technique registry: name -> config model, builder, fixed run order.
+"""The technique registry: each catalog entry's builder, imported only when techniques are built.
 
-Registering is all a technique needs to be part of the recipe schema, of
-``regimen schema``/docs, of the training loop and of the conformance test.
+The recipe side of every technique (config, checks, plan, run order) is the explicit
+catalog :mod:`orchestrator.recipe.catalog`. This module pairs each catalog entry with
+the ``SPEC`` (a :class:`TechniqueSpec`) of its technique module, listed in
+:data:`BUILDERS`. Nothing registers itself: the technique modules (and torch) are
+imported by :func:`registered` / :func:`build_techniques`, never by loading a recipe.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from orchestrator.recipe.catalog import CATALOG, TechniqueEntry, enabled
+from orchestrator.recipe.catalog import config_of as config_of
 from orchestrator.techniques.base import Technique, TechniqueConfig
 
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import Recipe
 
+C = TypeVar("C", bound=TechniqueConfig)
+
+# Catalog name -> "module:SPEC" of the technique that the entry's config builds.
+BUILDERS: dict[str, str] = {
+    "fault_injection": "orchestrator.techniques.fault_injection:SPEC",
+    "warmup": "orchestrator.techniques.warmup:SPEC",
+    "continual": "orchestrator.continual.technique:SPEC",
+    "dropout": "orchestrator.techniques.dropout:SPEC",
+    "lisa": "orchestrator.techniques.lisa:SPEC",
+    "sgg": "orchestrator.techniques.sgg:SPEC",
+    "spike_guard": "orchestrator.techniques.spike_guard:SPEC",
+}
+
 
 @dataclass(frozen=True)
-class TechniqueSpec:
-    """How to find, validate and build one technique.
+class TechniqueSpec(Generic[C]):
+    """A catalog entry and the builder of its technique, typed by the entry's config.
 
-    ``order`` fixes hook order (lower runs first, same on every rank).
-    ``section`` is where its config lives: ``techniques`` (``techniques.<name>``)
-    or a top-level section such as ``stability``.
-    ``check`` returns cross-section problems as ``(dotted_key, message)`` pairs.
-    ``describe`` gives what `regimen plan` shows for it (phase boundaries, switches).
-    ``example`` is a config that makes the technique act within a few steps of a tiny
-    model: the conformance test runs every technique with it.
+    ``build(cfg, recipe)`` gets the entry's own config type, so a technique module
+    writes ``SPEC = TechniqueSpec(catalog.WARMUP, build=...)`` and the type checker
+    checks the builder against ``WarmupConfig``. The entry's fields (name, order,
+    section, example, ...) read through.
     """
 
-    name: str
-    config: type[TechniqueConfig]
-    build: Callable[[TechniqueConfig, Recipe], Technique]
-    order: int
-    summary: str
-    section: str = "techniques"
-    check: Callable[[TechniqueConfig, Recipe], list[tuple[str, str]]] | None = None
-    describe: Callable[[TechniqueConfig, Recipe], dict[str, Any]] | None = None
-    example: dict[str, Any] = field(default_factory=dict)
+    entry: TechniqueEntry[C]
+    build: Callable[[C, Recipe], Technique]
+
+    @property
+    def name(self) -> str:
+        """The technique's name (its catalog entry's)."""
+        return self.entry.name
+
+    @property
+    def config(self) -> type[C]:
+        """The config model."""
+        return self.entry.config
+
+    @property
+    def order(self) -> int:
+        """Run order: lower runs first, the same on every rank."""
+        return self.entry.order
+
+    @property
+    def section(self) -> str:
+        """``techniques`` or the top-level section its config lives in."""
+        return self.entry.section
+
+    @property
+    def summary(self) -> str:
+        """One line on what it does."""
+        return self.entry.summary
+
+    @property
+    def example(self) -> dict[str, Any]:
+        """A config that makes it act within a few steps of a tiny model (conformance)."""
+        return self.entry.example
 
 
-_REGISTRY: dict[str, TechniqueSpec] = {}
-
-
-def register(spec: TechniqueSpec) -> TechniqueSpec:
-    """Add a technique; names are unique."""
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
-        raise ValueError(f"technique {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
+def spec_of(name: str) -> TechniqueSpec[Any]:
+    """The spec of the catalog entry ``name``, importing its technique module."""
+    target = BUILDERS.get(name)
+    if target is None:
+        raise LookupError(
+            f"technique {name!r} is in orchestrator.recipe.catalog but has no builder: "
+            "add it to orchestrator.techniques.registry.BUILDERS"
+        )
+    module, _, attr = target.partition(":")
+    spec = getattr(importlib.import_module(module), attr)
+    if not isinstance(spec, TechniqueSpec) or spec.name != name:
+        raise LookupError(f"{target} is not the TechniqueSpec of {name!r}")
     return spec
 
 
-def registered() -> list[TechniqueSpec]:
-    """Every technique, in run order. Importing the catalog fills the registry."""
-    import orchestrator.techniques.catalog  # noqa: F401  (side effect: registrations)
-
-    return sorted(_REGISTRY.values(), key=lambda s: (s.order, s.name))
-
-
-def config_of(spec: TechniqueSpec, recipe: Recipe) -> TechniqueConfig | None:
-    """The technique's config in ``recipe``, or None when the recipe does not mention it."""
-    if spec.section == "techniques":
-        return getattr(recipe.techniques, spec.name, None)
-    return getattr(recipe, spec.section, None)
+def registered() -> list[TechniqueSpec[Any]]:
+    """Every technique's spec, in run order (the catalog's); imports every technique module."""
+    unknown = sorted(set(BUILDERS) - {e.name for e in CATALOG})
+    if unknown:
+        raise LookupError(f"builders without a catalog entry: {unknown}")
+    return [spec_of(e.name) for e in CATALOG]
 
 
 def build_techniques(recipe: Recipe) -> list[Technique]:
     """Instantiate every enabled technique of ``recipe`` in run order."""
-    built: list[Technique] = []
-    for spec in registered():
-        cfg = config_of(spec, recipe)
-        if cfg is not None and cfg.enabled:
-            built.append(spec.build(cfg, recipe))
-    return built
-
-
-def check_techniques(recipe: Recipe) -> list[tuple[str, str]]:
-    """Cross-section problems of every configured technique, as (dotted_key, message)."""
-    problems: list[tuple[str, str]] = []
-    for spec in registered():
-        cfg = config_of(spec, recipe)
-        if cfg is not None and cfg.enabled and spec.check is not None:
-            problems.extend(spec.check(cfg, recipe))
-    return problems
+    return [spec_of(e.name).build(cfg, recipe) for e, cfg in enabled(recipe)]

@@ -27,65 +27,17 @@ spike and what was tried. The guard's counters are not rolled back
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState, Verdict
+from orchestrator.recipe import catalog
+from orchestrator.recipe.techniques.stability import StabilityConfig
+from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
 from orchestrator.techniques.indicators import IndicatorProbe
-from orchestrator.techniques.registry import TechniqueSpec, register
-
-if TYPE_CHECKING:
-    from orchestrator.recipe.schema import Recipe
+from orchestrator.techniques.registry import TechniqueSpec
 
 MAD_TO_SIGMA = 1.4826
-
-
-class StabilityConfig(TechniqueConfig):
-    """`stability:`: spike detection and the skip -> rollback -> stop escalation."""
-
-    window: int = Field(128, ge=4, description="Rolling window of healthy steps for z-scores.")
-    threshold: float = Field(
-        6.0, gt=0.0, description="Robust z-score (sigmas) that counts as a spike."
-    )
-    min_history: int = Field(16, ge=2, description="Healthy steps seen before z-scores are armed.")
-    detect_nan: bool = True
-    loss_zscore: bool = True
-    grad_norm_zscore: bool = True
-    max_loss_ratio: float | None = Field(
-        None, gt=1.0, description="Spike if loss > ratio x median."
-    )
-    patience: int = Field(
-        2, ge=1, description="Consecutive anomalies (each skipped) before rollback."
-    )
-    good_after: int = Field(2, ge=0, description="Healthy steps a checkpoint needs to be trusted.")
-    skip_batches: int = Field(8, ge=0, description="Global batches skipped from the spike onset.")
-    lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="LR factor after a rollback.")
-    cooldown_steps: int = Field(
-        0, ge=0, description="Steps lr_scale lasts after a rollback; 0 = to the end."
-    )
-    reset_moments: bool = Field(False, description="Zero the optimizer moments on rollback.")
-    max_rollbacks: int = Field(3, ge=0, description="Rollbacks before the job fails.")
-    indicators_every: int = Field(
-        0, ge=0, description="Log leading indicators every N steps (update RMS, TEV, attention "
-        "entropy); 0 = off."
-    )  # fmt: skip
-    update_rms_max: float | None = Field(
-        None, gt=0.0, description="Warn if the max per-layer AdamW update RMS exceeds this."
-    )
-    tev_max: float | None = Field(
-        None, gt=0.0, description="Warn if the mean token embedding variability exceeds this."
-    )
-    attn_entropy_min: float | None = Field(
-        None, ge=0.0, description="Warn if the min per-layer attention entropy (nats) drops below."
-    )
-    indicator_action: Literal["warn", "detect"] = Field(
-        "warn", description="warn: event + metric only; detect: also an anomaly (skip/rollback)."
-    )
-    indicator_lookback: int = Field(
-        32, ge=1, description="A warning this many steps before a spike counts as a lead."
-    )
 
 
 def robust_z(value: float, history: list[float]) -> float:
@@ -425,36 +377,6 @@ def _plain(obj: Any) -> Any:
     return float(obj)
 
 
-def _check_cfg(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:
-    cfg = cast(StabilityConfig, cfg)
-    problems = []
-    if cfg.min_history > cfg.window:
-        problems.append(
-            (
-                "stability.min_history",
-                f"min_history {cfg.min_history} exceeds window {cfg.window}: lower it",
-            )
-        )
-    if cfg.max_rollbacks and recipe.checkpoint.every == 0:
-        problems.append(
-            (
-                "checkpoint.every",
-                "the spike guard rolls back to checkpoints: set checkpoint.every > 0 (e.g. 50)",
-            )
-        )
-    return problems
-
-
-register(
-    TechniqueSpec(
-        name="spike_guard",
-        config=StabilityConfig,
-        build=lambda cfg, recipe: SpikeGuard(cfg, recipe.global_batch_size),  # type: ignore[arg-type]
-        order=90,
-        summary="NaN / robust z-score spike detection; skip, roll back, skip data, cool down.",
-        section="stability",
-        check=_check_cfg,
-        describe=lambda cfg, recipe: cfg.model_dump(),
-        example={"window": 8, "min_history": 3, "threshold": 6.0, "patience": 1, "skip_batches": 2},
-    )
+SPEC = TechniqueSpec(
+    catalog.SPIKE_GUARD, build=lambda cfg, recipe: SpikeGuard(cfg, recipe.global_batch_size)
 )

@@ -104,8 +104,8 @@ def _without(data: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any
 
 
 def _cross_checks(recipe: Recipe, problems: Problems) -> None:
-    from orchestrator.engine.ds_config import ds_config_problems
-    from orchestrator.techniques.registry import check_techniques
+    from orchestrator.recipe.catalog import check_techniques
+    from orchestrator.recipe.deepspeed import ds_config_problems
 
     for check in (ds_config_problems, check_techniques):
         try:

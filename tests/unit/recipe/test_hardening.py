@@ -88,7 +88,7 @@ def test_zero_keys_match_installed_deepspeed() -> None:
     """The static ZeRO key list used at validate time is what DeepSpeed itself accepts."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from orchestrator.engine.ds_config import ZERO_KEYS
+    from orchestrator.recipe.deepspeed import ZERO_KEYS
 
     accepted = set(DeepSpeedZeroConfig.model_fields)
     accepted |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}

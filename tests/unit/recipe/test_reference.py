@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.recipe.catalog import CATALOG
 from orchestrator.recipe.reference import all_paths, key_problem, render_markdown
 from orchestrator.recipe.schema import Recipe
-from orchestrator.techniques.registry import registered
 
 REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "RECIPES.md"
@@ -36,7 +36,7 @@ def test_every_key_of_every_section_is_documented() -> None:
         if section:
             assert section in sections, f"no section for {section}"
         assert f"| `{key}` |" in text, f"{path} is not documented"
-    for spec in registered():
+    for spec in CATALOG:
         where = f"techniques.{spec.name}" if spec.section == "techniques" else spec.section
         assert where in sections, f"technique {spec.name} has no section"
     assert "| `steps` | integer | **required** | > 0 |" in text

@@ -1,6 +1,8 @@
-"""One conformance suite over every registered technique (registering one covers it).
+"""One conformance suite over every technique of the catalog (listing one covers it).
 
-Each technique, with its registry example config on a tiny model:
+Every catalog entry (orchestrator/recipe/catalog.py) has a builder in the registry and
+every builder a catalog entry. Each technique, with its catalog example config on a tiny
+model:
 - survives a state_dict round trip,
 - resumes bit-for-bit in fp32 (N steps straight == N/2 + checkpoint + resume + N/2),
 - changes nothing when ``enabled: false`` (same weights as a run without it),
@@ -17,7 +19,8 @@ import torch
 from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RecipeError
-from orchestrator.techniques.registry import build_techniques, registered
+from orchestrator.recipe.catalog import CATALOG, config_of
+from orchestrator.techniques.registry import BUILDERS, build_techniques, registered, spec_of
 
 SPECS = registered()
 STEPS = 6
@@ -83,3 +86,17 @@ def test_bad_config_is_rejected_with_its_key(spec, tmp_path):
     keys = [p.key for p in info.value.problems]
     prefix = f"techniques.{spec.name}" if spec.section == "techniques" else spec.section
     assert f"{prefix}.no_such_option" in keys, keys
+
+
+def test_catalog_and_registry_list_the_same_techniques():
+    assert sorted(BUILDERS) == sorted(e.name for e in CATALOG)
+    assert [s.entry for s in SPECS] == list(CATALOG)  # in run order, each its own entry
+
+
+@pytest.mark.parametrize("entry", CATALOG, ids=[e.name for e in CATALOG])
+def test_every_catalog_entry_builds_its_technique(entry, tmp_path):
+    spec = spec_of(entry.name)
+    recipe = _recipe(tmp_path, spec, entry.example)
+    cfg = config_of(entry, recipe)
+    assert isinstance(cfg, entry.config)
+    assert spec.build(cfg, recipe).name == entry.name

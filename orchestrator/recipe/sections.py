@@ -1,0 +1,243 @@
+"""The core recipe sections (model, data, optimizer, schedule, ...) and their two bases.
+
+Every section forbids unknown keys and is immutable. :class:`TechniqueConfig` is the
+base of every technique's section (see :mod:`orchestrator.recipe.catalog`). Nothing here
+imports torch or the worker side: validating a recipe needs only pydantic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from orchestrator.recipe.builtin_models import DEFAULTS, unknown_keys
+from orchestrator.recipe.storage import REMOTE_SCHEMES, is_remote
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, fields are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TechniqueConfig(Section):
+    """Base of every technique's config section: unknown keys are errors."""
+
+    enabled: bool = True
+
+
+class ModelConfig(Section):
+    """Which network to train.
+
+    `kind: hf_config` builds a Hugging Face model with random weights from `config`;
+    `kind: hf_pretrained` loads `path` (a local directory) with `from_pretrained`;
+    `kind: factory` calls the user's `module:function` with `factory_args` (runs user code);
+    `kind: builtin` builds Regimen's small classifiers, `architecture: vit | mlp`, sized by
+    `config` (see orchestrator/engine/vision.py); its `task` defaults to classification.
+    """
+
+    kind: Literal["hf_config", "hf_pretrained", "factory", "builtin"] = "hf_config"
+    architecture: Literal["llama", "mistral", "qwen2", "gpt2", "vit", "mlp"] = Field(
+        "llama", description="HF architecture for kind=hf_config; vit or mlp for kind=builtin."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="HF config fields (hidden_size, num_hidden_layers, ...)."
+    )
+    path: str | None = Field(None, description="Local directory for kind=hf_pretrained.")
+    factory: str | None = Field(None, description="'package.module:function' for kind=factory.")
+    factory_args: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "builtin" and "task" not in data:
+            return {**data, "task": "classification"}  # builtin models are classifiers
+        return data
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ModelConfig:
+        builtin = self.architecture in ("vit", "mlp")
+        if self.kind == "builtin":
+            if not builtin:
+                raise ValueError("kind 'builtin' needs 'architecture: vit' or 'architecture: mlp'")
+            if self.task != "classification":
+                raise ValueError("kind 'builtin' models are classifiers: set task: classification")
+            if bad := unknown_keys(self.architecture, self.config):
+                allowed = ", ".join(sorted(DEFAULTS.get(self.architecture, {})))
+                raise ValueError(
+                    f"unknown config key(s) {bad} for builtin {self.architecture}: remove them "
+                    f"(allowed: {allowed})"
+                )
+        elif builtin and self.kind == "hf_config":
+            raise ValueError(
+                f"architecture '{self.architecture}' is a builtin model: set kind: builtin"
+            )
+        if self.kind == "hf_pretrained" and not self.path:
+            raise ValueError(
+                "kind 'hf_pretrained' needs 'path': set model.path to a local model dir"
+            )
+        if self.kind == "factory" and (not self.factory or ":" not in self.factory):
+            raise ValueError(
+                "kind 'factory' needs 'factory: package.module:function' (the colon is required)"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """Where training samples come from.
+
+    `stdlib_bytes` reads the Python standard library's own source as byte tokens
+    (needs no download); `text_files` reads `paths` as bytes; `factory` calls
+    `module:function(seq_len=..., **factory_args)` returning a torch Dataset;
+    `digits` is scikit-learn's 8x8 digits (1,797 images, 10 classes, ships with the
+    package): a fixed seeded split (`eval_fraction`), normalised, images 1x8x8.
+    """
+
+    kind: Literal["stdlib_bytes", "text_files", "factory", "digits"] = "stdlib_bytes"
+    paths: list[str] = Field(default_factory=list, description="Files for kind=text_files.")
+    factory: str | None = None
+    factory_args: dict[str, Any] = Field(default_factory=dict)
+    seq_len: PositiveInt = 128
+    max_bytes: PositiveInt = Field(2_000_000, description="Cap on bytes read for byte corpora.")
+    eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DataConfig:
+        if self.kind == "text_files" and not self.paths:
+            raise ValueError("kind 'text_files' needs 'paths': list the files to read")
+        if self.kind == "factory" and (not self.factory or ":" not in self.factory):
+            raise ValueError("kind 'factory' needs 'factory: package.module:function'")
+        return self
+
+
+class OptimizerConfig(Section):
+    """The base optimizer (techniques may wrap it). `lr` is the peak learning rate."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD only.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 disables.")
+
+
+class ScheduleConfig(Section):
+    """How long to train and how batches are formed.
+
+    Global batch = micro_batch_size x grad_accumulation x workers.
+    """
+
+    steps: PositiveInt = Field(..., description="Optimizer steps to train.")
+    micro_batch_size: PositiveInt = 8
+    grad_accumulation: PositiveInt = 1
+    log_every: PositiveInt = 1
+    eval_every: NonNegativeInt = Field(0, description="Evaluate every N steps; 0 = only at end.")
+    eval_batches: PositiveInt = 4
+
+
+# `async` is a Python keyword, so the key is declared on a generated base class.
+_CheckpointAsync: Any = create_model(  # type: ignore[call-overload]
+    "_CheckpointAsync",
+    __base__=Section,
+    **{
+        "async": (
+            bool,
+            Field(
+                False,
+                description="Write checkpoints in a background thread; training is blocked only "
+                "for the copy to host memory.",
+            ),
+        )
+    },
+)
+
+
+class CheckpointConfig(_CheckpointAsync):  # type: ignore[misc]
+    """Where and how often checkpoints are written (atomic, with a SHA-256 manifest)."""
+
+    every: NonNegativeInt = Field(50, description="Checkpoint every N steps; 0 = only at end.")
+    keep: NonNegativeInt = Field(3, description="Newest checkpoints kept; 0 keeps all.")
+    storage: str = Field(
+        "./runs",
+        description="Root of run storage: a directory (local or shared, e.g. NFS), or a URI "
+        "that pyarrow's filesystems reach (s3://bucket/prefix, gs://..., hdfs://..., "
+        "abfs://..., file:///...): then checkpoints are written under `local_dir` and every "
+        "committed one is mirrored there, so a run resumes after its cluster is gone.",
+    )
+    local_dir: str = Field(
+        "~/.cache/regimen/runs",
+        description="Node-local working copy of run storage when `storage` is a URI.",
+    )
+    at_end: bool = True
+
+    @field_validator("storage")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if "://" in value and not is_remote(value):
+            raise ValueError(
+                f"{value.partition('://')[0]}:// is not a storage Regimen can reach: use a "
+                f"directory or one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}"
+            )
+        return value
+
+    @property
+    def local_root(self) -> Path:
+        """The local directory runs live in: `storage`, or `local_dir` for a storage URI."""
+        return Path(self.local_dir if is_remote(self.storage) else self.storage).expanduser()
+
+    @property
+    def is_async(self) -> bool:
+        """The `async` key (a Python keyword, so not an attribute name)."""
+        return bool(getattr(self, "async"))
+
+
+class ResourcesConfig(Section):
+    """What each job asks Ray for."""
+
+    workers: PositiveInt = 2
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    memory_per_worker_gb: float | None = Field(None, gt=0.0)
+    accelerator_type: str | None = None
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_restarts: NonNegativeInt = Field(2, description="Worker-crash restarts before failing.")
+    threads_per_worker: PositiveInt | None = Field(
+        None, description="torch intra-op threads per worker; default = cpus_per_worker."
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow settings. `password`/`token` style values are redacted everywhere."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "regimen"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class SweepConfig(Section):
+    """Variants: `grid` is the cross product of its lists; `zip` advances its lists together.
+
+    Keys are dotted recipe paths, e.g. `optimizer.lr: [1e-3, 3e-3]`.
+    """
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+    max_concurrent: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _zip_lengths(self) -> SweepConfig:
+        lengths = {len(v) for v in self.zip.values()}
+        if len(lengths) > 1:
+            raise ValueError("all 'zip' lists must have the same length")
+        for key, values in {**self.grid, **self.zip}.items():
+            if not values:
+                raise ValueError(f"sweep list for '{key}' is empty: give at least one value")
+        return self

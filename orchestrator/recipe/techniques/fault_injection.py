@@ -1,0 +1,35 @@
+"""`techniques.fault_injection`: which deliberate faults fire at which steps (tests, demos).
+
+The faults themselves are :mod:`orchestrator.techniques.fault_injection`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from orchestrator.recipe.sections import TechniqueConfig
+
+if TYPE_CHECKING:
+    from orchestrator.recipe.schema import Recipe
+
+
+class FaultInjectionConfig(TechniqueConfig):
+    """`techniques.fault_injection`: deliberate faults at given steps (tests, demos)."""
+
+    nan_at_step: int | None = Field(None, ge=0)
+    spike_at_step: int | None = Field(None, ge=0)
+    spike_steps: int = Field(1, ge=1)
+    spike_factor: float = Field(100.0, gt=0.0)
+    grad_blowup_at_step: int | None = Field(None, ge=0)
+    grad_factor: float = Field(1e4, gt=0.0)
+    kill_at_step: int | None = Field(None, ge=0)
+    kill_in_checkpoint_at_step: int | None = Field(None, ge=1)
+    kill_rank: int = Field(0, ge=0)
+    kill_mode: Literal["exit", "raise"] = "exit"
+
+
+def describe(cfg: FaultInjectionConfig, recipe: Recipe) -> dict[str, object]:
+    """The faults that are set."""
+    return cfg.model_dump(exclude_none=True)

@@ -1,0 +1,165 @@
+"""The recipe layer is light and self-contained: no torch, no worker side, no import order.
+
+The schema comes from the explicit catalog (orchestrator/recipe/catalog.py), so importing
+the training side first changes nothing, and validating or planning a recipe never
+imports torch, the techniques, the engine or the continual package.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.recipe.catalog import CATALOG
+from orchestrator.recipe.schema import Recipe, TechniquesConfig
+from orchestrator.recipe.techniques.lisa import HF_DEFAULT_LAYERS
+
+REPO = Path(__file__).resolve().parents[3]
+RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml")) + sorted(
+    (REPO / "recipes" / "ci").glob("*.yaml")
+)
+# What the recipe layer must never pull in (modules, or packages and their submodules).
+FORBIDDEN = (
+    "torch",
+    "deepspeed",
+    "transformers",
+    "ray",
+    "mlflow",
+    "orchestrator.techniques",
+    "orchestrator.continual",
+    "orchestrator.engine",
+    "orchestrator.control",
+    "orchestrator.cluster",
+)
+# The cli registers the cluster commands (light: no Ray until one runs), nothing heavier.
+FORBIDDEN_IN_CLI = tuple(f for f in FORBIDDEN if f != "orchestrator.cluster")
+
+
+def _loaded(forbidden: tuple[str, ...]) -> str:
+    """Code that prints, as JSON, the loaded modules that are in ``forbidden``."""
+    return f"""
+import json, sys
+bad = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in {forbidden!r}))
+print(json.dumps(bad))
+"""
+
+
+def _python(code: str, *args: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; its last stdout line parsed as JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def every_technique(tmp_path: Path) -> Path:
+    """quickstart.yaml with every catalog entry's conformance example turned on."""
+    data: dict[str, Any] = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    data["name"] = "every-technique"
+    data["schedule"] = {"steps": 6, "micro_batch_size": 8}
+    data["checkpoint"] = {"every": 2, "storage": str(tmp_path / "runs")}
+    data["techniques"] = {}
+    for entry in CATALOG:
+        if entry.section == "techniques":
+            data["techniques"][entry.name] = entry.example
+        else:
+            data[entry.section] = entry.example
+    path = tmp_path / "every.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_technique_recipe_turns_every_technique_on(tmp_path: Path) -> None:
+    from orchestrator.recipe.catalog import enabled
+    from orchestrator.recipe.loader import load_recipe
+
+    recipe = load_recipe(every_technique(tmp_path)).recipe
+    assert [e.name for e, _ in enabled(recipe)] == [e.name for e in CATALOG]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "orchestrator.techniques.registry",
+        "orchestrator.techniques.base",
+        "orchestrator.continual.technique",
+        "orchestrator.techniques.warmup",
+    ],
+)
+def test_importing_the_training_side_first_changes_nothing(first: str, tmp_path: Path) -> None:
+    """The old schema came out empty when the technique catalog was imported first."""
+    code = f"""
+import json, sys
+import {first}
+from orchestrator.recipe.loader import load_recipe
+from orchestrator.recipe.catalog import enabled
+names = []
+for path in sys.argv[1:]:
+    names.append([e.name for e, _ in enabled(load_recipe(path).recipe)])
+print(json.dumps(names))
+"""
+    names = _python(code, str(REPO / "recipes" / "quickstart.yaml"), str(every_technique(tmp_path)))
+    assert names == [["warmup"], [e.name for e in CATALOG]]
+
+
+def test_recipe_modules_import_no_torch_and_no_worker_side() -> None:
+    code = (
+        "import pkgutil, importlib, orchestrator.recipe as pkg\n"
+        "import orchestrator.recipe.loader, orchestrator.recipe.expand, orchestrator.recipe.plan\n"
+        "for m in pkgutil.walk_packages(pkg.__path__, 'orchestrator.recipe.'):\n"
+        "    importlib.import_module(m.name)\n" + _loaded(FORBIDDEN)
+    )
+    assert _python(code) == []
+
+
+def test_regimen_validate_and_plan_import_no_torch(tmp_path: Path) -> None:
+    """`regimen validate` on every shipped recipe and on one using every technique, and
+    `regimen plan` on the quickstart, in one fresh process: none loads torch."""
+    code = (
+        "import sys\n"
+        "from orchestrator.cli import main\n"
+        "codes = []\n"
+        "for argv in [a.split('|') for a in sys.argv[1:]]:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        codes.append(exc.code)\n"
+        "assert codes == [0] * (len(sys.argv) - 1), codes\n" + _loaded(FORBIDDEN_IN_CLI)
+    )
+    files = [*RECIPE_FILES, every_technique(tmp_path)]
+    argv = [f"validate|{p}" for p in files] + [f"plan|{REPO / 'recipes' / 'quickstart.yaml'}"]
+    assert _python(code, *argv) == []
+
+
+def test_catalog_entries_are_the_schema_sections() -> None:
+    """Each entry's config is the model at its key; techniques: has exactly the entries."""
+    in_techniques = [e.name for e in CATALOG if e.section == "techniques"]
+    assert list(TechniquesConfig.model_fields) == in_techniques
+    for e in CATALOG:
+        where = TechniquesConfig if e.section == "techniques" else Recipe
+        annotation = where.model_fields[e.name if e.section == "techniques" else e.section]
+        assert e.config in getattr(annotation.annotation, "__args__", ()), e.name
+    assert [e.order for e in CATALOG] == sorted(e.order for e in CATALOG)
+
+
+def test_lisa_default_layer_counts_are_transformers_defaults() -> None:
+    """LISA's check knows each architecture's default depth without importing transformers."""
+    transformers = pytest.importorskip("transformers")
+    for arch, layers in HF_DEFAULT_LAYERS.items():
+        assert transformers.AutoConfig.for_model(arch).num_hidden_layers == layers, arch
+    assert set(HF_DEFAULT_LAYERS) == set(
+        a for a in Recipe.model_fields["model"].annotation.model_fields["architecture"]
+        .annotation.__args__ if a not in ("vit", "mlp")
+    )  # fmt: skip

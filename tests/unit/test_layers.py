@@ -1,0 +1,152 @@
+"""The package's layers point down only, and no package imports another in a cycle.
+
+cli -> control -> audit -> cluster -> engine -> techniques -> recipe / tracking -> ground
+helpers (errors, distributed, rundir). Every import counts, including the ones inside
+functions: a lazy import upward is still worker code reaching for driver code.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
+
+# Higher ranks may import lower ones, never the other way round; equal ranks of different
+# packages may not import each other either.
+RANKS = {
+    "cli": 70,
+    "audit.cli": 70,
+    "control": 60,
+    "audit": 55,
+    "cluster": 50,
+    "engine": 40,
+    "techniques": 30,
+    "recipe": 20,
+    "tracking": 20,
+    "errors": 10,
+    "distributed": 10,
+    "rundir": 10,
+    "": 10,  # orchestrator/__init__.py
+}
+HEAVY = ("torch", "deepspeed", "ray", "mlflow", "transformers", "datasets")
+
+
+def layer_of(module: str) -> str:
+    """The layer name of a dotted module below ``orchestrator``: the longest RANKS prefix."""
+    rest = module.removeprefix("orchestrator").lstrip(".")
+    parts = rest.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in RANKS:
+            return ".".join(parts[:n])
+    return rest.split(".")[0]
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by dotted name."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imports_of(path: Path, name: str) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in a file, relative ones resolved."""
+    out = []
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            out.append((node.lineno, base))
+    return out
+
+
+def test_the_layer_map_names_every_package() -> None:
+    """A new top-level package or module must be placed in a layer before it is used."""
+    unplaced = {layer_of(m) for m in modules()} - set(RANKS)
+    assert not unplaced, f"place these in RANKS (tests/unit/test_layers.py): {sorted(unplaced)}"
+
+
+def test_every_import_points_down() -> None:
+    upward = []
+    for name, path in modules().items():
+        here = layer_of(name)
+        for line, target in imports_of(path, name):
+            if not target.startswith("orchestrator"):
+                continue
+            there = layer_of(target)
+            if there != here and RANKS[there] >= RANKS[here]:
+                upward.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {name} -> {target}")
+    assert not upward, "imports that point up or sideways:\n" + "\n".join(upward)
+
+
+def test_no_cycle_between_packages() -> None:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for name, path in modules().items():
+        top = name.split(".")[1] if "." in name else ""
+        for _, target in imports_of(path, name):
+            if target.startswith("orchestrator."):
+                other = target.split(".")[1]
+                if other != top:
+                    graph[top].add(other)
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*trail, node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*trail, node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [])):
+            pytest.fail("package cycle: " + " -> ".join(cycle))
+
+
+def test_the_recipe_layer_never_imports_heavy_libraries() -> None:
+    heavy = []
+    for name, path in modules().items():
+        if layer_of(name) != "recipe":
+            continue
+        for line, target in imports_of(path, name):
+            if target.split(".")[0] in HEAVY:
+                heavy.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {target}")
+    assert not heavy, "the recipe layer must stay light (no torch):\n" + "\n".join(heavy)
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("orchestrator.recipe.loader", ("orchestrator.techniques", "orchestrator.engine", *HEAVY)),
+        ("orchestrator.recipe.plan", ("orchestrator.techniques", "orchestrator.engine", "torch")),
+        ("orchestrator.engine.loop", ("orchestrator.control", "orchestrator.cluster", "ray")),
+        ("orchestrator.tracking.sink", ("orchestrator.engine", "orchestrator.control", "torch")),
+    ],
+)
+def test_a_package_imported_alone_pulls_in_nothing_above_it(
+    package: str, forbidden: tuple[str, ...]
+) -> None:
+    """Imported first, in a fresh interpreter: what it loads, not what its source says."""
+    code = f"import json, sys; import {package}; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    bad = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]
+    assert not bad, f"importing {package} alone loaded {bad[:12]}"
