@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe
 
+from conftest import tiny_recipe
 from orchestrator.recipe.jobspec import JobSpec, absolute_tracking_uri
 from orchestrator.recipe.loader import load_recipe_text
 
