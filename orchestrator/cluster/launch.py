@@ -77,6 +77,14 @@ class ProgressBoard:
     def get(self) -> dict[str, Any]:
         return self.latest
 
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Rank 0's return value: the job's summary."""
+        self.summary: dict[str, Any] | None = summary
+
+    def result(self) -> dict[str, Any] | None:
+        """The summary rank 0 returned, or None while (or if) it has not."""
+        return getattr(self, "summary", None)
+
 
 def _worker_entry(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
@@ -105,24 +113,18 @@ def _worker_entry(config: dict[str, Any]) -> None:
         resume_step=config.get("resume_step"),
         on_progress=report,
     )
-    train(recipe, ctx)
+    summary = train(recipe, ctx)
+    if board is not None and ctx.rank == 0:  # the job's result travels back as a value
+        ray.get(board.finish.remote(summary))
 
 
-def make_trainer(
-    recipe: Recipe,
-    recipe_yaml: str,
-    run_dir: Path,
-    *,
-    tracking_uri: str | None,
-    run_id: str | None,
-    resume_step: int | None = None,
-    progress: Any = None,
-) -> Any:
-    """A ready-to-``fit`` TorchTrainer for one job."""
+def make_trainer(recipe: Recipe, worker_config: dict[str, Any], *, progress: Any = None) -> Any:
+    """A ready-to-``fit`` TorchTrainer for one job; ``worker_config`` is
+    :meth:`JobSpec.worker_config` (plain data every worker receives)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    res = recipe.resources
+    res, run_dir = recipe.resources, Path(worker_config["run_dir"])
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:
         per_worker["GPU"] = res.gpus_per_worker
@@ -130,14 +132,7 @@ def make_trainer(
         per_worker["memory"] = res.memory_per_worker_gb * 2**30
     return TorchTrainer(
         _worker_entry,
-        train_loop_config={
-            "recipe_yaml": recipe_yaml,
-            "run_dir": str(run_dir),
-            "tracking_uri": tracking_uri,
-            "run_id": run_id,
-            "resume_step": resume_step,
-            "progress": progress,
-        },
+        train_loop_config={**worker_config, "progress": progress},
         torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.workers,

@@ -21,7 +21,7 @@ from orchestrator.engine.loop import read_summary
 from orchestrator.engine.remote import is_remote, run_storage_uri
 from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
-from orchestrator.recipe.loader import dump_recipe
+from orchestrator.recipe.jobspec import JobSpec, absolute_tracking_uri
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -59,42 +59,34 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def run_job(
-    variant: Variant,
+    spec: JobSpec,
     *,
-    parent_run_id: str | None = None,
-    run_id: str | None = None,
-    resume_step: int | None = None,
     on_progress: ProgressFn | None = None,
-    extra_tags: dict[str, str] | None = None,
     cancel: threading.Event | None = None,
 ) -> JobResult:
-    """Train one variant on the connected Ray cluster and end its MLflow run truthfully.
+    """Train one job on the connected Ray cluster and end its MLflow run truthfully.
 
-    With ``run_id`` given, the job continues that run's storage (resume) under
-    a new MLflow run that points back to it. Setting ``cancel`` (from another
-    thread) ends the run KILLED and returns a KILLED result.
+    A spec that continues a run (``spec.run_key``) trains in that run's directory under a
+    new MLflow run that points back to it. Setting ``cancel`` (from another thread) ends
+    the run KILLED and returns a KILLED result.
     """
     from orchestrator.cluster.launch import ProgressBoard, make_trainer
+    from orchestrator.tracking.record import DriverHeartbeat, driver_tags, log_checkpoints
     from orchestrator.tracking.runs import end_run, log_summary, open_run, set_tags
 
-    recipe = variant.recipe
-    tracking = recipe.tracking.model_copy(
-        update={"uri": absolute_tracking_uri(recipe.tracking.uri)}
-    )
-    recipe_yaml = dump_recipe(recipe)
-    from orchestrator.tracking.record import DriverHeartbeat, driver_tags, log_checkpoints
-
-    tags = {**tracking.tags, "regimen.variant": variant.name, **(extra_tags or {}), **driver_tags()}
+    recipe, tracking = spec.recipe, spec.recipe.tracking
+    recipe_yaml = spec.recipe_yaml
+    tags = {**tracking.tags, "regimen.variant": spec.name, **spec.tags, **driver_tags()}
     new_run_id = open_run(
         tracking.uri,
         tracking.experiment,
-        tracking.run_name or variant.name,
+        tracking.run_name or spec.name,
         recipe=recipe.model_dump(mode="json"),
         recipe_yaml=recipe_yaml,
         tags=tags,
-        parent_run_id=parent_run_id,
+        parent_run_id=spec.parent_run_id,
     )
-    run_dir = recipe.checkpoint.local_root.resolve() / (run_id or new_run_id)
+    run_dir = spec.run_dir(new_run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     storage_tags = {"regimen.run_dir": str(run_dir)}
     if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
@@ -102,19 +94,9 @@ def run_job(
             recipe.checkpoint.storage, run_dir.name
         )
     set_tags(tracking.uri, new_run_id, storage_tags)
-    result = JobResult(
-        variant=variant.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir)
-    )
+    result = JobResult(variant=spec.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir))
     board = ProgressBoard.remote()  # type: ignore[attr-defined]
-    trainer = make_trainer(
-        recipe,
-        recipe_yaml,
-        run_dir,
-        tracking_uri=tracking.uri,
-        run_id=new_run_id,
-        resume_step=resume_step,
-        progress=board,
-    )
+    trainer = make_trainer(recipe, spec.worker_config(run_dir, new_run_id), progress=board)
     outcome: dict[str, BaseException | None] = {"error": None}
 
     def fit() -> None:
@@ -123,17 +105,17 @@ def run_job(
         except BaseException as exc:
             outcome["error"] = exc
 
-    worker = threading.Thread(target=fit, name=f"fit-{variant.name}", daemon=True)
+    worker = threading.Thread(target=fit, name=f"fit-{spec.name}", daemon=True)
     heartbeat = DriverHeartbeat(tracking.uri, [new_run_id]).__enter__()
     try:
         worker.start()
         while worker.is_alive():
             worker.join(timeout=0.5)
             if on_progress is not None:
-                on_progress(variant.name, _poll(board))
+                on_progress(spec.name, _poll(board))
             if cancel is not None and cancel.is_set():
                 end_run(tracking.uri, new_run_id, "KILLED", reason="sweep interrupted")
-                _fill_from_summary(result, run_dir)
+                _fill_from_summary(result, _job_summary(board, run_dir))
                 result.status, result.error = "KILLED", "interrupted"
                 return result
         if outcome["error"] is not None:
@@ -146,12 +128,12 @@ def run_job(
         replay_leftover_metrics(tracking.uri, run_dir)
         log_checkpoints(tracking.uri, new_run_id, run_dir)
         end_run(tracking.uri, new_run_id, "FAILED", reason=result.error)
-        _fill_from_summary(result, run_dir)
+        _fill_from_summary(result, _job_summary(board, run_dir))
         return result
     finally:
         heartbeat.__exit__()
     replay_leftover_metrics(tracking.uri, run_dir)
-    _fill_from_summary(result, run_dir)
+    _fill_from_summary(result, _job_summary(board, run_dir))
     log_checkpoints(tracking.uri, new_run_id, run_dir)
     result.status = "FINISHED"
     metrics = {
@@ -190,22 +172,6 @@ def replay_leftover_metrics(tracking_uri: str, run_dir: Path) -> int:
     return sent
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """Pin a relative sqlite/file URI to the driver's working directory.
-
-    Ray workers run in their own working directory: a relative ``sqlite:///mlflow.db``
-    there would be a different database.
-    """
-    for scheme in ("sqlite:///", "file://"):
-        if uri.startswith(scheme):
-            path = uri[len(scheme) :]
-            if path and not path.startswith("/") and path != ":memory:":
-                return scheme + str(Path(path).resolve())
-    if "://" not in uri:
-        return str(Path(uri).resolve())
-    return uri
-
-
 def _poll(board: Any) -> dict[str, Any]:
     import ray
 
@@ -215,8 +181,19 @@ def _poll(board: Any) -> dict[str, Any]:
         return {}
 
 
-def _fill_from_summary(result: JobResult, run_dir: Path) -> None:
-    summary = read_summary(run_dir)
+def _job_summary(board: Any, run_dir: Path) -> dict[str, Any] | None:
+    """What rank 0 returned (sent through the job's board), else its crash-safe record on
+    disk (a job that failed or was cut short returned nothing)."""
+    import ray
+
+    try:
+        returned = ray.get(board.result.remote(), timeout=5.0)
+    except Exception:
+        returned = None
+    return returned if returned is not None else read_summary(run_dir)
+
+
+def _fill_from_summary(result: JobResult, summary: dict[str, Any] | None) -> None:
     if not summary:
         return
     result.steps = int(summary.get("steps") or 0)
@@ -259,11 +236,14 @@ def run_variants(
     job_tags = (
         {"regimen.job_id": os.environ["REGIMEN_JOB_ID"]} if "REGIMEN_JOB_ID" in os.environ else {}
     )
-    parent = None
     tracking = variants[0].recipe.tracking
     tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
+
+    def spec_of(variant: Variant, parent_run_id: str | None = None) -> JobSpec:
+        return JobSpec.of(variant.name, variant.recipe, parent_run_id=parent_run_id, tags=job_tags)
+
     if len(variants) == 1:
-        return [run_job(variants[0], on_progress=on_progress, extra_tags=job_tags)]
+        return [run_job(spec_of(variants[0]), on_progress=on_progress)]
     if max_concurrent is None:  # expanded variants carry no sweep section
         from orchestrator.recipe.schema import SweepConfig
 
@@ -290,13 +270,7 @@ def run_variants(
         if cancel.is_set():
             return JobResult(variant=variant.name, run_id="", status="KILLED", error="not started")
         try:
-            return run_job(
-                variant,
-                parent_run_id=parent,
-                on_progress=on_progress,
-                extra_tags=job_tags,
-                cancel=cancel,
-            )
+            return run_job(spec_of(variant, parent), on_progress=on_progress, cancel=cancel)
         except Exception as exc:  # e.g. MLflow refused to open the run: this variant only
             return JobResult(
                 variant=variant.name, run_id="", status="FAILED", error=_root_cause(exc)

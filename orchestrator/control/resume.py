@@ -171,7 +171,7 @@ def continue_run(
     from orchestrator.control.controller import run_job
     from orchestrator.engine.checkpoint import CheckpointStore, atomic_write_json
     from orchestrator.engine.remote import CheckpointMirror
-    from orchestrator.recipe.expand import Variant
+    from orchestrator.recipe.jobspec import JobKind, JobSpec
     from orchestrator.recipe.loader import load_recipe_text
     from orchestrator.tracking.runs import read_recipe_yaml
 
@@ -195,13 +195,6 @@ def continue_run(
             f"run {run_id} has no reachable storage (tag regimen.run_dir={run_dir_tag!r}): "
             "mount the same storage path on this machine"
         )
-    local_key = "local_dir" if storage_uri else "storage"
-    recipe = recipe.model_copy(
-        update={
-            "tracking": recipe.tracking.model_copy(update={"uri": tracking_uri}),
-            "checkpoint": recipe.checkpoint.model_copy(update={local_key: str(run_dir.parent)}),
-        }
-    )
     store = CheckpointStore(run_dir / "checkpoints", keep=0)
     mirror = CheckpointMirror(storage_uri) if storage_uri else None
     if mirror is not None:  # the storage may hold newer checkpoints than this machine
@@ -213,7 +206,7 @@ def continue_run(
         raise UsageError(f"run {run_id} has no committed checkpoint {where} in {store.root}")
     stale = _mark_stale(tracking_uri, run_id)
     (run_dir / "stopped.json").unlink(missing_ok=True)  # a person decided to go on
-    kind = "resume" if to_step is None else "rollback"
+    kind: JobKind = "resume" if to_step is None else "rollback"
     root = old.data.tags.get("regimen.root_run_id", run_id)
     segment = int(old.data.tags.get("regimen.segment", "0")) + 1
     tags = {
@@ -246,8 +239,15 @@ def continue_run(
         }
     counter = "regimen.resumes" if kind == "resume" else "regimen.manual_rollbacks"
     _count(client, root, counter, step=target.step)
-    ensure_ray(address)
-    variant = Variant(
-        name=old.data.tags.get("regimen.variant", recipe.name), assignments={}, recipe=recipe
+    spec = JobSpec.continuing(
+        old.data.tags.get("regimen.variant", recipe.name),
+        recipe,
+        kind=kind,
+        tracking_uri=tracking_uri,
+        run_dir=run_dir,
+        remote_storage=bool(storage_uri),
+        parent_run_id=run_id,
+        tags=tags,
     )
-    return run_job(variant, parent_run_id=run_id, run_id=run_dir.name, extra_tags=tags)
+    ensure_ray(address)
+    return run_job(spec)

@@ -17,7 +17,7 @@ import torch
 
 from conftest import tiny_recipe
 from orchestrator.engine.models import build_model
-from orchestrator.recipe.expand import Variant
+from orchestrator.recipe.jobspec import JobSpec
 from orchestrator.techniques.lisa import LisaConfig, sample_layers
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def test_exactly_the_sampled_layers_change_on_two_workers(zero, tmp_path, ray_lo
         techniques={"lisa": {"gamma": 1, "interval": K}},
         deepspeed={"zero_optimization": {"stage": zero}},
     )
-    result = run_job(Variant(name="lisa", assignments={}, recipe=recipe))
+    result = run_job(JobSpec.of("lisa", recipe))
     assert result.status == "FINISHED", result.error
     root = Path(result.checkpoint).parent
     cfg = LisaConfig(gamma=1, interval=K)

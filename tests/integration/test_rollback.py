@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import REPO, TINY_RECIPE, kill_session, tiny_recipe
-from orchestrator.recipe.expand import Variant
+from orchestrator.recipe.jobspec import JobSpec
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +33,7 @@ def _job(tmp_path, **sections):
     from orchestrator.control.controller import run_job
 
     recipe = tiny_recipe(tmp_path, **{**BASE, **sections})
-    return run_job(
-        Variant(name="tiny", assignments={}, recipe=recipe)
-    ), f"sqlite:///{tmp_path}/mlflow.db"
+    return run_job(JobSpec.of("tiny", recipe)), f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def _children(client, run):
