@@ -7,6 +7,7 @@ The technique (engine rebuilds, optimizer state) is :mod:`orchestrator.technique
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
@@ -65,21 +66,19 @@ class LisaConfig(TechniqueConfig):
 def sample_layers(cfg: LisaConfig, n_layers: int, seed: int, interval: int) -> list[int]:
     """The active layers of ``interval`` (sorted): a pure function of (seed, interval).
 
-    The draw is torch's (``randperm`` / ``multinomial`` on a seeded CPU generator), so
-    torch is imported here, on the first call: validating a recipe never calls this, only
-    training and `regimen plan` of a LISA recipe whose layer count is known.
+    Uniform without replacement, or, with ``weights``, weighted without replacement
+    (each layer keyed by ``u ** (1 / w)``, the largest keys win: Efraimidis and Spirakis).
+    Python's own seeded generator, so `regimen plan` and training agree without torch.
     """
-    import torch
-
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(interval) + 1)
+    rng = random.Random(int(seed) * 1_000_003 + int(interval) + 1)
     if cfg.gamma == 0:
         return []
     if cfg.weights is None:
-        chosen = torch.randperm(n_layers, generator=gen)[: cfg.gamma]
-    else:
-        w = torch.tensor(cfg.weights, dtype=torch.float64)
-        chosen = torch.multinomial(w, cfg.gamma, replacement=False, generator=gen)
-    return sorted(int(i) for i in chosen)
+        return sorted(rng.sample(range(n_layers), cfg.gamma))
+    keys = [
+        (rng.random() ** (1.0 / w) if w > 0 else -1.0, layer) for layer, w in enumerate(cfg.weights)
+    ]
+    return sorted(layer for _, layer in sorted(keys, reverse=True)[: cfg.gamma])
 
 
 def layer_count(recipe: Recipe) -> int | None:
