@@ -101,13 +101,18 @@ def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.5) -> A
 def tiny_recipe(tmp_path: Path, replace: dict[str, Any] | None = None, **sections: Any) -> Any:
     """A validated tiny Recipe; keyword sections are deep-merged over the defaults, the
     sections in ``replace`` (say, another model and its data) replace them whole."""
+    from orchestrator.errors import RecipeError
     from orchestrator.recipe.dotted import deep_merge
-    from orchestrator.recipe.loader import load_recipe_data
+    from orchestrator.recipe.loader import _Problems, validate_data
 
     data = deep_merge({**TINY_RECIPE, **(replace or {})}, sections)
     data.setdefault("checkpoint", {}).setdefault("storage", str(tmp_path / "runs"))
     data.setdefault("tracking", {}).setdefault("uri", f"sqlite:///{tmp_path}/mlflow.db")
-    return load_recipe_data(data, "<test>")
+    problems = _Problems("<test>")
+    recipe = validate_data(data, problems)
+    if recipe is None:
+        raise RecipeError(problems.items)
+    return recipe
 
 
 @pytest.fixture(scope="session")

@@ -705,13 +705,3 @@ def load_recipe_text(text: str, name: str = "<recipe>") -> Recipe:
     if recipe is None:
         raise problems.error()
     return recipe
-
-
-def load_recipe_data(data: dict[str, Any], name: str = "<recipe>") -> Recipe:
-    """Validate a recipe held as a plain dict (``name`` labels its problems); raise
-    RecipeError listing every problem."""
-    problems = _Problems(name)
-    recipe = validate_data(data, problems)
-    if recipe is None:
-        raise problems.error()
-    return recipe

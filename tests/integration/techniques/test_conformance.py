@@ -5,9 +5,6 @@ Each technique, with its registry example config on a tiny model:
 - resumes bit-for-bit in fp32 (N steps straight == N/2 + checkpoint + resume + N/2),
 - changes nothing when ``enabled: false`` (same weights as a run without it),
 - rejects bad config with a RecipeError naming its key.
-
-The resume and enabled-false checks run the Trainer through DeepSpeed, so the suite lives with
-the integration tests, in one file, so that it stays one suite.
 """
 
 from __future__ import annotations
@@ -22,10 +19,9 @@ from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RecipeError
 from orchestrator.techniques.registry import build_techniques, registered
 
-pytestmark = pytest.mark.integration
-
 SPECS = registered()
 STEPS = 6
+pytestmark = pytest.mark.integration  # the resume and enabled: false checks run DeepSpeed
 
 
 def _recipe(tmp_path: Path, spec, cfg: dict) -> object:

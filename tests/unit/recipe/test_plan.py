@@ -13,7 +13,7 @@ from rich.console import Console
 
 from orchestrator.cli import main
 from orchestrator.recipe.expand import Variant, expand
-from orchestrator.recipe.loader import load_recipe, load_recipe_data
+from orchestrator.recipe.loader import _Problems, load_recipe, validate_data
 from orchestrator.recipe.plan import checkpoint_steps, plan_of, render_plan
 
 REPO = Path(__file__).resolve().parents[3]
@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 def variant(**sections: object) -> Variant:
     data = {"name": "p", "schedule": {"steps": 100}, "resources": {"workers": 2}, **sections}
-    recipe = load_recipe_data(data, "<test>")  # raises RecipeError naming every problem
+    problems = _Problems("<test>")
+    recipe = validate_data(data, problems)
+    assert recipe is not None, problems.items
     return Variant(name=recipe.name, assignments={}, recipe=recipe)
 
 
