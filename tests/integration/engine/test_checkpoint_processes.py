@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from unit.engine.test_checkpoint import CRASH_MID_WRITE
 
 from orchestrator.engine.checkpoint import CheckpointStore
 
@@ -93,30 +94,6 @@ def test_two_ranks_save_load_and_shared_errors(tmp_path: Path) -> None:
     for r in (0, 1):
         assert out.count(f"rank{r} error ok") == 2, out[-4000:]
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out
-
-
-CRASH_MID_WRITE = """
-import os, sys, time
-sys.path.insert(0, {tests!r})
-from unit.engine.test_checkpoint import make_engine, train_step
-import torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT={port!r}, RANK="0", WORLD_SIZE="1")
-dist.init_process_group("gloo", rank=0, world_size=1)
-import orchestrator.engine.checkpoint as ckpt
-engine = make_engine(stage=1)
-train_step(engine, seed=1)
-store = ckpt.CheckpointStore({root!r}, keep=0)
-store.save(engine, 1, {{"v": 1}})
-real_write = ckpt._write_file
-def write_then_die(real, state, path):
-    real_write(real, state, path)
-    os._exit(9)  # killed after the first file of the async write, before the commit
-ckpt._write_file = write_then_die
-store.save_async(engine, 2, {{"v": 2}})
-for seed in range(100):
-    train_step(engine, seed=seed)
-time.sleep(30)
-"""
 
 
 def test_crash_mid_async_write_leaves_no_loadable_partial(tmp_path: Path) -> None:

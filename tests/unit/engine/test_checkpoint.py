@@ -376,3 +376,28 @@ def test_async_write_error_is_raised_at_wait_and_nothing_is_committed(
     store.save_async(engine, 3, {})  # the next save cleans the partial one up
     store.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003"]
+
+
+# Run in a process of its own by tests/integration/engine/test_checkpoint_processes.py.
+CRASH_MID_WRITE = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from unit.engine.test_checkpoint import make_engine, train_step
+import torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT={port!r}, RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+import orchestrator.engine.checkpoint as ckpt
+engine = make_engine(stage=1)
+train_step(engine, seed=1)
+store = ckpt.CheckpointStore({root!r}, keep=0)
+store.save(engine, 1, {{"v": 1}})
+real_write = ckpt._write_file
+def write_then_die(real, state, path):
+    real_write(real, state, path)
+    os._exit(9)  # killed after the first file of the async write, before the commit
+ckpt._write_file = write_then_die
+store.save_async(engine, 2, {{"v": 2}})
+for seed in range(100):
+    train_step(engine, seed=seed)
+time.sleep(30)
+"""
