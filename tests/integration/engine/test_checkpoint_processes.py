@@ -99,7 +99,8 @@ def test_two_ranks_save_load_and_shared_errors(tmp_path: Path) -> None:
 def test_crash_mid_async_write_leaves_no_loadable_partial(tmp_path: Path) -> None:
     root = tmp_path / "ckpts"
     script = CRASH_MID_WRITE.format(tests=str(REPO / "tests"), port=str(_port()), root=str(root))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    # LOCAL_RANK came from the unit module's gloo fixture when this test lived there
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0"}
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
