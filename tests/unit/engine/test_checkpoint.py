@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,82 +288,6 @@ def test_atomic_write_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert [q.name for q in tmp_path.iterdir()] == ["a.json"]
 
 
-_TWO_RANKS = """
-import os, sys, socket
-import torch, torch.distributed as dist, torch.multiprocessing as mp
-sys.path[:0] = [{repo!r}, {here!r}]
-from test_checkpoint import make_engine, train_step, snapshot, same
-from orchestrator.engine.checkpoint import CheckpointStore
-from orchestrator.errors import CheckpointError
-
-def expect_error(fn, r, out):
-    try:
-        fn()
-    except CheckpointError as e:
-        out.append(f"rank{{r}} error ok: {{e}}")
-        return
-    raise AssertionError(f"rank {{r}}: no CheckpointError")
-
-def worker(r, port, root):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                      WORLD_SIZE="2", LOCAL_RANK=str(r), DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", rank=r, world_size=2)
-    out = []
-    engine = make_engine(stage=2)
-    train_step(engine, seed=10 + r)
-    store = CheckpointStore(root, keep=2, rank=r, world_size=2)
-    info = store.save(engine, 1, {{"rank": r, "t": torch.full((2,), float(r))}})
-    names = sorted(info.manifest["files"])
-    assert "regimen/rank00000.pt" in names and "regimen/rank00001.pt" in names, names
-    assert sum("optim_states" in n for n in names) == 2, names
-    saved = snapshot(engine)
-    train_step(engine, seed=20 + r)
-    store.load_engine(engine, info)
-    assert same(snapshot(engine), saved)
-    assert store.load_rank_state(info, r)["rank"] == r
-    # one rank's bad rank_state fails the save on every rank, nothing written
-    bad = {{"x": {{1}}}} if r == 1 else {{}}
-    expect_error(lambda: store.save(engine, 2, bad), r, out)
-    assert [i.step for i in store.list()] == [1]
-    dist.barrier()
-    if r == 0:
-        f = info.path / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-        f.write_bytes(f.read_bytes()[:-1] + b"x")
-    dist.barrier()
-    expect_error(lambda: store.load_engine(engine, info), r, out)
-    print("\\n".join(out), flush=True)
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, sys.argv[1]), nprocs=2)
-    print("ALL OK")
-"""
-
-
-def test_two_ranks_save_load_and_shared_errors(tmp_path: Path) -> None:
-    """Two gloo processes, ZeRO-2: per-rank shards/states, and errors raised on every rank."""
-    script = tmp_path / "two_ranks.py"
-    here = str(Path(__file__).resolve().parent)
-    script.write_text(textwrap.dedent(_TWO_RANKS.format(repo=str(REPO), here=here)))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ckpt")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=REPO,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "ALL OK" in proc.stdout
-    for r in (0, 1):
-        assert out.count(f"rank{r} error ok") == 2, out[-4000:]
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out
-
-
 # -- asynchronous saves ------------------------------------------------------------------------
 def _records(info: Any) -> dict[str, dict[str, bytes]]:
     """Every file's zip records, less the random id torch.save writes into each file (two
@@ -457,6 +378,7 @@ def test_async_write_error_is_raised_at_wait_and_nothing_is_committed(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003"]
 
 
+# Run in a process of its own by tests/integration/engine/test_checkpoint_processes.py.
 CRASH_MID_WRITE = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
@@ -480,25 +402,3 @@ for seed in range(100):
     train_step(engine, seed=seed)
 time.sleep(30)
 """
-
-
-def test_crash_mid_async_write_leaves_no_loadable_partial(tmp_path: Path) -> None:
-    root = tmp_path / "ckpts"
-    script = CRASH_MID_WRITE.format(tests=str(REPO / "tests"), port=str(_port()), root=str(root))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 9, proc.stderr[-2000:]
-    partial = root / ".tmp-step-00000002"
-    assert partial.is_dir() and any(partial.rglob("*.pt"))  # something was written ...
-    store = CheckpointStore(root, keep=0)
-    assert [i.step for i in store.list()] == [1]  # ... but only step 1 is loadable
-    latest = store.latest()
-    assert latest is not None and store.load_rank_state(latest, 0) == {"v": 1}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -24,6 +24,7 @@ from orchestrator.techniques.registry import BUILDERS, build_techniques, registe
 
 SPECS = registered()
 STEPS = 6
+pytestmark = pytest.mark.integration  # the resume and enabled: false checks run DeepSpeed
 
 
 def _recipe(tmp_path: Path, spec, cfg: dict) -> object:
