@@ -20,13 +20,22 @@ start, written by the firing rank before it acts).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState
+from orchestrator.techniques.base import (
+    Capability,
+    Context,
+    Decision,
+    Setup,
+    Technique,
+    TechniqueConfig,
+    TrainState,
+)
 
 FAULTS = ("nan", "spike", "grad_blowup", "kill", "kill_in_checkpoint")
 
@@ -63,10 +72,12 @@ class FaultInjection(Technique):
     """Wraps the model's forward to corrupt the loss; kills processes on cue."""
 
     name = "fault_injection"
-    restore_on_rollback = False
+    # fired faults stay fired across rollbacks
+    capabilities = frozenset({Capability.CONFIGURES, Capability.KEEPS_STATE_ON_ROLLBACK})
 
     def __init__(self, cfg: FaultInjectionConfig):
         self.cfg = cfg
+        self.ctx: Context | None = None
         self.fired: list[str] = []
         self.rank = 0
         self.run_dir: Path | None = None
@@ -92,6 +103,9 @@ class FaultInjection(Technique):
         os._exit(17)
 
     # -- hooks -------------------------------------------------------------------------------
+    def bind(self, ctx: Context) -> None:
+        self.ctx = ctx
+
     def configure(self, setup: Setup) -> None:
         model, technique = setup.model, self
         if getattr(model, "_regimen_fault_wrapped", False):
@@ -123,7 +137,7 @@ class FaultInjection(Technique):
             if marker is not None and marker.exists() and fault not in self.fired:
                 self.fired.append(fault)
         step_at = self.cfg.kill_in_checkpoint_at_step
-        engine = state.engine
+        engine = self.ctx.engine if self.ctx is not None else None
         if step_at is not None and engine is not None and "kill_in_checkpoint" not in self.fired:
             save, technique = engine.save_checkpoint, self
 
@@ -158,9 +172,9 @@ class FaultInjection(Technique):
             self._fire("grad_blowup", state, mark=state.rank == 0)
             self._grad_factor = cfg.grad_factor
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Any:
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         self._loss_factor = self._grad_factor = 1.0
-        return super().on_step_end(state, metrics)
+        return Decision()
 
     def on_rollback(self, state: TrainState, step: int) -> None:
         self._spike_until = -1  # the spike window belongs to the abandoned timeline

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -41,7 +42,15 @@ import torch.distributed as dist
 from pydantic import Field, model_validator
 
 from orchestrator.errors import UsageError
-from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState, Verdict
+from orchestrator.techniques.base import (
+    Capability,
+    Context,
+    Decision,
+    Setup,
+    Technique,
+    TechniqueConfig,
+    TrainState,
+)
 from orchestrator.techniques.registry import TechniqueSpec, register
 
 if TYPE_CHECKING:
@@ -208,9 +217,11 @@ class Lisa(Technique):
     """Samples the active layers, shapes the param groups, asks for engine rebuilds."""
 
     name = "lisa"
+    capabilities = frozenset({Capability.CONFIGURES})
 
     def __init__(self, cfg: LisaConfig, seed: int):
         self.cfg = cfg
+        self._ctx: Context | None = None
         self.seed = seed
         self.interval = 0
         self.active: list[int] | None = None
@@ -303,6 +314,12 @@ class Lisa(Technique):
         setup.param_groups = always + per_layer
 
     # -- hooks ----------------------------------------------------------------------------
+    def bind(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def _engine(self) -> Any:
+        return self._ctx.engine if self._ctx is not None else None
+
     def on_train_start(self, state: TrainState) -> None:
         self._state = state
         self._switched = True  # report the initial set
@@ -318,18 +335,18 @@ class Lisa(Technique):
         if self.active == previous:
             self._switched = True
             return  # same layers drawn again: the optimizer (and its moments) stay
-        self._capture(state.engine)
+        self._capture(self._engine())
         self._apply_requires_grad()
-        state.request_rebuild = True
+        state.request_rebuild()
         self._switched = True
 
-    def on_before_optimizer_step(self, state: TrainState) -> Verdict:
+    def on_before_optimizer_step(self, state: TrainState) -> Decision:
         if self._carry is not None:
-            self._restore_carry(state.engine)
-        return Verdict.PROCEED
+            self._restore_carry(self._engine())
+        return Decision()
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
-        engine = state.engine
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
+        engine = self._engine()
         new: dict[str, float] = {}
         if engine is not None:
             new["lisa/optimizer_state_bytes"] = float(optimizer_state_bytes(engine.optimizer))
@@ -351,9 +368,9 @@ class Lisa(Technique):
                 optimizer_state_bytes=int(new.get("lisa/optimizer_state_bytes", 0)),
                 switch_s=new.get("lisa/switch_s"),
             )
-        metrics.update(new)
-        state.metrics.update(new)
-        return Verdict.PROCEED
+        for name, value in new.items():
+            state.record(name, value)
+        return Decision()
 
     # -- carrying the always-on state across a rebuild -------------------------------------
     def _capture(self, engine: Any) -> None:
@@ -426,7 +443,7 @@ class Lisa(Technique):
             if self.active is None:
                 self.active = self._sample(self.interval)
             self._apply_requires_grad()
-            self._state.request_rebuild = True
+            self._state.request_rebuild()
 
 
 def _layer_count(recipe: Recipe) -> int | None:

@@ -49,13 +49,21 @@ counters ``sgg_step``, ``sgg_reclusters`` and the flag ``sgg_pending``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
 
-from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState, Verdict
+from orchestrator.techniques.base import (
+    Capability,
+    Decision,
+    Setup,
+    Technique,
+    TechniqueConfig,
+    TrainState,
+)
 from orchestrator.techniques.registry import TechniqueSpec, register
 
 if TYPE_CHECKING:
@@ -476,6 +484,7 @@ class SGG(Technique):
     """Splits param groups per layer, wraps the optimizer, logs the factors' spread."""
 
     name = "sgg"
+    capabilities = frozenset({Capability.CONFIGURES})
 
     def __init__(self, cfg: SGGConfig, zero_stage: int):
         self.cfg = cfg
@@ -494,13 +503,11 @@ class SGG(Technique):
 
         setup.wrap_optimizer.append(wrap)
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         if self.wrapper is not None:
-            stats = self.wrapper.finalize()
-            if stats:
-                metrics.update(stats)
-                state.metrics.update(stats)
-        return Verdict.PROCEED
+            for name, value in (self.wrapper.finalize() or {}).items():
+                state.record(name, value)
+        return Decision()
 
 
 def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:

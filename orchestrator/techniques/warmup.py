@@ -71,7 +71,7 @@ def scheduled_lr(cfg: WarmupConfig, peak: float, step: int, total_steps: int) ->
 
 
 class Warmup(Technique):
-    """Sets ``state.lr`` from the schedule at the start of every optimizer step."""
+    """Sets the scheduled LR (``state.set_lr``) at the start of every optimizer step."""
 
     name = "warmup"
 
@@ -80,7 +80,7 @@ class Warmup(Technique):
         self.peak_lr = peak_lr
 
     def on_step_begin(self, state: TrainState) -> None:
-        state.lr = scheduled_lr(self.cfg, self.peak_lr, state.step, state.total_steps)
+        state.set_lr(scheduled_lr(self.cfg, self.peak_lr, state.step, state.total_steps))
 
 
 def _check(cfg: TechniqueConfig, recipe: Recipe) -> list[tuple[str, str]]:

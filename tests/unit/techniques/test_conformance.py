@@ -4,7 +4,8 @@ Each technique, with its registry example config on a tiny model:
 - survives a state_dict round trip,
 - resumes bit-for-bit in fp32 (N steps straight == N/2 + checkpoint + resume + N/2),
 - changes nothing when ``enabled: false`` (same weights as a run without it),
-- rejects bad config with a RecipeError naming its key.
+- rejects bad config with a RecipeError naming its key,
+- declares exactly the capabilities whose hooks it implements.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RecipeError
+from orchestrator.techniques.base import CAPABILITY_HOOKS, Capability, overrides
 from orchestrator.techniques.registry import build_techniques, registered
 
 SPECS = registered()
@@ -83,3 +85,22 @@ def test_bad_config_is_rejected_with_its_key(spec, tmp_path):
     keys = [p.key for p in info.value.problems]
     prefix = f"techniques.{spec.name}" if spec.section == "techniques" else spec.section
     assert f"{prefix}.no_such_option" in keys, keys
+
+
+DECIDING = {Capability.DECIDES_BEFORE_STEP, Capability.DECIDES_AFTER_STEP}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_declared_capabilities_match_the_hooks(spec, tmp_path):
+    """A capability's hook is overridden iff it is declared; a deciding hook may also be
+    overridden for its side effects (the loop then rejects anything but PROCEED from it)."""
+    recipe = _recipe(tmp_path, spec, spec.example)
+    (technique,) = [t for t in build_techniques(recipe) if t.name == spec.name]
+    for capability, hook in CAPABILITY_HOOKS.items():
+        declared, implemented = capability in technique.capabilities, overrides(technique, hook)
+        if capability in DECIDING:
+            assert implemented or not declared, f"{spec.name}: declares {capability} only"
+        else:
+            assert declared == implemented, f"{spec.name}: {capability} vs {hook}"
+    for duck in ("restore_on_rollback", "rollback_to", "stop_reason", "skip_request"):
+        assert not hasattr(technique, duck), f"{spec.name}: duck-typed {duck}"
