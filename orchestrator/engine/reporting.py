@@ -37,11 +37,14 @@ class Reporter:
         """Whether this rank streams to MLflow (rank 0 of a tracked job)."""
         return self.rank == 0 and bool(self.tracking_uri) and bool(self.run_id)
 
-    def emit(self, kind: str, step: int, **payload: Any) -> None:
-        """Append an event to the log (and send it to MLflow when tracked and open)."""
-        self.events.append({"kind": kind, "step": step, "time": time.time(), **payload})
+    def emit(self, kind: str, step: int, payload: Mapping[str, Any]) -> None:
+        """Append an event at ``step`` to the log (and send it to MLflow when tracked and
+        open); a ``step`` in ``payload`` names the step the event is about instead."""
+        event = {"kind": kind, "step": step, "time": time.time(), **payload}
+        self.events.append(event)
         if self.sink is not None:
-            self.sink.event(kind, step, **payload)
+            extra = {k: v for k, v in event.items() if k not in ("kind", "step", "time")}
+            self.sink.event(kind, event["step"], **extra)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Metrics of ``step`` to MLflow (a no-op when not tracked)."""

@@ -81,14 +81,18 @@ class StepHook:
     """Observes a :class:`Trainer`'s steps (tests, benchmarks); every method is a no-op.
 
     ``before_step`` runs before ``on_step_begin``; ``before_optimizer_step`` after the
-    backward of the last micro-batch, before the techniques' verdict; ``after_step`` once
-    the step is complete (after a rollback it decided, too) with the step's metrics."""
+    backward of the last micro-batch, before the techniques' verdict; ``after_decision``
+    once the step's final decision is agreed, before the loop acts on it; ``after_step``
+    once the step is complete (after a rollback it decided, too) with the step's metrics."""
 
     def before_step(self, trainer: Trainer) -> None:
         """Before the step's first hook."""
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
         """Gradients are in place; the optimizer has not run."""
+
+    def after_decision(self, trainer: Trainer, decision: Decision) -> None:
+        """The step's agreed decision (rollback, stop, ...), not yet acted upon."""
 
     def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """The step is done; ``metrics`` is what :meth:`Trainer.run_step` returns."""
@@ -229,7 +233,7 @@ class Trainer:
 
     def emit(self, kind: str, **payload: Any) -> None:
         """An event at the current step."""
-        self.reporter.emit(kind, self.state.step, **payload)
+        self.reporter.emit(kind, self.state.step, payload)
 
     # -- setup -------------------------------------------------------------------------------
     def _protected(self, step: int) -> bool:
@@ -390,6 +394,8 @@ class Trainer:
         if before.action >= Action.ROLLBACK:  # a rollback/stop decided before the update
             end = combine([before, end])
         self.last_decision = end
+        for hook in self.step_hooks:
+            hook.after_decision(self, end)
         if end.action == Action.ROLLBACK:
             self.reporter.log(state.step, metrics)  # the spike's metrics stay in its segment
             recovery.rollback(self, end)
