@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from pydantic import Field
 
+from orchestrator.distributed import all_reduce_
 from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState, Verdict
 from orchestrator.techniques.indicators import IndicatorProbe
 from orchestrator.techniques.registry import TechniqueSpec, register
@@ -110,10 +111,7 @@ def _pre_step_grad_norm(state: TrainState) -> float | None:
         if p.grad is not None:
             found = True
             sq += p.grad.detach().double().pow(2).sum()
-    flag = torch.tensor([sq.item(), float(found)], dtype=torch.float64)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and state.world_size > 1:
-        dist.all_reduce(flag)
+    flag = all_reduce_(torch.tensor([sq.item(), float(found)], dtype=torch.float64))
     if flag[1] < state.world_size:  # some rank holds no gradients (ZeRO-2): not measurable here
         return None
     return (
