@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.distributed as dist
 
 from orchestrator.continual.metrics import summarize
 from orchestrator.continual.replay import ReplayBuffer
 from orchestrator.continual.stages import Stage, StageBatches, build_stages, stage_at
+from orchestrator.distributed import all_reduce_floats
 from orchestrator.engine.data import collate
 from orchestrator.recipe.schema import ContinualConfig
 from orchestrator.techniques.base import (
@@ -43,16 +43,6 @@ from orchestrator.techniques.registry import TechniqueSpec, register
 
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import Recipe
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over ranks (gloo: CPU tensors; NCCL: CUDA tensors)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return [float(v) for v in tensor.tolist()]
 
 
 class Continual(Technique):
@@ -174,7 +164,7 @@ class Continual(Technique):
                 )
             sums += [loss, correct, count]
         engine.train()
-        sums = _all_sum(sums)
+        sums = all_reduce_floats(sums)
         out: dict[str, float] = {}
         kind = "acc" if self.higher_is_better else "loss"
         for j, t in enumerate(tasks):

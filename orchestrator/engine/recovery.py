@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from orchestrator.distributed import all_gather_objects
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore, atomic_write_json
 from orchestrator.errors import CheckpointError, RollbackExhausted
 from orchestrator.techniques.base import Capability, Decision, Technique, TrainState, has
@@ -179,7 +179,6 @@ def pull_from_remote(
     mirror: CheckpointMirror | None,
     store: CheckpointStore,
     rank: int,
-    world_size: int,
     resume_step: int | None,
     emit: Callable[..., None],
 ) -> None:
@@ -200,10 +199,7 @@ def pull_from_remote(
         else:
             if step is not None:
                 emit("checkpoint_pulled", step=step, source=mirror.uri)
-    errors: list[str | None] = [error]
-    if dist.is_initialized() and world_size > 1:
-        errors = [None] * world_size
-        dist.all_gather_object(errors, error)
+    errors: list[str | None] = all_gather_objects(error)
     if any(errors):
         raise CheckpointError(next(e for e in errors if e))
 

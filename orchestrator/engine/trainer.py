@@ -25,8 +25,8 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from orchestrator.distributed import all_reduce_floats
 from orchestrator.engine import recovery
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore
 from orchestrator.engine.data import BatchSource, build_data
@@ -139,17 +139,6 @@ def release_engine(engine: Any) -> None:
             setattr(engine, name, None)
 
 
-def _agree(values: list[float], op: str) -> list[float]:
-    """All-reduce a few floats (``sum`` or ``max``) so every rank sees the same numbers."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    # NCCL reduces only CUDA tensors; gloo only CPU ones.
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
 def reduce_metrics(recorded: Mapping[str, tuple[float, Reduce]], world_size: int) -> dict:
     """Recorded metrics as logged: ``mean``/``sum``/``max`` agreed across ranks (one
     all-reduce per kind present, names in sorted order), ``None`` this rank's value."""
@@ -158,7 +147,9 @@ def reduce_metrics(recorded: Mapping[str, tuple[float, Reduce]], world_size: int
         names = sorted(n for n, (_, h) in recorded.items() if h == how)
         if not names:
             continue
-        values = _agree([recorded[n][0] for n in names], "max" if how == "max" else "sum")
+        values = all_reduce_floats(
+            [recorded[n][0] for n in names], "max" if how == "max" else "sum"
+        )
         if how == "mean":
             values = [v / world_size for v in values]
         out.update(zip(names, values, strict=True))
@@ -264,9 +255,7 @@ class Trainer:
             if has(technique, Capability.SUPPLIES_DATA):
                 self.batches = technique.wrap_batches(self.batches, self.context)
         if ctx.resume_step != -1:
-            recovery.pull_from_remote(
-                self.mirror, self.store, ctx.rank, ctx.world_size, ctx.resume_step, self.emit
-            )
+            recovery.pull_from_remote(self.mirror, self.store, ctx.rank, ctx.resume_step, self.emit)
         resume = self.store.latest(ctx.resume_step) if ctx.resume_step != -1 else None
         saved = self.store.load_rank_state(resume, ctx.rank) if resume else None
         if saved is not None:
@@ -323,7 +312,7 @@ class Trainer:
 
     def _agree_decision(self, local: Decision) -> Decision:
         """The all-ranks maximum action; this rank's details when it decided that action."""
-        agreed = Action(int(_agree([float(local.action)], "max")[0]))
+        agreed = Action(int(all_reduce_floats([float(local.action)], "max")[0]))
         if agreed == local.action:
             return local
         return Decision(agreed, reason={"decided_on": "another rank"})
@@ -358,7 +347,9 @@ class Trainer:
             loss_sum += float(loss.detach())
             if micro < schedule.grad_accumulation - 1:
                 engine.step()
-        loss_avg = _agree([loss_sum / schedule.grad_accumulation], "sum")[0] / self.ctx.world_size
+        loss_avg = (
+            all_reduce_floats([loss_sum / schedule.grad_accumulation])[0] / self.ctx.world_size
+        )
         state._update(loss=loss_avg)
         for hook in self.step_hooks:
             hook.before_optimizer_step(self)
@@ -435,7 +426,7 @@ class Trainer:
             got = self.task.eval_batch(engine, _on_device(batch, engine.device))
             sums = [sums[0] + got.loss, sums[1] + 1.0, sums[2] + got.correct, sums[3] + got.count]
         engine.train()
-        self.eval_results = eval_metrics(_agree(sums, "sum"), self.task)
+        self.eval_results = eval_metrics(all_reduce_floats(sums), self.task)
         return self.eval_results["eval_loss"]
 
     def checkpoint(self, final: bool = False) -> CheckpointInfo | None:

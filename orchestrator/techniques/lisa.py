@@ -38,9 +38,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.distributed as dist
 from pydantic import Field, model_validator
 
+from orchestrator.distributed import broadcast_
 from orchestrator.errors import UsageError
 from orchestrator.techniques.base import (
     Capability,
@@ -247,10 +247,9 @@ class Lisa(Technique):
 
     def _sample(self, interval: int) -> list[int]:
         layers = sample_layers(self.cfg, self.n_layers or 0, self.seed, interval)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor(layers + [-1] * (self.cfg.gamma - len(layers)), dtype=torch.int64)
-            dist.broadcast(t, src=0)  # every rank computed the same; rank 0's list rules regardless
-            layers = [int(i) for i in t.tolist() if i >= 0]
+        t = torch.tensor(layers + [-1] * (self.cfg.gamma - len(layers)), dtype=torch.int64)
+        broadcast_(t, src=0)  # every rank computed the same; rank 0's list rules regardless
+        layers = [int(i) for i in t.tolist() if i >= 0]
         return layers
 
     def _apply_requires_grad(self) -> None:

@@ -53,9 +53,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.distributed as dist
 from pydantic import Field, model_validator
 
+from orchestrator.distributed import all_gather_tensor
 from orchestrator.techniques.base import (
     Capability,
     Decision,
@@ -420,16 +420,7 @@ class SGGOptimizer(torch.optim.Optimizer):
                 g["sgg_pending"] = False
             return None
         mdas = torch.cat([self.inner.state[p]["sgg_mda"].float() for p in layers])
-        pool = mdas
-        if (
-            self.partitioned
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
-            gathered = [torch.empty_like(mdas) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, mdas)
-            pool = torch.cat(gathered)
+        pool = torch.cat(all_gather_tensor(mdas)) if self.partitioned else mdas
         d_star = lower_median(pool)
         cfg = self.cfg
         for p in layers:

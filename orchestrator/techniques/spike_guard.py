@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from pydantic import Field
 
+from orchestrator.distributed import all_reduce_
 from orchestrator.techniques.base import (
     Capability,
     Context,
@@ -118,10 +119,7 @@ def _pre_step_grad_norm(model: torch.nn.Module | None, world_size: int) -> float
         if p.grad is not None:
             found = True
             sq += p.grad.detach().double().pow(2).sum()
-    flag = torch.tensor([sq.item(), float(found)], dtype=torch.float64)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        dist.all_reduce(flag)
+    flag = all_reduce_(torch.tensor([sq.item(), float(found)], dtype=torch.float64))
     if flag[1] < world_size:  # some rank holds no gradients (ZeRO-2): not measurable here
         return None
     return math.sqrt(flag[0].item() / world_size) if math.isfinite(flag[0].item()) else math.inf
