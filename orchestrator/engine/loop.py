@@ -484,7 +484,7 @@ class Trainer:
         self.loop.segment += 1
         if self.sink is None or not self.ctx.tracking_uri or not self.ctx.run_id:
             return
-        from orchestrator.control.resume import open_segment_run
+        from orchestrator.tracking.segments import open_segment_run
         from orchestrator.tracking.sink import MetricSink
 
         self.sink.close(timeout_s=10.0)
@@ -561,7 +561,7 @@ class Trainer:
             extra = {k: v for k, v in e.items() if k not in ("kind", "step", "time")}
             self.sink.event(e["kind"], e["step"], **extra)
         if any(e["kind"] == "resume" for e in self.events):  # a restart: close dead segments
-            from orchestrator.control.resume import close_segments
+            from orchestrator.tracking.segments import close_segments
 
             with contextlib.suppress(Exception):
                 close_segments(
@@ -572,11 +572,11 @@ class Trainer:
         """Rank 0: end the current rollback segment run (the controller ends the job run)."""
         if self.sink is None or self.segment_run_id in (None, self.ctx.run_id):
             return
-        from orchestrator.tracking.runs import end_run
+        from orchestrator.tracking.segments import end_segment
 
         try:
             uri, run_id = self.ctx.tracking_uri or "", self.segment_run_id or ""
-            end_run(uri, run_id, status)  # type: ignore[arg-type]
+            end_segment(uri, run_id, status)  # type: ignore[arg-type]
         except Exception:
             pass
 
