@@ -116,12 +116,12 @@ def _replay_leftover(uri: str, view: RunView) -> int:
 
 def end_stale(uri: str, view: RunView, reason: str, by: str) -> None:
     """End a stale run KILLED: replay its spool, end its open segments, tag why and by whom."""
-    from orchestrator.control.resume import close_segments
     from orchestrator.tracking.runs import end_run, set_tags
+    from orchestrator.tracking.segments import SEGMENT_ROLE, close_segments
 
     _replay_leftover(uri, view)
     text = f"driver gone: {reason}"
-    if view.role != "segment":
+    if view.role != SEGMENT_ROLE:
         close_segments(uri, view.run_id, "KILLED", text)
     set_tags(uri, view.run_id, {"regimen.reconciled_by": by, "regimen.reconciled_at": time.time()})
     end_run(uri, view.run_id, "KILLED", reason=text)

@@ -75,7 +75,7 @@ class Reporter:
             extra = {k: v for k, v in e.items() if k not in ("kind", "step", "time")}
             self.sink.event(e["kind"], e["step"], **extra)
         if any(e["kind"] == "resume" for e in self.events):  # a restart: close dead segments
-            from orchestrator.control.resume import close_segments
+            from orchestrator.tracking.segments import close_segments
 
             with contextlib.suppress(Exception):
                 close_segments(uri, run_id, "KILLED", "worker died; job restarted")
@@ -86,7 +86,7 @@ class Reporter:
         """Rank 0: a child MLflow run for what follows; the sink switches to it."""
         if self.sink is None or not self.tracking_uri or not self.run_id:
             return
-        from orchestrator.control.resume import open_segment_run
+        from orchestrator.tracking.segments import open_segment_run
         from orchestrator.tracking.sink import MetricSink
 
         self.sink.close(timeout_s=10.0)
@@ -105,10 +105,10 @@ class Reporter:
         self.sink.close()
         if self.segment_run_id in (None, self.run_id):
             return
-        from orchestrator.tracking.runs import end_run
+        from orchestrator.tracking.segments import end_segment
 
         with contextlib.suppress(Exception):
-            end_run(self.tracking_uri or "", self.segment_run_id or "", status)  # type: ignore[arg-type]
+            end_segment(self.tracking_uri or "", self.segment_run_id or "", status)  # type: ignore[arg-type]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Rank 0: the crash-safe record of the job's result (``summary.json``)."""
