@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from orchestrator.rundir import RunDir
 from orchestrator.techniques.base import Setup, Technique, TechniqueConfig, TrainState
 
 FAULTS = ("nan", "spike", "grad_blowup", "kill", "kill_in_checkpoint")
@@ -76,7 +77,7 @@ class FaultInjection(Technique):
 
     # -- helpers -----------------------------------------------------------------------------
     def _marker(self, fault: str) -> Path | None:
-        return self.run_dir / "faults" / f"{fault}.fired" if self.run_dir else None
+        return RunDir(self.run_dir).faults / f"{fault}.fired" if self.run_dir else None
 
     def _fire(self, fault: str, state: TrainState, mark: bool = True) -> None:
         self.fired.append(fault)
