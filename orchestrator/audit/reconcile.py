@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.audit.fetch import RunView
+from orchestrator.rundir import RunDir
 from orchestrator.tracking.record import DRIVER_HOST, DRIVER_PID, DRIVER_STARTED, HEARTBEAT
 
 STALE_AFTER_S = 300.0
@@ -107,7 +108,7 @@ def _replay_leftover(uri: str, view: RunView) -> int:
         return 0
     from orchestrator.tracking.sink import replay_spool
 
-    spool = Path(run_dir) / "spool" / f"{view.run_id}.metrics.jsonl"
+    spool = RunDir(Path(run_dir)).metric_spool(view.run_id)
     if spool.exists() and spool.stat().st_size:
         with contextlib.suppress(Exception):
             return replay_spool(uri, view.run_id, spool)

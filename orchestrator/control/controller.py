@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.engine.loop import read_summary
 from orchestrator.engine.remote import is_remote, run_storage_uri
 from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.loader import dump_recipe
+from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
 from orchestrator.tracking.client import absolute_tracking_uri
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -95,8 +95,7 @@ def run_job(
         tags=tags,
         parent_run_id=parent_run_id,
     )
-    run_dir = recipe.checkpoint.local_root.resolve() / (run_id or new_run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir.under(recipe.checkpoint.local_root, run_id or new_run_id).create().root
     storage_tags = {"regimen.run_dir": str(run_dir)}
     if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
         storage_tags["regimen.storage_uri"] = run_storage_uri(
@@ -181,11 +180,11 @@ def replay_leftover_metrics(tracking_uri: str, run_dir: Path) -> int:
     from orchestrator.tracking.sink import replay_spool
 
     sent = 0
-    for path in sorted((run_dir / "spool").glob("*.metrics.jsonl")):
+    for path in RunDir(run_dir).metric_spools():
         if not path.stat().st_size:
             continue
         try:
-            sent += replay_spool(tracking_uri, path.name.removesuffix(".metrics.jsonl"), path)
+            sent += replay_spool(tracking_uri, path.name.removesuffix(METRICS_SPOOL_SUFFIX), path)
         except TrackingError as exc:
             logging.getLogger(__name__).warning("%s", exc)
     return sent
@@ -201,7 +200,7 @@ def _poll(board: Any) -> dict[str, Any]:
 
 
 def _fill_from_summary(result: JobResult, run_dir: Path) -> None:
-    summary = read_summary(run_dir)
+    summary = RunDir(run_dir).read_summary()
     if not summary:
         return
     result.steps = int(summary.get("steps") or 0)

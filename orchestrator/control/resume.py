@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
+from orchestrator.rundir import RunDir, Segment
 from orchestrator.tracking import segments
 from orchestrator.tracking.client import mlflow_client
-
-SEGMENT_FILE = "segment.json"  # a manual rollback's extra skip ranges / LR scale for the workers
 
 
 def _mark_stale(uri: str, run_id: str) -> bool:
@@ -47,11 +46,12 @@ def _abandon_after(run_dir: Path, step: int, label: str) -> list[str]:
     """Move checkpoints after ``step`` to ``run_dir/abandoned/<label>/`` (kept, never loaded)."""
     from orchestrator.engine.checkpoint import CheckpointStore
 
-    store = CheckpointStore(run_dir / "checkpoints", keep=0)
+    rd = RunDir(run_dir)
+    store = CheckpointStore(rd.checkpoints, keep=0)
     moved = []
     for info in store.list():
         if info.step > step:
-            dest = run_dir / "abandoned" / label / info.path.name
+            dest = rd.abandoned_for(label) / info.path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(info.path, dest)
             moved.append(str(dest))
@@ -70,7 +70,7 @@ def continue_run(
     """Resume (``to_step`` None) or roll back ``run_id`` in a new MLflow run; the JobResult."""
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.control.controller import run_job
-    from orchestrator.engine.checkpoint import CheckpointStore, atomic_write_json
+    from orchestrator.engine.checkpoint import CheckpointStore
     from orchestrator.engine.remote import CheckpointMirror
     from orchestrator.recipe.expand import Variant
     from orchestrator.recipe.loader import load_recipe_text
@@ -88,8 +88,8 @@ def continue_run(
     if run_dir_tag and Path(run_dir_tag).is_dir():
         run_dir = Path(run_dir_tag)
     elif storage_uri:  # another machine, or the cluster is gone: a fresh local working copy
-        run_dir = recipe.checkpoint.local_root.resolve() / Path(run_dir_tag or run_id).name
-        run_dir.mkdir(parents=True, exist_ok=True)
+        name = Path(run_dir_tag or run_id).name
+        run_dir = RunDir.under(recipe.checkpoint.local_root, name).create().root
     else:
         raise UsageError(
             f"run {run_id} has no reachable storage (tag regimen.run_dir={run_dir_tag!r}): "
@@ -102,7 +102,8 @@ def continue_run(
             "checkpoint": recipe.checkpoint.model_copy(update={local_key: str(run_dir.parent)}),
         }
     )
-    store = CheckpointStore(run_dir / "checkpoints", keep=0)
+    rd = RunDir(run_dir)
+    store = CheckpointStore(rd.checkpoints, keep=0)
     mirror = CheckpointMirror(storage_uri) if storage_uri else None
     if mirror is not None:  # the storage may hold newer checkpoints than this machine
         local = store.latest(to_step)
@@ -112,7 +113,7 @@ def continue_run(
         where = f"at or before step {to_step}" if to_step is not None else "at all"
         raise UsageError(f"run {run_id} has no committed checkpoint {where} in {store.root}")
     stale = _mark_stale(tracking_uri, run_id)
-    (run_dir / "stopped.json").unlink(missing_ok=True)  # a person decided to go on
+    rd.clear_stopped()  # a person decided to go on
     kind: segments.ContinuationKind = "resume" if to_step is None else "rollback"
     segment = segments.next_segment(old.data.tags)
     rollback: dict[str, Any] = {}
@@ -122,15 +123,7 @@ def continue_run(
             mirror.abandon_after(target.step, f"{kind}-{segment}")
         cursor = int(target.manifest.get("meta", {}).get("cursor", 0))
         skip = [[cursor, cursor + skip_batches * recipe.global_batch_size]] if skip_batches else []
-        atomic_write_json(
-            run_dir / SEGMENT_FILE,
-            {
-                "segment": segment,
-                "from_step": target.step,
-                "skip_ranges": skip,
-                "lr_scale": lr_scale,
-            },
-        )
+        rd.write_segment(Segment(segment, target.step, [(a, b) for a, b in skip], lr_scale))
         rollback = {"skipped_ranges": skip, "lr_scale": lr_scale, "abandoned": moved}
     tags = segments.continuation_tags(
         run_id,

@@ -5,8 +5,8 @@ The loop itself lives in :mod:`orchestrator.engine.trainer` (the Trainer),
 :mod:`orchestrator.engine.reporting` (events, MLflow sink, summary).
 """
 
-from orchestrator.engine.recovery import STOPPED_FILE, LoopState
-from orchestrator.engine.reporting import SUMMARY_FILE, read_summary
+from orchestrator.engine.recovery import LoopState
+from orchestrator.engine.reporting import read_summary
 from orchestrator.engine.trainer import (
     Built,
     StepHook,
@@ -16,6 +16,8 @@ from orchestrator.engine.trainer import (
     release_engine,
     train,
 )
+from orchestrator.rundir import STOPPED as STOPPED_FILE
+from orchestrator.rundir import SUMMARY as SUMMARY_FILE
 
 __all__ = [
     "STOPPED_FILE",

@@ -11,28 +11,24 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from orchestrator.distributed import all_gather_objects
-from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore, atomic_write_json
+from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore
 from orchestrator.errors import CheckpointError, RollbackExhausted
+from orchestrator.rundir import RunDir, Stopped
 from orchestrator.techniques.base import Capability, Decision, Technique, TrainState, has
 
 if TYPE_CHECKING:
     from orchestrator.engine.remote import CheckpointMirror
     from orchestrator.engine.trainer import Trainer
-
-STOPPED_FILE = "stopped.json"  # a STOP decision; `regimen resume` removes it
-SEGMENT_FILE = "segment.json"  # `regimen rollback`'s manual segment
 
 
 @dataclass
@@ -137,42 +133,36 @@ def protected(
     return target is not None and step >= target.step
 
 
-def check_not_stopped(run_dir: Path) -> None:
+def check_not_stopped(run_dir: RunDir) -> None:
     """A job that a STOP decision ended does not start again (until `regimen resume`)."""
-    path = run_dir / STOPPED_FILE
-    if path.exists():
-        raise RollbackExhausted(json.loads(path.read_text())["reason"])
+    stopped = run_dir.read_stopped()
+    if stopped is not None:
+        raise RollbackExhausted(stopped.reason)
 
 
-def record_stop(run_dir: Path, rank: int, step: int, reason: str) -> None:
+def record_stop(run_dir: RunDir, rank: int, step: int, reason: str) -> None:
     """Rank 0: write ``stopped.json`` (a Ray Train restart must not retry a deliberate stop)."""
     if rank == 0:
-        atomic_write_json(run_dir / STOPPED_FILE, {"step": step, "reason": reason})
+        run_dir.write_stopped(Stopped(step=step, reason=reason))
 
 
 def apply_manual_segment(
-    run_dir: Path, state: TrainState, loop: LoopState, emit: Callable[..., None]
+    run_dir: RunDir, state: TrainState, loop: LoopState, emit: Callable[..., None]
 ) -> None:
     """`regimen rollback --skip-batches/--lr-scale`: the driver's ``segment.json``.
 
     Applied once: when this rank starts from the checkpoint the rollback chose and the
     checkpoint predates that segment (a later checkpoint carries the ranges itself).
     """
-    path = run_dir / SEGMENT_FILE
-    if not path.exists():
+    seg = run_dir.read_segment()
+    if seg is None or state.step != seg.from_step or loop.segment >= seg.segment:
         return
-    seg = json.loads(path.read_text())
-    if state.step != seg["from_step"] or loop.segment >= seg["segment"]:
-        return
-    extra = {(int(a), int(b)) for a, b in seg.get("skip_ranges") or []}
+    extra = set(seg.skip_ranges)
     loop.skip_ranges = sorted(set(loop.skip_ranges) | extra)
-    if seg.get("lr_scale") is not None:
-        state.set_lr_scale(float(seg["lr_scale"]))
-    loop.segment = int(seg["segment"])
-    emit(
-        "manual_rollback", to_step=seg["from_step"], skipped=sorted(extra),
-        lr_scale=state.lr_scale,
-    )  # fmt: skip
+    if seg.lr_scale is not None:
+        state.set_lr_scale(seg.lr_scale)
+    loop.segment = seg.segment
+    emit("manual_rollback", to_step=seg.from_step, skipped=sorted(extra), lr_scale=state.lr_scale)
 
 
 def pull_from_remote(

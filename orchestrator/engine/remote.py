@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import CheckpointError
+from orchestrator.rundir import ABANDONED, CHECKPOINTS
 
 MANIFEST = "manifest.json"
 # URI schemes pyarrow.fs.FileSystem.from_uri understands (without a network call to check).
@@ -44,7 +45,7 @@ def is_remote(storage: str) -> bool:
 
 def run_storage_uri(storage: str, run_id: str) -> str:
     """Where one run's checkpoints live under a storage URI."""
-    return f"{storage.rstrip('/')}/{run_id}/checkpoints"
+    return f"{storage.rstrip('/')}/{run_id}/{CHECKPOINTS}"
 
 
 def _step_name(step: int) -> str:
@@ -101,7 +102,7 @@ class CheckpointMirror:
         """Move remote checkpoints after ``step`` to ``../abandoned/<label>/`` (a manual
         rollback's discarded timeline: kept, never pulled again); the steps moved."""
         moved = []
-        target = f"{self.root.rsplit('/', 1)[0]}/abandoned/{label}"
+        target = f"{self.root.rsplit('/', 1)[0]}/{ABANDONED}/{label}"
         for s in self.steps(committed_only=False):
             if s > step:
                 self.fs.create_dir(target, recursive=True)

@@ -9,21 +9,18 @@ switches to a new child run (a lineage segment).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.engine.checkpoint import atomic_write_json
-
-SUMMARY_FILE = "summary.json"
+from orchestrator.rundir import RunDir
 
 
 class Reporter:
     """The event log of one rank, and rank 0's MLflow sink for metrics, events and segments."""
 
-    def __init__(self, run_dir: Path, rank: int, tracking_uri: str | None, run_id: str | None):
+    def __init__(self, run_dir: RunDir, rank: int, tracking_uri: str | None, run_id: str | None):
         self.run_dir = run_dir
         self.rank = rank
         self.tracking_uri = tracking_uri
@@ -65,7 +62,7 @@ class Reporter:
         from orchestrator.tracking.sink import MetricSink
 
         uri, run_id = self.tracking_uri or "", self.run_id or ""
-        self.sink = MetricSink(uri, run_id, spool_dir=self.run_dir / "spool")
+        self.sink = MetricSink(uri, run_id, spool_dir=self.run_dir.spool)
         log_worker_record(
             uri, run_id, recipe=recipe.model_dump(mode="json"), fingerprint=data.fingerprint,
             description=data.description, ds_config=getattr(engine, "config", None),
@@ -94,9 +91,7 @@ class Reporter:
             self.tracking_uri, self.run_id, segment=segment, kind=kind,
             restored_step=restored_step, payload=payload, rollbacks=rollbacks,
         )  # fmt: skip
-        self.sink = MetricSink(
-            self.tracking_uri, self.segment_run_id, spool_dir=self.run_dir / "spool"
-        )
+        self.sink = MetricSink(self.tracking_uri, self.segment_run_id, spool_dir=self.run_dir.spool)
 
     def close(self, status: str) -> None:
         """Drain the sink; end the current rollback segment run (the controller ends the job's)."""
@@ -113,10 +108,9 @@ class Reporter:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Rank 0: the crash-safe record of the job's result (``summary.json``)."""
         if self.rank == 0:
-            atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+            self.run_dir.write_summary(summary)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """The summary rank 0 wrote at the end of a job, or None."""
-    path = run_dir / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return RunDir(run_dir).read_summary()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from orchestrator.engine.reporting import Reporter
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.errors import RollbackExhausted
 from orchestrator.recipe.schema import Recipe
+from orchestrator.rundir import RunDir
 from orchestrator.techniques.base import (
     Action,
     BatchStream,
@@ -176,13 +176,14 @@ class Trainer:
         self.recipe = recipe
         self.ctx = ctx
         self.step_hooks = list(step_hooks)
+        self.rundir = RunDir(ctx.run_dir)
         self.mirror = (
             CheckpointMirror(run_storage_uri(recipe.checkpoint.storage, ctx.run_dir.name))
             if is_remote(recipe.checkpoint.storage)
             else None
         )
         self.store = CheckpointStore(
-            ctx.run_dir / "checkpoints",
+            self.rundir.checkpoints,
             keep=recipe.checkpoint.keep,
             rank=ctx.rank,
             world_size=ctx.world_size,
@@ -197,7 +198,7 @@ class Trainer:
         }
         self.loop = LoopState()
         self.protected_steps: set[int] = set()
-        self.reporter = Reporter(ctx.run_dir, ctx.rank, ctx.tracking_uri, ctx.run_id)
+        self.reporter = Reporter(self.rundir, ctx.rank, ctx.tracking_uri, ctx.run_id)
         self.state = TrainState(
             recipe=recipe,
             total_steps=recipe.schedule.steps,
@@ -234,7 +235,7 @@ class Trainer:
 
     def _build(self) -> None:
         recipe, ctx, state = self.recipe, self.ctx, self.state
-        recovery.check_not_stopped(ctx.run_dir)
+        recovery.check_not_stopped(self.rundir)
         torch.set_num_threads(
             recipe.resources.threads_per_worker or max(1, int(recipe.resources.cpus_per_worker))
         )
@@ -267,7 +268,7 @@ class Trainer:
             self.emit("resume", from_step=resume.step, checkpoint=str(resume.path))
             for technique in self.techniques:
                 technique.on_checkpoint_loaded(state, resume.step)
-        recovery.apply_manual_segment(ctx.run_dir, state, self.loop, self.emit)
+        recovery.apply_manual_segment(self.rundir, state, self.loop, self.emit)
 
     def _engine(self) -> Any:
         built = getattr(self, "built", None)
@@ -392,7 +393,7 @@ class Trainer:
             recovery.rollback(self, end)
         elif end.action == Action.STOP:
             reason = end.message or f"a technique stopped training at step {state.step}"
-            recovery.record_stop(self.ctx.run_dir, self.ctx.rank, state.step, reason)
+            recovery.record_stop(self.rundir, self.ctx.rank, state.step, reason)
             raise RollbackExhausted(reason)
         return metrics
 
@@ -551,5 +552,5 @@ class Trainer:
 
 def train(recipe: Recipe, ctx: WorkerContext) -> dict[str, Any]:
     """Run one job on this rank (the function every Ray Train worker calls)."""
-    os.makedirs(ctx.run_dir, exist_ok=True)
+    RunDir(ctx.run_dir).create()
     return Trainer(recipe, ctx).run()

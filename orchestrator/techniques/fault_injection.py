@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from orchestrator.rundir import RunDir
 from orchestrator.techniques.base import (
     Capability,
     Context,
@@ -87,7 +88,7 @@ class FaultInjection(Technique):
 
     # -- helpers -----------------------------------------------------------------------------
     def _marker(self, fault: str) -> Path | None:
-        return self.run_dir / "faults" / f"{fault}.fired" if self.run_dir else None
+        return RunDir(self.run_dir).faults / f"{fault}.fired" if self.run_dir else None
 
     def _fire(self, fault: str, state: TrainState, mark: bool = True) -> None:
         self.fired.append(fault)

@@ -200,8 +200,10 @@ def checkpoint_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every checkpoint under ``run_dir`` (committed, then abandoned by rollbacks) with its
     manifest: ``{step, path, state, manifest}``."""
     out: list[dict[str, Any]] = []
-    roots = [("committed", run_dir / "checkpoints")]
-    roots += [("abandoned", p) for p in sorted((run_dir / "abandoned").glob("*")) if p.is_dir()]
+    from orchestrator.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    roots = [("committed", rd.checkpoints)] + [("abandoned", p) for p in rd.abandoned_sets()]
     for state, root in roots:
         for manifest_path in sorted(root.glob("step-*/manifest.json")):
             try:
