@@ -27,10 +27,9 @@ import torch
 
 from orchestrator.distributed import all_reduce_floats
 from orchestrator.engine import recovery
+from orchestrator.engine.build import initialize_engine, release_engine
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore
 from orchestrator.engine.data import BatchSource, build_data
-from orchestrator.engine.ds_config import build_ds_config
-from orchestrator.engine.optim import StepGate, build_optimizer
 from orchestrator.engine.recovery import LoopState
 from orchestrator.engine.remote import CheckpointMirror, is_remote, run_storage_uri
 from orchestrator.engine.reporting import Reporter
@@ -45,7 +44,6 @@ from orchestrator.techniques.base import (
     Context,
     Decision,
     Reduce,
-    Setup,
     Technique,
     TrainState,
     combine,
@@ -68,15 +66,6 @@ class WorkerContext:
     stop_after_steps: int | None = None
 
 
-@dataclass
-class Built:
-    """The DeepSpeed engine and what the loop needs next to it."""
-
-    engine: Any
-    gate: StepGate
-    optimizer: Any
-
-
 class StepHook:
     """Observes a :class:`Trainer`'s steps (tests, benchmarks); every method is a no-op.
 
@@ -96,47 +85,6 @@ class StepHook:
 
     def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """The step is done; ``metrics`` is what :meth:`Trainer.run_step` returns."""
-
-
-def initialize_engine(
-    model: torch.nn.Module, techniques: list[Technique], recipe: Recipe, ctx: WorkerContext
-) -> Built:
-    """Let techniques shape param groups and config, then ``deepspeed.initialize``."""
-    import deepspeed
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    setup = Setup(
-        recipe=recipe,
-        model=model,
-        param_groups=[{"params": params, "name": "all"}],
-        ds_config=build_ds_config(recipe),
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    for technique in techniques:
-        if has(technique, Capability.CONFIGURES):
-            technique.configure(setup)
-    optimizer = build_optimizer(setup.param_groups, recipe.optimizer)
-    for wrap in setup.wrap_optimizer:
-        optimizer = wrap(optimizer)
-    gate = StepGate(optimizer)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=setup.ds_config, dist_init_required=False
-    )
-    return Built(engine=engine, gate=gate, optimizer=optimizer)
-
-
-def release_engine(engine: Any) -> None:
-    """Make a DeepSpeed engine collectable: ``destroy()`` (ZeRO grad hooks) and remove the
-    forward hooks it put on the module, whose closures would otherwise keep the engine, its
-    optimizer and all optimizer state alive as long as the module lives."""
-    if hasattr(engine, "destroy"):
-        engine.destroy()
-    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
-        handle = getattr(engine, name, None)
-        if handle is not None and hasattr(handle, "remove"):
-            handle.remove()
-            setattr(engine, name, None)
 
 
 def reduce_metrics(recorded: Mapping[str, tuple[float, Reduce]], world_size: int) -> dict:
@@ -261,7 +209,9 @@ class Trainer:
         saved = self.store.load_rank_state(resume, ctx.rank) if resume else None
         if saved is not None:
             recovery.load_techniques(self.techniques, saved)
-        self.built = initialize_engine(self.model, self.techniques, recipe, ctx)
+        self.built = initialize_engine(
+            self.model, self.techniques, recipe, ctx.rank, ctx.world_size
+        )
         if resume is not None and saved is not None:
             self.store.load_engine(self.built.engine, resume)
             recovery.restore_loop(state, self.loop, saved)
@@ -404,7 +354,9 @@ class Trainer:
         release_engine(self.built.engine)
         self.built = None  # type: ignore[assignment]
         gc.collect()
-        self.built = initialize_engine(module, self.techniques, self.recipe, self.ctx)
+        self.built = initialize_engine(
+            module, self.techniques, self.recipe, self.ctx.rank, self.ctx.world_size
+        )
         self.state.record("engine_rebuild_s", time.perf_counter() - started)
 
     # -- eval, checkpoints -------------------------------------------------------------------
