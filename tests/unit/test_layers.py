@@ -1,5 +1,7 @@
-"""Worker code never imports the driver: the engine loads without control, cluster or cli,
-and no worker module (engine, techniques, continual, tracking) imports them, even lazily."""
+"""Layers point down: worker code never imports the driver, and neither do the audit tools.
+
+The engine loads without control, cluster or cli, and no module of engine, techniques,
+continual, tracking or audit imports them, even lazily inside a function."""
 
 from __future__ import annotations
 
@@ -15,7 +17,15 @@ from conftest import REPO
 
 PACKAGE = REPO / "orchestrator"
 DRIVER = ("orchestrator.control", "orchestrator.cluster", "orchestrator.cli")
-WORKER = ("engine", "techniques", "continual", "tracking")
+AUDIT = ("orchestrator.audit",)
+# package -> what none of its modules may import
+FORBIDDEN = {
+    "engine": DRIVER + AUDIT,
+    "techniques": DRIVER + AUDIT,
+    "continual": DRIVER + AUDIT,
+    "tracking": DRIVER + AUDIT,
+    "audit": DRIVER,
+}
 # tracking is a bottom layer: it may use itself and the ground-floor helpers only
 GROUND = ("orchestrator.tracking", "orchestrator.errors", "orchestrator.distributed",
           "orchestrator.rundir")  # fmt: skip
@@ -58,13 +68,13 @@ def test_importing_the_engine_loads_no_driver_module() -> None:
     assert [m for m in loaded if _is(m, DRIVER)] == []
 
 
-@pytest.mark.parametrize("package", WORKER)
-def test_worker_modules_never_import_the_driver(package: str) -> None:
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_lower_layers_never_import_the_driver(package: str) -> None:
     bad = [
         f"{path.relative_to(REPO)}:{line} imports {module}"
         for path in sorted((PACKAGE / package).rglob("*.py"))
         for line, module in _imports(path)
-        if _is(module, DRIVER) or _is(module, ("orchestrator.audit",))
+        if _is(module, FORBIDDEN[package])
     ]
     assert bad == []
 
