@@ -1,7 +1,7 @@
 """MLflow tracking for Regimen.
 
 - ``client``: the one MLflow client helper (a cached client per tracking URI, sqlite
-  calls taking turns, relative URI pinning, MLflow errors as ``TrackingError``).
+  calls taking turns, MLflow errors as ``TrackingError``, reading artifacts back).
 - ``runs``: driver side, the run lifecycle (open with recipe/params/provenance tags,
   end with a truthful status, summaries, driver events, reading the recipe back).
 - ``sink``: worker side (rank 0), ``MetricSink``: async batched metrics that spool to
