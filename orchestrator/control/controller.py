@@ -22,7 +22,6 @@ from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.loader import dump_recipe
 from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
-from orchestrator.tracking.client import absolute_tracking_uri
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -188,6 +187,22 @@ def replay_leftover_metrics(tracking_uri: str, run_dir: Path) -> int:
         except TrackingError as exc:
             logging.getLogger(__name__).warning("%s", exc)
     return sent
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Pin a relative sqlite/file URI to the driver's working directory.
+
+    Ray workers run in their own working directory: a relative ``sqlite:///mlflow.db``
+    there would be a different database.
+    """
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme) :]
+            if path and not path.startswith("/") and path != ":memory:":
+                return scheme + str(Path(path).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
 
 
 def _poll(board: Any) -> dict[str, Any]:

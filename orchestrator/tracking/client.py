@@ -6,8 +6,6 @@ Every MLflow call in the package goes through :func:`mlflow_client` (never the f
 * one client per URI and process, so connection pools are shared by every caller;
 * on a sqlite store the calls take turns (:data:`SQLITE_TURNS` at once, see
   :class:`TakingTurns`);
-* :func:`absolute_tracking_uri` pins a relative sqlite/file URI to this working directory,
-  before the URI travels to Ray workers, which run elsewhere;
 * :func:`mlflow_errors` turns MLflow/transport failures into a ``TrackingError`` that names
   the URI and the fix; :func:`read_artifact` reads a small text artifact back.
 """
@@ -65,22 +63,6 @@ def mlflow_client(tracking_uri: str) -> Any:
 
     plain = MlflowClient(tracking_uri)
     return TakingTurns(plain) if tracking_uri.startswith("sqlite:") else plain
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """Pin a relative sqlite/file URI (or a bare path) to the current working directory.
-
-    Ray workers run in their own working directory: a relative ``sqlite:///mlflow.db``
-    there would be a different database.
-    """
-    for scheme in ("sqlite:///", "file://"):
-        if uri.startswith(scheme):
-            path = uri[len(scheme) :]
-            if path and not path.startswith("/") and path != ":memory:":
-                return scheme + str(Path(path).resolve())
-    if "://" not in uri:
-        return str(Path(uri).resolve())
-    return uri
 
 
 @contextlib.contextmanager

@@ -150,8 +150,8 @@ def test_runs_left_open_by_an_ended_job_are_closed(tmp_path, job_status, expecte
 
 
 def test_job_listings_on_sqlite_take_turns_and_all_land(mlflow_uri):
-    """Listing a job's runs uses the shared client: many listings at once (a dashboard, a
-    sweep's drivers) wait for a turn on a sqlite store instead of draining its pool."""
+    """Listing a job's runs (`regimen status`) uses the shared client: many listings at once
+    wait for a turn on a sqlite store instead of draining its pool, and every one lands."""
     import threading
     from types import SimpleNamespace
 

@@ -14,7 +14,6 @@ from orchestrator.errors import TrackingError
 from orchestrator.tracking.client import (
     SQLITE_TURNS,
     TakingTurns,
-    absolute_tracking_uri,
     mlflow_client,
     mlflow_errors,
 )
@@ -69,24 +68,6 @@ def test_sqlite_calls_take_turns_and_all_land(mlflow_uri: str, client: Any, tmp_
             read_recipe_yaml(uri, run_id)
             == f"optimizer:\n  lr: {run.data.params['optimizer.lr']}\n"
         )
-
-
-@pytest.mark.parametrize(
-    ("uri", "pinned"),
-    [
-        ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
-        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
-        ("sqlite:///:memory:", "sqlite:///:memory:"),
-        ("file://mlruns", "file://{cwd}/mlruns"),
-        ("mlruns", "{cwd}/mlruns"),
-        ("http://host:5000", "http://host:5000"),
-    ],
-)
-def test_relative_uris_are_pinned_to_the_working_directory(
-    uri: str, pinned: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert absolute_tracking_uri(uri) == pinned.format(cwd=tmp_path.resolve())
 
 
 def test_mlflow_errors_name_the_uri_without_its_password() -> None:
