@@ -135,9 +135,9 @@ def _one(name: str, steps: int, interval: int) -> dict[str, Any]:
     rec: dict[str, Any] = {"bytes": [], "step_s": [], "rebuild_s": [], "loss": []}
 
     class Measured(Trainer):
-        def _train_step(self) -> dict[str, float]:
+        def run_step(self) -> dict[str, float]:
             t0 = time.perf_counter()
-            m = super()._train_step()
+            m = super().run_step()
             if GPU:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0

@@ -87,20 +87,19 @@ def loop_worker(rank: int, world: int, port: int, recipe_path: str, out: str) ->
     _rank_env(rank, world, port)
     import torch.distributed as dist
 
-    from orchestrator.engine.loop import Trainer, WorkerContext
+    from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
     from orchestrator.recipe.loader import load_recipe
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     recipe = load_recipe(recipe_path).recipe
     times: list[float] = []
 
-    class Timed(Trainer):
-        def _train_step(self) -> dict[str, float]:
-            metrics = super()._train_step()
+    class Timed(StepHook):
+        def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
             times.append(metrics["step_time_s"])
-            return metrics
 
-    Timed(recipe, WorkerContext(Path(out).parent / f"loop-{rank}", rank, world)).run()
+    ctx = WorkerContext(Path(out).parent / f"loop-{rank}", rank, world)
+    Trainer(recipe, ctx, step_hooks=[Timed()]).run()
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()

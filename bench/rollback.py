@@ -6,7 +6,7 @@ LLaMA (``--hidden``, ``--layers``; vocab 256, seq 64). Four measurements, side b
 
 1. **Recovery**: a loss spike injected at step ``--spike-at`` (fault injection, x100) with
    checkpoints every ``--every`` steps; the spike guard (patience 1, good_after 1) rolls back.
-   ``resumed_s`` = from the rollback decision (entry of ``Trainer._rollback``, right after
+   ``resumed_s`` = from the rollback decision (``StepHook.after_decision``, right after
    the all-reduced verdict) to the start of the first step after the restore (training goes
    on), ``recovery_s`` = to the end of that step; ``load_s`` = the
    checkpoint load alone (``CheckpointStore.load_engine`` + rank state) inside that rollback;
@@ -89,11 +89,25 @@ def _recovery(args: argparse.Namespace, root: Path, rank: int, world: int) -> di
     recipe = _recipe(args, root, stability=guard, techniques={"fault_injection": faults})
     trainer = _trainer(recipe, root / "recovery", rank, world)
     marks: dict[str, float] = {}
-    rollback, step, load = trainer._rollback, trainer._train_step, trainer.store.load_engine
+    load = trainer.store.load_engine
+    from orchestrator.engine.loop import StepHook
+    from orchestrator.techniques.base import Action
 
-    def timed_rollback() -> None:
-        marks["detected"] = time.perf_counter()
-        rollback()
+    class Timed(StepHook):
+        after_restore = False
+
+        def after_decision(self, trainer: Any, decision: Any) -> None:
+            if decision.action == Action.ROLLBACK:
+                marks["detected"] = time.perf_counter()  # the rollback starts now
+
+        def before_step(self, trainer: Any) -> None:
+            self.after_restore = "detected" in marks and "recovered" not in marks
+            if self.after_restore and "resumed" not in marks:
+                marks["resumed"] = time.perf_counter()  # the first step after recovery starts
+
+        def after_step(self, trainer: Any, metrics: dict[str, float]) -> None:
+            if self.after_restore and trainer.last_decision.action != Action.ROLLBACK:
+                marks["recovered"] = time.perf_counter()
 
     def timed_load(*a: Any, **k: Any) -> Any:
         started = time.perf_counter()
@@ -101,16 +115,7 @@ def _recovery(args: argparse.Namespace, root: Path, rank: int, world: int) -> di
         marks["load_s"] = marks.get("load_s", 0.0) + time.perf_counter() - started
         return out
 
-    def timed_step() -> dict[str, float]:
-        after_restore = "detected" in marks and "recovered" not in marks
-        if after_restore and "resumed" not in marks and not trainer._rolled_back:
-            marks["resumed"] = time.perf_counter()  # the first step after recovery starts
-        out = step()
-        if after_restore and not trainer._rolled_back:
-            marks["recovered"] = time.perf_counter()
-        return out
-
-    trainer._rollback, trainer._train_step = timed_rollback, timed_step
+    trainer.step_hooks.append(Timed())
     trainer.store.load_engine = timed_load
     summary = trainer.run()
     (event,) = [e for e in summary["events"] if e["kind"] == "rollback"]
@@ -137,18 +142,21 @@ def _blocking(args: argparse.Namespace, root: Path, rank: int, world: int) -> di
         )
         trainer = _trainer(recipe, root / f"block-{mode}", rank, world)
         steps: list[tuple[float, bool]] = []
-        step = trainer._train_step
+        from orchestrator.engine.loop import StepHook
 
-        def timed_step(
-            trainer: Any = trainer, step: Any = step, steps: list = steps
-        ) -> dict[str, float]:
-            busy = trainer.store.pending is not None and trainer.store.pending.thread.is_alive()
-            started = time.perf_counter()
-            metrics = step()
-            steps.append((time.perf_counter() - started, busy))
-            return metrics
+        class Timed(StepHook):
+            def __init__(self, steps: list) -> None:
+                self.steps, self.started, self.busy = steps, 0.0, False
 
-        trainer._train_step = timed_step
+            def before_step(self, trainer: Any) -> None:
+                pending = trainer.store.pending
+                self.busy = pending is not None and pending.thread.is_alive()
+                self.started = time.perf_counter()
+
+            def after_step(self, trainer: Any, metrics: dict[str, float]) -> None:
+                self.steps.append((time.perf_counter() - self.started, self.busy))
+
+        trainer.step_hooks.append(Timed(steps))
         summary = trainer.run()
         blocked = [e["blocked_s"] for e in summary["events"] if e["kind"] == "checkpoint"]
         size = sum(f.stat().st_size for f in (root / f"block-{mode}").rglob("*.pt"))
@@ -181,7 +189,7 @@ def _indicators(args: argparse.Namespace, root: Path, rank: int, world: int) -> 
             technique.on_train_start(trainer.state)
         for i in range(args.steps):
             started = time.perf_counter()
-            metrics = trainer._train_step()
+            metrics = trainer.run_step()
             if i >= 2:
                 times[mode].append(time.perf_counter() - started)
                 if mode == "on":

@@ -116,7 +116,8 @@ def _probe(uri: str) -> None:
 
 
 def connect(tracking_uri: str) -> Any:
-    """An ``MlflowClient`` for ``tracking_uri``, checked: the store exists, the server answers
+    """The MLflow client for ``tracking_uri`` (the shared one of
+    :mod:`orchestrator.tracking.client`), checked: the store exists, the server answers
     and accepts our credentials (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -128,9 +129,9 @@ def connect(tracking_uri: str) -> Any:
         )
     if tracking_uri.startswith(("http://", "https://")):
         _probe(tracking_uri)
-    from mlflow import MlflowClient
+    from orchestrator.tracking.client import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:
@@ -192,10 +193,10 @@ def experiment_ids(client: Any, name: str) -> list[str]:
 
 def artifact_text(client: Any, run_id: str, path: str) -> str | None:
     """The text of a run's artifact, or None when it has none (or it cannot be read)."""
-    from orchestrator.tracking.runs import _read_artifact
+    from orchestrator.tracking.client import read_artifact
 
     try:
-        return _read_artifact(client, run_id, path)
+        return read_artifact(client, run_id, path)
     except Exception:
         return None
 

@@ -1,7 +1,7 @@
 """The lineage of a job: its segments (automatic rollbacks, manual rollbacks, resumes).
 
 Every segment is an MLflow run whose ``mlflow.parentRunId`` is the run it continues
-(see :mod:`orchestrator.control.resume`). The lineage of a run is the tree under its
+(see :mod:`orchestrator.tracking.segments`). The lineage of a run is the tree under its
 *root*: the topmost ancestor that is not a sweep. Events of every run of the tree
 merge into one timeline.
 """

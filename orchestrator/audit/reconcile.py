@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.audit.fetch import RunView
+from orchestrator.rundir import RunDir
 from orchestrator.tracking.record import DRIVER_HOST, DRIVER_PID, DRIVER_STARTED, HEARTBEAT
 
 STALE_AFTER_S = 300.0
@@ -107,7 +108,7 @@ def _replay_leftover(uri: str, view: RunView) -> int:
         return 0
     from orchestrator.tracking.sink import replay_spool
 
-    spool = Path(run_dir) / "spool" / f"{view.run_id}.metrics.jsonl"
+    spool = RunDir(Path(run_dir)).metric_spool(view.run_id)
     if spool.exists() and spool.stat().st_size:
         with contextlib.suppress(Exception):
             return replay_spool(uri, view.run_id, spool)
@@ -116,12 +117,12 @@ def _replay_leftover(uri: str, view: RunView) -> int:
 
 def end_stale(uri: str, view: RunView, reason: str, by: str) -> None:
     """End a stale run KILLED: replay its spool, end its open segments, tag why and by whom."""
-    from orchestrator.control.resume import close_segments
     from orchestrator.tracking.runs import end_run, set_tags
+    from orchestrator.tracking.segments import SEGMENT_ROLE, close_segments
 
     _replay_leftover(uri, view)
     text = f"driver gone: {reason}"
-    if view.role != "segment":
+    if view.role != SEGMENT_ROLE:
         close_segments(uri, view.run_id, "KILLED", text)
     set_tags(uri, view.run_id, {"regimen.reconciled_by": by, "regimen.reconciled_at": time.time()})
     end_run(uri, view.run_id, "KILLED", reason=text)

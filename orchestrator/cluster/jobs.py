@@ -339,7 +339,7 @@ def status_name(details: Any) -> str:
 def _sqlite_ready(path: str) -> bool:
     """True when the job has finished creating the MLflow schema in this sqlite file.
 
-    Opening an MlflowClient on a store whose tables are still being created would
+    Opening an MLflow client on a store whose tables are still being created would
     create them too, racing the job (and failing it on a duplicate table).
     """
     import sqlite3
@@ -368,9 +368,9 @@ def mlflow_runs(details: Any) -> list[dict[str, Any]]:
     if uri.startswith("sqlite:///") and not _sqlite_ready(uri[len("sqlite:///") :]):
         return []
     try:
-        from mlflow import MlflowClient
+        from orchestrator.tracking.client import mlflow_client
 
-        c = MlflowClient(uri)
+        c = mlflow_client(uri)
         exp = c.get_experiment_by_name(meta.get("regimen.experiment", "regimen"))
         if exp is None:
             return []

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from orchestrator.recipe.schema import Recipe
+from orchestrator.rundir import RunDir
 
 _QUIET_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
@@ -143,7 +144,7 @@ def make_trainer(recipe: Recipe, worker_config: dict[str, Any], *, progress: Any
         ),
         run_config=RunConfig(
             name=run_dir.name,
-            storage_path=str((run_dir / "ray").resolve()),
+            storage_path=str(RunDir(run_dir).ray.resolve()),
             failure_config=FailureConfig(max_failures=res.max_restarts),
         ),
     )

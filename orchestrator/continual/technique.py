@@ -1,14 +1,13 @@
 """The `continual:` section as a technique: stages, replay, continual evaluation.
 
-A technique like any other (catalog entry ``continual``, config in
-:mod:`orchestrator.recipe.techniques.continual`), so its state (the replay
-buffer, the per-task score table and the stage position) goes into every checkpoint's
-rank state, comes back on resume, and comes back with the weights on a spike-guard
-rollback. Two loop hooks do what the technique interface cannot:
+An ordinary technique (section ``continual``): its state (the replay buffer, the
+per-task score table and the stage position) goes into every checkpoint's rank state,
+comes back on resume, and comes back with the weights on a spike-guard rollback. It uses
+the interface's data and summary hooks:
 
-* :func:`attach` (in ``Trainer._build``): builds the stages' data and swaps the loop's
-  batch source for :class:`~orchestrator.continual.stages.StageBatches`;
-* :func:`summary_of` (in ``Trainer._summary``): the final continual metrics.
+* ``wrap_batches`` (SUPPLIES_DATA): builds the stages' data and supplies the loop's batch
+  stream, a :class:`~orchestrator.continual.stages.StageBatches`;
+* ``summary`` (SUMMARIZES): the final continual metrics, under ``continual`` in the summary.
 
 Per step (``on_step_end``) every rank offers the step's fresh samples (all ranks', same
 order) to its buffer, and every ``eval.every`` steps and at each stage's last step the
@@ -20,38 +19,37 @@ for language models), ``cl/eval_time_share``. At the end the metrics of
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from orchestrator.continual.metrics import summarize
 from orchestrator.continual.replay import ReplayBuffer
 from orchestrator.continual.stages import Stage, StageBatches, build_stages, stage_at
+from orchestrator.distributed import all_reduce_floats
 from orchestrator.engine.data import collate
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.continual import ContinualConfig
-from orchestrator.techniques.base import Technique, TrainState, Verdict
+from orchestrator.techniques.base import (
+    BatchStream,
+    Capability,
+    Context,
+    Decision,
+    Technique,
+    TrainState,
+)
 from orchestrator.techniques.registry import TechniqueSpec
 
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import Recipe
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over ranks (gloo: CPU tensors; NCCL: CUDA tensors)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return [float(v) for v in tensor.tolist()]
-
-
 class Continual(Technique):
     """Stage schedule, replay buffer and continual evaluation (see the module docstring)."""
 
     name = "continual"
+    capabilities = frozenset({Capability.SUPPLIES_DATA, Capability.SUMMARIZES})
 
     def __init__(self, cfg: ContinualConfig, recipe: Recipe):
         self.cfg = cfg
@@ -61,18 +59,23 @@ class Continual(Technique):
         self.table: dict[int, dict[int, float]] = {}
         self.stages: list[Stage] = []
         self.batches: StageBatches | None = None
-        self.trainer: Any = None
+        self.ctx: Context | None = None
         self.final: dict[str, float] = {}
         self.higher_is_better = recipe.model.task == "classification"
         self._t0 = time.perf_counter()
         self._eval_s = 0.0
 
-    # -- loop hooks ----------------------------------------------------------------------
-    def bind(self, trainer: Any) -> None:
-        """Build the stages' data and route the loop's micro-batches through them."""
-        self.trainer = trainer
+    # -- technique hooks -----------------------------------------------------------------
+    def bind(self, ctx: Context) -> None:
+        """Keep the job's live objects (engine, task, rank) for the continual evaluation."""
+        self.ctx = ctx
+
+    def wrap_batches(self, batches: BatchStream, ctx: Context) -> BatchStream:
+        """Build the stages' data; the loop's micro-batches come from them from now on."""
+        self.ctx = ctx
         self.stages = build_stages(self.cfg, self.recipe)
         s = self.recipe.schedule
+        state = ctx.state
         self.batches = StageBatches(
             self.stages,
             self.buffer,
@@ -80,13 +83,12 @@ class Continual(Technique):
             seed=self.recipe.seed,
             micro_batch=s.micro_batch_size,
             grad_accumulation=s.grad_accumulation,
-            rank=trainer.ctx.rank,
-            world_size=trainer.ctx.world_size,
-            step_of=lambda: int(trainer.state.step),
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            step_of=lambda: int(state.step),
         )
-        trainer.batches = self.batches
+        return self.batches
 
-    # -- technique hooks -----------------------------------------------------------------
     def on_train_start(self, state: TrainState) -> None:
         """Start the wall clock that ``cl/eval_time_share`` divides by."""
         self._t0, self._eval_s = time.perf_counter(), 0.0
@@ -98,47 +100,50 @@ class Continual(Technique):
         stage = stage_at(self.stages, state.step)
         if state.step == stage.start:
             state.emit("stage", stage=stage.name, index=stage.index, end=stage.end)
-            state.regime_change = stage.index > 0  # a new task's loss is not a spike
-        state.metrics["cl/stage"] = float(stage.index)
+            if stage.index > 0:  # a new task's loss is not a spike
+                state.mark_regime_change()
+        state.record("cl/stage", float(stage.index))
         warm = getattr(self.recipe.techniques, "warmup", None)
         if stage.restart_schedule and warm is not None and warm.enabled:
             from orchestrator.techniques.warmup import scheduled_lr
 
             peak = self.recipe.optimizer.lr
-            state.lr = scheduled_lr(warm, peak, state.step - stage.start, stage.steps)
+            state.set_lr(scheduled_lr(warm, peak, state.step - stage.start, stage.steps))
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         """Feed the buffer with the step's fresh samples; evaluate when due."""
         if self.batches is None:
-            return Verdict.PROCEED
+            return Decision()
         step = state.step - 1  # the step that just ran
         if not metrics.get("skipped"):
             for task, index, label in self.batches.fresh_ids(state.cursor, step):
                 self.buffer.add(task, index, label)
-        metrics["cl/buffer_size"] = float(len(self.buffer))
+        state.record("cl/buffer_size", float(len(self.buffer)))
         every = self.cfg.eval.every
         if (every and state.step % every == 0) or state.step in self.ends:
-            metrics.update(self.evaluate(state))
-        return Verdict.PROCEED
+            for name, value in self.evaluate(state).items():
+                state.record(name, value)
+        return Decision()
 
     def on_train_end(self, state: TrainState) -> None:
-        """Compute the final metrics; log them as ``cl/final/*``."""
+        """Compute the final metrics; record them as ``cl/final/*`` (logged at the last step)."""
         if not self.stages:
             return
         if not any(state.step in series for series in self.table.values()):
             self.evaluate(state)
         self.final = summarize(self.table, self.ends, state.step, self.higher_is_better)
-        sink = getattr(self.trainer, "sink", None)
-        if sink is not None:
-            sink.log(state.step, {f"cl/final/{k}": v for k, v in self.final.items()})
+        for name, value in self.final.items():
+            state.record(f"cl/final/{name}", value)
 
     @torch.no_grad()
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """Score every seen task (all with ``include_future``) on its fixed eval subset."""
         started = time.perf_counter()
-        engine, task = state.engine, self.trainer.task
+        if self.ctx is None:
+            raise RuntimeError("continual: evaluate() before bind()")
+        engine, task = self.ctx.engine, self.ctx.task
         mb = self.recipe.schedule.micro_batch_size
-        rank, world = self.trainer.ctx.rank, self.trainer.ctx.world_size
+        rank, world = self.ctx.rank, self.ctx.world_size
         current = stage_at(self.stages, max(0, state.step - 1)).index
         tasks = range(len(self.stages)) if self.cfg.eval.include_future else range(current + 1)
         sums: list[float] = []
@@ -159,7 +164,7 @@ class Continual(Technique):
                 )
             sums += [loss, correct, count]
         engine.train()
-        sums = _all_sum(sums)
+        sums = all_reduce_floats(sums)
         out: dict[str, float] = {}
         kind = "acc" if self.higher_is_better else "loss"
         for j, t in enumerate(tasks):
@@ -176,7 +181,7 @@ class Continual(Technique):
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Replay buffer, score table and stage position."""
-        step = getattr(getattr(self.trainer, "state", None), "step", 0)
+        step = self.ctx.state.step if self.ctx is not None else 0
         stage = stage_at(self.stages, step) if self.stages else None
         return {
             "buffer": self.buffer.state_dict(),
@@ -194,33 +199,21 @@ class Continual(Technique):
             int(t): {int(n): float(v) for n, v in s.items()} for t, s in state["table"].items()
         }
 
-
-def attach(trainer: Any) -> None:
-    """Loop hook (``Trainer._build``): bind the continual technique, if the recipe has one."""
-    for technique in trainer.techniques:
-        if isinstance(technique, Continual):
-            technique.bind(trainer)
-
-
-def summary_of(trainer: Any) -> dict[str, Any]:
-    """Loop hook (``Trainer._summary``): ``{"continual": {...}}``, or ``{}`` without one."""
-    for technique in trainer.techniques:
-        if isinstance(technique, Continual) and technique.stages:
-            return {
-                "continual": {
-                    "metrics": technique.final,
-                    "stages": [
-                        {"name": s.name, "start": s.start, "end": s.end, "classes": s.classes}
-                        for s in technique.stages
-                    ],
-                    "table": {
-                        str(t): {str(n): v for n, v in s.items()}
-                        for t, s in technique.table.items()
-                    },
-                    "buffer": {"size": len(technique.buffer), "counts": technique.buffer.counts()},
-                }
+    def summary(self) -> dict[str, Any]:
+        """``{"continual": {...}}`` (final metrics, stages, score table, buffer), or ``{}``."""
+        if not self.stages:
+            return {}
+        return {
+            "continual": {
+                "metrics": self.final,
+                "stages": [
+                    {"name": s.name, "start": s.start, "end": s.end, "classes": s.classes}
+                    for s in self.stages
+                ],
+                "table": {str(t): {str(n): v for n, v in s.items()} for t, s in self.table.items()},
+                "buffer": {"size": len(self.buffer), "counts": self.buffer.counts()},
             }
-    return {}
+        }
 
 
 SPEC = TechniqueSpec(catalog.CONTINUAL, build=Continual)

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.engine.loop import read_summary
 from orchestrator.engine.remote import is_remote, run_storage_uri
 from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.jobspec import JobSpec, absolute_tracking_uri
+from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -86,8 +86,7 @@ def run_job(
         tags=tags,
         parent_run_id=spec.parent_run_id,
     )
-    run_dir = spec.run_dir(new_run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(spec.run_dir(new_run_id)).create().root
     storage_tags = {"regimen.run_dir": str(run_dir)}
     if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
         storage_tags["regimen.storage_uri"] = run_storage_uri(
@@ -162,11 +161,11 @@ def replay_leftover_metrics(tracking_uri: str, run_dir: Path) -> int:
     from orchestrator.tracking.sink import replay_spool
 
     sent = 0
-    for path in sorted((run_dir / "spool").glob("*.metrics.jsonl")):
+    for path in RunDir(run_dir).metric_spools():
         if not path.stat().st_size:
             continue
         try:
-            sent += replay_spool(tracking_uri, path.name.removesuffix(".metrics.jsonl"), path)
+            sent += replay_spool(tracking_uri, path.name.removesuffix(METRICS_SPOOL_SUFFIX), path)
         except TrackingError as exc:
             logging.getLogger(__name__).warning("%s", exc)
     return sent
@@ -190,7 +189,7 @@ def _job_summary(board: Any, run_dir: Path) -> dict[str, Any] | None:
         returned = ray.get(board.result.remote(), timeout=5.0)
     except Exception:
         returned = None
-    return returned if returned is not None else read_summary(run_dir)
+    return returned if returned is not None else RunDir(run_dir).read_summary()
 
 
 def _fill_from_summary(result: JobResult, summary: dict[str, Any] | None) -> None:

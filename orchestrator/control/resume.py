@@ -1,135 +1,35 @@
-"""Resume and manual rollback of a job from MLflow, and the lineage of segments.
+"""Resume and manual rollback of a job from MLflow.
 
-A *segment* is one stretch of training with its own MLflow run:
-
-* an automatic rollback (spike guard) inside a job: rank 0 opens a child run of the job run
-  (:func:`open_segment_run`) and its metric sink switches to it;
 * ``regimen resume RUN_ID``: a new job run (child of RUN_ID) continues the same run directory
   from its last committed checkpoint;
 * ``regimen rollback RUN_ID --to-step N``: the same from the checkpoint at or before N, with
   optional skipped batches and LR scale. Checkpoints after it are moved to
   ``<run_dir>/abandoned/`` (never deleted) so that nothing resumes into the old timeline.
 
-Every segment run carries ``regimen.parent_run_id``, ``regimen.segment``,
-``regimen.restored_step``, ``regimen.reason`` (and for rollbacks the detector, value,
-threshold, ``regimen.skipped_ranges``, ``regimen.lr_scale`` and, from the leading indicators,
-``regimen.warned_steps_before`` / ``regimen.warned_by``, empty when none warned). The root
-job run counts ``regimen.rollbacks`` and ``regimen.resumes`` (tags and metrics). Pre-rollback
-metrics stay in the run that logged them. A stale RUNNING run (its driver was killed) is ended
-KILLED when resume touches it, with its open segment runs.
+The lineage this writes (tags of the new run, counters of the root run) is defined in
+:mod:`orchestrator.tracking.segments`, which also opens the in-place rollback segments of
+the workers. A stale RUNNING run (its driver was killed) is ended KILLED when resume touches
+it, with its open segment runs (the rule of :mod:`orchestrator.audit.reconcile`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
-
-SEGMENT_FILE = "segment.json"  # a manual rollback's extra skip ranges / LR scale for the workers
-
-
-def _client(uri: str) -> Any:
-    from orchestrator.tracking.runs import _client as shared
-
-    return shared(uri)
+from orchestrator.rundir import RunDir, Segment
+from orchestrator.tracking import segments
+from orchestrator.tracking.client import mlflow_client
 
 
-def _tag(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text[:5000]
-
-
-def _blank(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _count(client: Any, run_id: str, key: str, step: int = 0) -> int:
-    """Increment the counter ``key`` (tag + metric) on ``run_id``; the new value."""
-    run = client.get_run(run_id)
-    n = int(run.data.tags.get(key, "0")) + 1
-    client.set_tag(run_id, key, str(n))
-    client.log_metric(run_id, key, float(n), step=step)
-    return n
-
-
-def open_segment_run(
-    uri: str,
-    job_run_id: str,
-    *,
-    segment: int,
-    kind: str,
-    restored_step: int,
-    payload: dict[str, Any],
-    rollbacks: int,
-) -> str:
-    """Worker rank 0, after an in-place rollback: a child run of the job run for what follows."""
-    from orchestrator.tracking.runs import end_run, open_run
-
-    client = _client(uri)
-    job = client.get_run(job_run_id)
-    experiment = client.get_experiment(job.info.experiment_id).name
-    record = payload.get("reason") or {}
-    reason = record.get("reason", record)  # the spike guard nests the detector's finding
-    tags = {
-        "regimen.role": "segment",
-        "regimen.parent_run_id": job_run_id,
-        "regimen.segment": str(segment),
-        "regimen.restored_step": str(restored_step),
-        "regimen.from_step": str(payload.get("from_step")),
-        "regimen.reason": _tag({"kind": kind, **reason}) if reason else kind,
-        "regimen.onset_step": str(record.get("onset_step", "")),
-        "regimen.detector": str(reason.get("detector", "")),
-        "regimen.detector_value": str(reason.get("value", "")),
-        "regimen.detector_threshold": str(reason.get("threshold", "")),
-        "regimen.skipped_ranges": _tag(payload.get("skipped", [])),
-        "regimen.skip_ranges_total": _tag(payload.get("skip_ranges", [])),
-        "regimen.lr_scale": str(payload.get("lr_scale", 1.0)),
-        "regimen.run_dir": job.data.tags.get("regimen.run_dir", ""),
-        # leading indicators: steps between the earliest warning and the spike onset ("" = none)
-        "regimen.warned_steps_before": _blank(record.get("warned_steps_before")),
-        "regimen.warned_by": _blank(record.get("warned_by")),
-    }
-    name = f"{job.info.run_name}-seg{segment}"
-    run_id = open_run(uri, experiment, name, tags=tags, parent_run_id=job_run_id)
-    for other in open_segments(uri, job_run_id):  # the segment before this one is done
-        if other != run_id:
-            end_run(uri, other, "FINISHED", reason=f"superseded by segment {segment} ({kind})")
-    client.set_tag(job_run_id, "regimen.rollbacks", str(rollbacks))
-    client.log_metric(
-        job_run_id, "regimen.rollbacks", float(rollbacks), step=int(payload.get("from_step", 0))
-    )
-    return run_id
-
-
-def open_segments(uri: str, job_run_id: str) -> list[str]:
-    """RUNNING child runs (segments) of ``job_run_id``."""
-    client = _client(uri)
-    job = client.get_run(job_run_id)
-    runs = client.search_runs(
-        [job.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{job_run_id}' and attributes.status = 'RUNNING'",
-    )
-    return [r.info.run_id for r in runs]
-
-
-def close_segments(uri: str, job_run_id: str, status: str, reason: str) -> None:
-    """End every RUNNING segment of a job run (the job ended, or its worker died)."""
-    from orchestrator.tracking.runs import end_run
-
-    for run_id in open_segments(uri, job_run_id):
-        end_run(uri, run_id, status, reason=reason)  # type: ignore[arg-type]
-
-
-# -- driver side: resume / rollback ----------------------------------------------------------
 def _mark_stale(uri: str, run_id: str) -> bool:
     """End a RUNNING run whose driver is gone (resume implies it is): KILLED, with its segments."""
     from orchestrator.audit.fetch import RunView
     from orchestrator.audit.reconcile import end_stale, judge
 
-    view = RunView.of(_client(uri).get_run(run_id))
+    view = RunView.of(mlflow_client(uri).get_run(run_id))
     if view.status != "RUNNING":
         return False
     verdict = judge(view, stale_after_s=0.0)  # the rule of `regimen audit --reconcile`
@@ -146,11 +46,12 @@ def _abandon_after(run_dir: Path, step: int, label: str) -> list[str]:
     """Move checkpoints after ``step`` to ``run_dir/abandoned/<label>/`` (kept, never loaded)."""
     from orchestrator.engine.checkpoint import CheckpointStore
 
-    store = CheckpointStore(run_dir / "checkpoints", keep=0)
+    rd = RunDir(run_dir)
+    store = CheckpointStore(rd.checkpoints, keep=0)
     moved = []
     for info in store.list():
         if info.step > step:
-            dest = run_dir / "abandoned" / label / info.path.name
+            dest = rd.abandoned_for(label) / info.path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(info.path, dest)
             moved.append(str(dest))
@@ -169,15 +70,14 @@ def continue_run(
     """Resume (``to_step`` None) or roll back ``run_id`` in a new MLflow run; the JobResult."""
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.control.controller import run_job
-    from orchestrator.engine.checkpoint import CheckpointStore, atomic_write_json
+    from orchestrator.engine.checkpoint import CheckpointStore
     from orchestrator.engine.remote import CheckpointMirror
-    from orchestrator.recipe.jobspec import JobKind, JobSpec
+    from orchestrator.recipe.jobspec import JobSpec
     from orchestrator.recipe.loader import load_recipe_text
     from orchestrator.tracking.runs import read_recipe_yaml
 
-    client = _client(tracking_uri)
     try:
-        old = client.get_run(run_id)
+        old = mlflow_client(tracking_uri).get_run(run_id)
     except Exception as exc:
         raise UsageError(
             f"no MLflow run {run_id!r} at {tracking_uri}: check the id and --tracking-uri"
@@ -188,14 +88,15 @@ def continue_run(
     if run_dir_tag and Path(run_dir_tag).is_dir():
         run_dir = Path(run_dir_tag)
     elif storage_uri:  # another machine, or the cluster is gone: a fresh local working copy
-        run_dir = recipe.checkpoint.local_root.resolve() / Path(run_dir_tag or run_id).name
-        run_dir.mkdir(parents=True, exist_ok=True)
+        name = Path(run_dir_tag or run_id).name
+        run_dir = RunDir.under(recipe.checkpoint.local_root, name).create().root
     else:
         raise UsageError(
             f"run {run_id} has no reachable storage (tag regimen.run_dir={run_dir_tag!r}): "
             "mount the same storage path on this machine"
         )
-    store = CheckpointStore(run_dir / "checkpoints", keep=0)
+    rd = RunDir(run_dir)
+    store = CheckpointStore(rd.checkpoints, keep=0)
     mirror = CheckpointMirror(storage_uri) if storage_uri else None
     if mirror is not None:  # the storage may hold newer checkpoints than this machine
         local = store.latest(to_step)
@@ -205,40 +106,27 @@ def continue_run(
         where = f"at or before step {to_step}" if to_step is not None else "at all"
         raise UsageError(f"run {run_id} has no committed checkpoint {where} in {store.root}")
     stale = _mark_stale(tracking_uri, run_id)
-    (run_dir / "stopped.json").unlink(missing_ok=True)  # a person decided to go on
-    kind: JobKind = "resume" if to_step is None else "rollback"
-    root = old.data.tags.get("regimen.root_run_id", run_id)
-    segment = int(old.data.tags.get("regimen.segment", "0")) + 1
-    tags = {
-        "regimen.parent_run_id": run_id,
-        "regimen.root_run_id": root,
-        "regimen.segment": str(segment),
-        "regimen.restored_step": str(target.step),
-        "regimen.reason": kind,
-        "regimen.parent_was_stale": str(stale).lower(),
-    }
+    rd.clear_stopped()  # a person decided to go on
+    kind: segments.ContinuationKind = "resume" if to_step is None else "rollback"
+    segment = segments.next_segment(old.data.tags)
+    rollback: dict[str, Any] = {}
     if kind == "rollback":
         moved = _abandon_after(run_dir, target.step, f"{kind}-{segment}")
         if mirror is not None:
             mirror.abandon_after(target.step, f"{kind}-{segment}")
         cursor = int(target.manifest.get("meta", {}).get("cursor", 0))
         skip = [[cursor, cursor + skip_batches * recipe.global_batch_size]] if skip_batches else []
-        atomic_write_json(
-            run_dir / SEGMENT_FILE,
-            {
-                "segment": segment,
-                "from_step": target.step,
-                "skip_ranges": skip,
-                "lr_scale": lr_scale,
-            },
-        )
-        tags |= {
-            "regimen.skipped_ranges": _tag(skip),
-            "regimen.lr_scale": str(lr_scale if lr_scale is not None else 1.0),
-            "regimen.abandoned_checkpoints": _tag(moved),
-        }
-    counter = "regimen.resumes" if kind == "resume" else "regimen.manual_rollbacks"
-    _count(client, root, counter, step=target.step)
+        rd.write_segment(Segment(segment, target.step, [(a, b) for a, b in skip], lr_scale))
+        rollback = {"skipped_ranges": skip, "lr_scale": lr_scale, "abandoned": moved}
+    tags = segments.continuation_tags(
+        run_id,
+        old.data.tags,
+        kind=kind,
+        restored_step=target.step,
+        parent_was_stale=stale,
+        **rollback,
+    )
+    segments.count_continuation(tracking_uri, tags[segments.ROOT_RUN_ID], kind, target.step)
     spec = JobSpec.continuing(
         old.data.tags.get("regimen.variant", recipe.name),
         recipe,

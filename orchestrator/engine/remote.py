@@ -30,6 +30,7 @@ from typing import Any
 
 from orchestrator.errors import CheckpointError
 from orchestrator.recipe.storage import is_remote as is_remote
+from orchestrator.rundir import ABANDONED, CHECKPOINTS
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
@@ -37,7 +38,7 @@ _CHUNK = 8 << 20
 
 def run_storage_uri(storage: str, run_id: str) -> str:
     """Where one run's checkpoints live under a storage URI."""
-    return f"{storage.rstrip('/')}/{run_id}/checkpoints"
+    return f"{storage.rstrip('/')}/{run_id}/{CHECKPOINTS}"
 
 
 def _step_name(step: int) -> str:
@@ -94,7 +95,7 @@ class CheckpointMirror:
         """Move remote checkpoints after ``step`` to ``../abandoned/<label>/`` (a manual
         rollback's discarded timeline: kept, never pulled again); the steps moved."""
         moved = []
-        target = f"{self.root.rsplit('/', 1)[0]}/abandoned/{label}"
+        target = f"{self.root.rsplit('/', 1)[0]}/{ABANDONED}/{label}"
         for s in self.steps(committed_only=False):
             if s > step:
                 self.fs.create_dir(target, recursive=True)

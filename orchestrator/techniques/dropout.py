@@ -43,7 +43,13 @@ import torch
 from orchestrator.errors import UsageError
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.dropout import DropoutConfig, scheduled_rate
-from orchestrator.techniques.base import Setup, Technique, TrainState
+from orchestrator.techniques.base import (
+    Capability,
+    Context,
+    Setup,
+    Technique,
+    TrainState,
+)
 from orchestrator.techniques.registry import TechniqueSpec
 
 # Float attributes that HF modules read in forward() as a dropout probability.
@@ -150,10 +156,12 @@ class DropoutSchedule(Technique):
     """Sets every dropout / drop-path rate of the model at the start of every optimizer step."""
 
     name = "dropout"
+    capabilities = frozenset({Capability.CONFIGURES})
 
     def __init__(self, cfg: DropoutConfig):
         self.cfg = cfg
         self.sites: Sites | None = None
+        self._model: torch.nn.Module | None = None
 
     @property
     def _dropout(self) -> bool:
@@ -209,13 +217,16 @@ class DropoutSchedule(Technique):
         return rate, path_rate
 
     def _apply_state(self, state: TrainState) -> None:
-        if self.sites is None and state.model is not None:
-            self.attach(state.model)
+        if self.sites is None and self._model is not None:
+            self.attach(self._model)
         rate, path_rate = self.apply(state.step, state.total_steps)
         if self._dropout:
-            state.metrics["dropout/rate"] = rate
+            state.record("dropout/rate", rate)
         if self._paths:
-            state.metrics["dropout/drop_path_rate"] = path_rate
+            state.record("dropout/drop_path_rate", path_rate)
+
+    def bind(self, ctx: Context) -> None:
+        self._model = ctx.model
 
     def on_train_start(self, state: TrainState) -> None:
         self._apply_state(state)

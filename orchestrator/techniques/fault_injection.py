@@ -20,6 +20,7 @@ start, written by the firing rank before it acts).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ import torch
 
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.fault_injection import FaultInjectionConfig
-from orchestrator.techniques.base import Setup, Technique, TrainState
+from orchestrator.rundir import RunDir
+from orchestrator.techniques.base import (
+    Capability,
+    Context,
+    Decision,
+    Setup,
+    Technique,
+    TrainState,
+)
 from orchestrator.techniques.registry import TechniqueSpec
 
 FAULTS = ("nan", "spike", "grad_blowup", "kill", "kill_in_checkpoint")
@@ -50,10 +59,12 @@ class FaultInjection(Technique):
     """Wraps the model's forward to corrupt the loss; kills processes on cue."""
 
     name = "fault_injection"
-    restore_on_rollback = False
+    # fired faults stay fired across rollbacks
+    capabilities = frozenset({Capability.CONFIGURES, Capability.KEEPS_STATE_ON_ROLLBACK})
 
     def __init__(self, cfg: FaultInjectionConfig):
         self.cfg = cfg
+        self.ctx: Context | None = None
         self.fired: list[str] = []
         self.rank = 0
         self.run_dir: Path | None = None
@@ -63,7 +74,7 @@ class FaultInjection(Technique):
 
     # -- helpers -----------------------------------------------------------------------------
     def _marker(self, fault: str) -> Path | None:
-        return self.run_dir / "faults" / f"{fault}.fired" if self.run_dir else None
+        return RunDir(self.run_dir).faults / f"{fault}.fired" if self.run_dir else None
 
     def _fire(self, fault: str, state: TrainState, mark: bool = True) -> None:
         self.fired.append(fault)
@@ -79,6 +90,9 @@ class FaultInjection(Technique):
         os._exit(17)
 
     # -- hooks -------------------------------------------------------------------------------
+    def bind(self, ctx: Context) -> None:
+        self.ctx = ctx
+
     def configure(self, setup: Setup) -> None:
         model, technique = setup.model, self
         if getattr(model, "_regimen_fault_wrapped", False):
@@ -110,7 +124,7 @@ class FaultInjection(Technique):
             if marker is not None and marker.exists() and fault not in self.fired:
                 self.fired.append(fault)
         step_at = self.cfg.kill_in_checkpoint_at_step
-        engine = state.engine
+        engine = self.ctx.engine if self.ctx is not None else None
         if step_at is not None and engine is not None and "kill_in_checkpoint" not in self.fired:
             save, technique = engine.save_checkpoint, self
 
@@ -145,9 +159,9 @@ class FaultInjection(Technique):
             self._fire("grad_blowup", state, mark=state.rank == 0)
             self._grad_factor = cfg.grad_factor
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Any:
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         self._loss_factor = self._grad_factor = 1.0
-        return super().on_step_end(state, metrics)
+        return Decision()
 
     def on_rollback(self, state: TrainState, step: int) -> None:
         self._spike_until = -1  # the spike window belongs to the abandoned timeline

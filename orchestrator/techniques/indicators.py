@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from orchestrator.distributed import all_reduce_
+
 _LAYER_RE = re.compile(r"^(.*?\.\d+)\.")
 
 
@@ -46,16 +48,6 @@ def layer_of(param_name: str) -> str:
     if m:
         return m.group(1)
     return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        moved = t.to(device)
-        dist.all_reduce(moved)
-        return moved.to(t.device)
-    return t
 
 
 class IndicatorProbe:
@@ -205,7 +197,7 @@ class IndicatorProbe:
         n = len(self.layers)
         if self.want_update:
             sums = self._update_sums if self._update_sums is not None else torch.zeros(n, 2)
-            sums = _all_reduce_sum(sums.double())
+            sums = all_reduce_(sums.double())
             rms = {
                 self.layers[i]: math.sqrt(float(sums[i, 0] / sums[i, 1]))
                 for i in range(n)
@@ -220,7 +212,7 @@ class IndicatorProbe:
                 out["indicator/tev_mean"], out["indicator/tev_std"] = got
         if self.want_entropy and self.attn_names:  # mean over ranks of each rank's micro-batch
             rows = [[self._entropy.get(a, 0.0), float(a in self._entropy)] for a in self.attn_names]
-            ent = _all_reduce_sum(torch.tensor(rows, dtype=torch.float64))
+            ent = all_reduce_(torch.tensor(rows, dtype=torch.float64))
             ents = {
                 a: float(ent[i, 0] / ent[i, 1]) for i, a in enumerate(self.attn_names) if ent[i, 1]
             }

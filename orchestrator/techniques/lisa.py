@@ -34,16 +34,27 @@ from __future__ import annotations
 
 import gc
 import weakref
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
+from orchestrator.distributed import broadcast_
 from orchestrator.errors import UsageError
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.lisa import LisaConfig, sample_layers
-from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
+from orchestrator.techniques.base import (
+    Capability,
+    Context,
+    Decision,
+    Setup,
+    Technique,
+    TrainState,
+)
 from orchestrator.techniques.registry import TechniqueSpec
+
+if TYPE_CHECKING:
+    pass
 
 # Where common HF causal LMs keep their transformer blocks (tried in order).
 LAYER_PATHS = (
@@ -151,9 +162,11 @@ class Lisa(Technique):
     """Samples the active layers, shapes the param groups, asks for engine rebuilds."""
 
     name = "lisa"
+    capabilities = frozenset({Capability.CONFIGURES})
 
     def __init__(self, cfg: LisaConfig, seed: int):
         self.cfg = cfg
+        self._ctx: Context | None = None
         self.seed = seed
         self.interval = 0
         self.active: list[int] | None = None
@@ -179,10 +192,9 @@ class Lisa(Technique):
 
     def _sample(self, interval: int) -> list[int]:
         layers = sample_layers(self.cfg, self.n_layers or 0, self.seed, interval)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor(layers + [-1] * (self.cfg.gamma - len(layers)), dtype=torch.int64)
-            dist.broadcast(t, src=0)  # every rank computed the same; rank 0's list rules regardless
-            layers = [int(i) for i in t.tolist() if i >= 0]
+        t = torch.tensor(layers + [-1] * (self.cfg.gamma - len(layers)), dtype=torch.int64)
+        broadcast_(t, src=0)  # every rank computed the same; rank 0's list rules regardless
+        layers = [int(i) for i in t.tolist() if i >= 0]
         return layers
 
     def _apply_requires_grad(self) -> None:
@@ -246,6 +258,12 @@ class Lisa(Technique):
         setup.param_groups = always + per_layer
 
     # -- hooks ----------------------------------------------------------------------------
+    def bind(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def _engine(self) -> Any:
+        return self._ctx.engine if self._ctx is not None else None
+
     def on_train_start(self, state: TrainState) -> None:
         self._state = state
         self._switched = True  # report the initial set
@@ -261,18 +279,18 @@ class Lisa(Technique):
         if self.active == previous:
             self._switched = True
             return  # same layers drawn again: the optimizer (and its moments) stay
-        self._capture(state.engine)
+        self._capture(self._engine())
         self._apply_requires_grad()
-        state.request_rebuild = True
+        state.request_rebuild()
         self._switched = True
 
-    def on_before_optimizer_step(self, state: TrainState) -> Verdict:
+    def on_before_optimizer_step(self, state: TrainState) -> Decision:
         if self._carry is not None:
-            self._restore_carry(state.engine)
-        return Verdict.PROCEED
+            self._restore_carry(self._engine())
+        return Decision()
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
-        engine = state.engine
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
+        engine = self._engine()
         new: dict[str, float] = {}
         if engine is not None:
             new["lisa/optimizer_state_bytes"] = float(optimizer_state_bytes(engine.optimizer))
@@ -294,9 +312,9 @@ class Lisa(Technique):
                 optimizer_state_bytes=int(new.get("lisa/optimizer_state_bytes", 0)),
                 switch_s=new.get("lisa/switch_s"),
             )
-        metrics.update(new)
-        state.metrics.update(new)
-        return Verdict.PROCEED
+        for name, value in new.items():
+            state.record(name, value)
+        return Decision()
 
     # -- carrying the always-on state across a rebuild -------------------------------------
     def _capture(self, engine: Any) -> None:
@@ -369,7 +387,7 @@ class Lisa(Technique):
             if self.active is None:
                 self.active = self._sample(self.interval)
             self._apply_requires_grad()
-            self._state.request_rebuild = True
+            self._state.request_rebuild()
 
 
 SPEC = TechniqueSpec(catalog.LISA, build=lambda cfg, recipe: Lisa(cfg, recipe.seed))

@@ -49,15 +49,25 @@ counters ``sgg_step``, ``sgg_reclusters`` and the flag ``sgg_pending``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
+from orchestrator.distributed import all_gather_tensor
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.sgg import SGGConfig
-from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
+from orchestrator.techniques.base import (
+    Capability,
+    Decision,
+    Setup,
+    Technique,
+    TrainState,
+)
 from orchestrator.techniques.registry import TechniqueSpec
+
+if TYPE_CHECKING:
+    pass
 
 _QUANTILE_SAMPLE = 65_536
 
@@ -373,16 +383,7 @@ class SGGOptimizer(torch.optim.Optimizer):
                 g["sgg_pending"] = False
             return None
         mdas = torch.cat([self.inner.state[p]["sgg_mda"].float() for p in layers])
-        pool = mdas
-        if (
-            self.partitioned
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
-            gathered = [torch.empty_like(mdas) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, mdas)
-            pool = torch.cat(gathered)
+        pool = torch.cat(all_gather_tensor(mdas)) if self.partitioned else mdas
         d_star = lower_median(pool)
         cfg = self.cfg
         for p in layers:
@@ -437,6 +438,7 @@ class SGG(Technique):
     """Splits param groups per layer, wraps the optimizer, logs the factors' spread."""
 
     name = "sgg"
+    capabilities = frozenset({Capability.CONFIGURES})
 
     def __init__(self, cfg: SGGConfig, zero_stage: int):
         self.cfg = cfg
@@ -455,13 +457,11 @@ class SGG(Technique):
 
         setup.wrap_optimizer.append(wrap)
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         if self.wrapper is not None:
-            stats = self.wrapper.finalize()
-            if stats:
-                metrics.update(stats)
-                state.metrics.update(stats)
-        return Verdict.PROCEED
+            for name, value in (self.wrapper.finalize() or {}).items():
+                state.record(name, value)
+        return Decision()
 
 
 SPEC = TechniqueSpec(catalog.SGG, build=lambda cfg, recipe: SGG(cfg, recipe.zero_stage))

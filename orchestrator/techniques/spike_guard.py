@@ -16,24 +16,33 @@ norm of the step is checked after the step instead and can only count toward a r
 Escalation: every anomalous step is skipped. After ``patience`` consecutive anomalies
 the guard asks for a ROLLBACK to the last *good* checkpoint: one followed by at least
 ``good_after`` healthy steps (the loop restores the newest checkpoint at or before
-``state.rollback_to``). The stream positions of ``skip_batches`` global batches from
-the spike onset are skipped (``state.skip_request``); the LR is scaled by ``lr_scale``
+the decision's ``to_step``). The stream positions of ``skip_batches`` global batches from
+the spike onset are skipped (the decision's ``skip``); the LR is scaled by ``lr_scale``
 for ``cooldown_steps`` steps; ``reset_moments`` zeroes the optimizer moments. After
 ``max_rollbacks`` rollbacks the next one becomes STOP with a message naming every
 spike and what was tried. The guard's counters are not rolled back
-(``restore_on_rollback = False``) and are all in its ``state_dict``.
+(``KEEPS_STATE_ON_ROLLBACK``) and are all in its ``state_dict``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from orchestrator.distributed import all_reduce_
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.stability import StabilityConfig
-from orchestrator.techniques.base import Setup, Technique, TrainState, Verdict
+from orchestrator.techniques.base import (
+    Capability,
+    Context,
+    Decision,
+    Setup,
+    Technique,
+    TrainState,
+)
 from orchestrator.techniques.indicators import IndicatorProbe
 from orchestrator.techniques.registry import TechniqueSpec
 
@@ -51,9 +60,8 @@ def robust_z(value: float, history: list[float]) -> float:
     return (value - med) / scale
 
 
-def _pre_step_grad_norm(state: TrainState) -> float | None:
+def _pre_step_grad_norm(model: torch.nn.Module | None, world_size: int) -> float | None:
     """Norm of the gradients about to be applied, agreed across ranks; None if none are held."""
-    model = state.model
     if model is None:
         return None
     sq = torch.zeros((), dtype=torch.float64)
@@ -62,22 +70,25 @@ def _pre_step_grad_norm(state: TrainState) -> float | None:
         if p.grad is not None:
             found = True
             sq += p.grad.detach().double().pow(2).sum()
-    flag = torch.tensor([sq.item(), float(found)], dtype=torch.float64)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and state.world_size > 1:
-        dist.all_reduce(flag)
-    if flag[1] < state.world_size:  # some rank holds no gradients (ZeRO-2): not measurable here
+    flag = all_reduce_(torch.tensor([sq.item(), float(found)], dtype=torch.float64))
+    if flag[1] < world_size:  # some rank holds no gradients (ZeRO-2): not measurable here
         return None
-    return (
-        math.sqrt(flag[0].item() / state.world_size) if math.isfinite(flag[0].item()) else math.inf
-    )
+    return math.sqrt(flag[0].item() / world_size) if math.isfinite(flag[0].item()) else math.inf
 
 
 class SpikeGuard(Technique):
     """Detects spikes and escalates: skip step, roll back with a data skip, stop."""
 
     name = "spike_guard"
-    restore_on_rollback = False
+    capabilities = frozenset(
+        {
+            Capability.CONFIGURES,
+            Capability.DECIDES_BEFORE_STEP,
+            Capability.DECIDES_AFTER_STEP,
+            Capability.GUARDS_ROLLBACK,
+            Capability.KEEPS_STATE_ON_ROLLBACK,
+        }
+    )
 
     def __init__(self, cfg: StabilityConfig, global_batch: int):
         self.cfg = cfg
@@ -96,6 +107,10 @@ class SpikeGuard(Technique):
         self.warnings: list[list[Any]] = []  # [step, indicator, value] of indicator warnings
         self.probe = IndicatorProbe() if cfg.indicators_every else None
         self._told_unavailable = False
+        self._model: torch.nn.Module | None = None
+
+    def bind(self, ctx: Context) -> None:
+        self._model = ctx.model
 
     def configure(self, setup: Setup) -> None:
         """Hook the indicator probe into the model and the base optimizer's ``step``."""
@@ -103,12 +118,13 @@ class SpikeGuard(Technique):
             self.probe.attach(setup.model)
             setup.wrap_optimizer.append(self.probe.wrap)
 
-    def _indicators(self, state: TrainState, metrics: dict[str, float]) -> dict[str, Any] | None:
+    def _indicators(self, state: TrainState) -> dict[str, Any] | None:
         """Collect the armed probe's values; the first threshold crossed, as a finding."""
-        if self.probe is None or state.model is None:  # only called with a probe armed
+        if self.probe is None or self._model is None:  # only called with a probe armed
             return None
-        values = self.probe.collect(state.model)
-        metrics.update(values)
+        values = self.probe.collect(self._model)
+        for key, reading in values.items():
+            state.record(key, reading)
         if self.probe.entropy_unavailable and not self._told_unavailable:
             self._told_unavailable = True
             state.emit(
@@ -127,7 +143,7 @@ class SpikeGuard(Technique):
             if value is None or limit is None or sign * (value - limit) <= 0:
                 continue
             self.warnings = [*self.warnings, [step, name, float(value)]][-64:]
-            metrics["indicator/warning"] = 1.0
+            state.record("indicator/warning", 1.0)
             state.emit(
                 "indicator_warning", at_step=step, indicator=name, value=value, threshold=limit
             )
@@ -198,26 +214,31 @@ class SpikeGuard(Technique):
         if self.probe is not None and (state.step + 1) % self.cfg.indicators_every == 0:
             self.probe.arm()
         if self.cooldown_until >= 0 and state.step >= self.cooldown_until:
-            state.lr_scale, self.cooldown_until = 1.0, -1
+            state.set_lr_scale(1.0)
+            self.cooldown_until = -1
             state.emit("cooldown_end")
 
-    def on_before_optimizer_step(self, state: TrainState) -> Verdict:
+    def on_before_optimizer_step(self, state: TrainState) -> Decision:
         if state.regime_change:  # e.g. a continual stage switch: the old statistics no longer apply
             self.loss_hist, self.grad_hist = [], []
             state.emit("detector_reset", reason="regime change")
         self._scores = {}
         grad = (
-            _pre_step_grad_norm(state)
+            _pre_step_grad_norm(self._model, state.world_size)
             if (self.cfg.grad_norm_zscore or self.cfg.detect_nan)
             else None
         )
         self._pending = grad
         found = self._check(state.loss, grad)
-        state.metrics.update(self._scores)
+        self._record_scores(state)
         if found is None:
-            return Verdict.PROCEED
+            return Decision()
         self._anomaly(state, found)
-        return Verdict.SKIP_STEP
+        return Decision.skip_step(reason=found)
+
+    def _record_scores(self, state: TrainState) -> None:
+        for name, value in self._scores.items():
+            state.record(name, value)
 
     def _anomaly(self, state: TrainState, found: dict[str, Any], step: int | None = None) -> None:
         self.anomalies += 1
@@ -227,45 +248,44 @@ class SpikeGuard(Technique):
         if self.onset is None:
             self.onset = [step, state.cursor]
             self.reason = {**found, "step": step}
-        state.metrics["spike/anomaly"] = 1.0
+        state.record("spike/anomaly", 1.0)
         state.emit("spike", at_step=step, streak=self.streak, **found)
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> Verdict:
+    def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         step = state.step - 1  # the step just run
         anomalous = bool(self.anomaly_steps) and self.anomaly_steps[-1] == step
         if not anomalous and self._pending is None and self.cfg.grad_norm_zscore:
             # ZeRO-2: gradients were not visible before the step; check the engine's norm now.
             self._scores = {}
             found = self._check(state.loss, state.grad_norm)
-            metrics.update(self._scores)
+            self._record_scores(state)
             if found is not None:
                 self._anomaly(state, found, step)
                 anomalous = True
         if self.probe is not None and self.probe.armed:
-            warned = self._indicators(state, metrics)
+            warned = self._indicators(state)
             if warned is not None and self.cfg.indicator_action == "detect" and not anomalous:
                 self._anomaly(state, warned, step)
                 anomalous = True
-        metrics["spike/rollbacks"] = float(len(self.rollbacks))
+        state.record("spike/rollbacks", float(len(self.rollbacks)))
         if not anomalous:
             self.streak, self.onset = 0, None
             self._record_healthy(
                 state.loss, self._pending if self._pending is not None else state.grad_norm
             )
-            return Verdict.PROCEED
+            return Decision()
         if self.streak < self.cfg.patience:
-            return Verdict.SKIP_STEP
+            return Decision.skip_step(reason=self.reason)
         return self._escalate(state)
 
-    def _escalate(self, state: TrainState) -> Verdict:
+    def _escalate(self, state: TrainState) -> Decision:
         cfg = self.cfg
         if self.onset is None:  # _escalate follows an anomaly, which sets the onset
             raise RuntimeError("spike guard escalated without an anomaly onset")
         onset_step, onset_cursor = self.onset
         skip = (onset_cursor, onset_cursor + cfg.skip_batches * self.global_batch)
         if len(self.rollbacks) >= cfg.max_rollbacks:
-            state.stop_reason = self._stop_message(state)
-            return Verdict.STOP
+            return Decision.stop(self._stop_message(state), reason=self.reason)
         target = self.trusted_bound(onset_step)
         record = {
             "at_step": state.step,
@@ -278,12 +298,13 @@ class SpikeGuard(Technique):
             **self._lead(onset_step),
         }
         self.rollbacks.append(record)
-        state.rollback_to = target
-        state.skip_request = [skip] if cfg.skip_batches else []
-        state.reset_moments = cfg.reset_moments
-        state.rollback_reason = record
         self.streak, self.onset = 0, None
-        return Verdict.ROLLBACK
+        return Decision.rollback(
+            to_step=target,
+            skip=[skip] if cfg.skip_batches else [],
+            reset_moments=cfg.reset_moments,
+            reason=record,
+        )
 
     def trusted_bound(self, onset_step: int) -> int:
         """Latest step c <= onset - good_after whose next ``good_after`` steps had no anomaly."""
@@ -305,7 +326,7 @@ class SpikeGuard(Technique):
         if record is not None and record.get("to_step") is None:
             record["to_step"] = step
         if self.cfg.lr_scale != 1.0:
-            state.lr_scale = self.cfg.lr_scale
+            state.set_lr_scale(self.cfg.lr_scale)
             self.cooldown_until = step + self.cfg.cooldown_steps if self.cfg.cooldown_steps else -1
         self._pending = None
 

@@ -15,7 +15,7 @@ from orchestrator.techniques.registry import TechniqueSpec
 
 
 class Warmup(Technique):
-    """Sets ``state.lr`` from the schedule at the start of every optimizer step."""
+    """Sets the scheduled LR (``state.set_lr``) at the start of every optimizer step."""
 
     name = "warmup"
 
@@ -24,7 +24,7 @@ class Warmup(Technique):
         self.peak_lr = peak_lr
 
     def on_step_begin(self, state: TrainState) -> None:
-        state.lr = scheduled_lr(self.cfg, self.peak_lr, state.step, state.total_steps)
+        state.set_lr(scheduled_lr(self.cfg, self.peak_lr, state.step, state.total_steps))
 
 
 SPEC = TechniqueSpec(catalog.WARMUP, build=lambda cfg, recipe: Warmup(cfg, recipe.optimizer.lr))

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.tracking.client import mlflow_client
+
 logger = logging.getLogger(__name__)
 
 DS_CONFIG_ARTIFACT = "ds_config.json"
@@ -43,12 +45,6 @@ DRIVER_STARTED = "regimen.driver.started"  # the driver process's start time (ep
 HEARTBEAT = "regimen.driver.heartbeat"  # epoch s, refreshed every HEARTBEAT_EVERY_S
 HEARTBEAT_EVERY_S = 30.0
 _DIGEST_LEN = 32  # MLflow's dataset digest column holds 36 characters
-
-
-def _client(tracking_uri: str) -> Any:
-    from orchestrator.tracking.runs import _client as cached
-
-    return cached(tracking_uri)
 
 
 def process_started(pid: int) -> float | None:
@@ -95,7 +91,7 @@ class DriverHeartbeat:
         while not self._stop.wait(self.every_s):
             for run_id in self.run_ids:
                 with contextlib.suppress(Exception):
-                    _client(self.tracking_uri).set_tag(
+                    mlflow_client(self.tracking_uri).set_tag(
                         run_id, HEARTBEAT, str(round(time.time(), 1))
                     )
 
@@ -185,7 +181,7 @@ def log_worker_record(
     from orchestrator.tracking.runs import set_tags
 
     try:
-        client = _client(tracking_uri)
+        client = mlflow_client(tracking_uri)
         data_cfg = dict(recipe.get("data") or {})
         client.log_inputs(run_id, datasets=[data_input(fingerprint, description, data_cfg)])
         if ds_config is not None:
@@ -204,8 +200,10 @@ def checkpoint_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every checkpoint under ``run_dir`` (committed, then abandoned by rollbacks) with its
     manifest: ``{step, path, state, manifest}``."""
     out: list[dict[str, Any]] = []
-    roots = [("committed", run_dir / "checkpoints")]
-    roots += [("abandoned", p) for p in sorted((run_dir / "abandoned").glob("*")) if p.is_dir()]
+    from orchestrator.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    roots = [("committed", rd.checkpoints)] + [("abandoned", p) for p in rd.abandoned_sets()]
     for state, root in roots:
         for manifest_path in sorted(root.glob("step-*/manifest.json")):
             try:
@@ -229,7 +227,7 @@ def log_checkpoints(tracking_uri: str, run_id: str, run_dir: Path | str) -> bool
     try:
         records = checkpoint_records(Path(run_dir))
         text = json.dumps(records, indent=1, default=str)
-        _client(tracking_uri).log_text(run_id, text, CHECKPOINTS_ARTIFACT)
+        mlflow_client(tracking_uri).log_text(run_id, text, CHECKPOINTS_ARTIFACT)
         return True
     except Exception as exc:
         logger.warning("could not record the checkpoints of run %s: %s", run_id, exc)

@@ -1,32 +1,28 @@
 """Driver side: the MLflow run lifecycle of a job (open, tag, summarize, end) and its recipe.
 
-Everything goes through ``mlflow.MlflowClient(tracking_uri)``, never the fluent
-``mlflow.start_run`` state, so several runs can be open in one process. MLflow
-failures surface as ``TrackingError`` naming the URI and the fix.
+Every call goes through :func:`orchestrator.tracking.client.mlflow_client` (one client per
+URI, never the fluent ``mlflow.start_run`` state, so several runs can be open in one
+process). MLflow failures surface as ``TrackingError`` naming the URI and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import getpass
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
 import socket
 import subprocess
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
 
 from orchestrator.errors import TrackingError
+from orchestrator.tracking.client import mlflow_client, mlflow_errors, read_artifact
 from orchestrator.tracking.redact import redact, redact_string, redact_text
 from orchestrator.tracking.sink import EVENTS_ARTIFACT, make_event, mlflow_key
 
@@ -37,58 +33,7 @@ MAX_PARAM_VALUE = 6000  # MLflow's limits
 MAX_TAG_VALUE = 8000
 MAX_PER_BATCH = 100
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _VERSIONED = ("torch", "deepspeed", "ray", "mlflow", "transformers")
-
-
-# sqlite has one writer at a time, and MLflow's SQLAlchemy pool (5 + 10 connections, 30 s
-# wait) runs dry when dozens of driver threads (one per concurrent sweep variant, each with
-# a heartbeat) wait on sqlite's lock together: "QueuePool limit ... reached". Calls on a
-# sqlite store therefore take turns, fewer at once than the pool holds.
-_SQLITE_TURNS = threading.BoundedSemaphore(4)
-
-
-class _TakingTurns:
-    """An MlflowClient whose calls wait for a turn (see ``_SQLITE_TURNS``) instead of failing."""
-
-    def __init__(self, client: Any):
-        self._client = client
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def in_turn(*args: Any, **kwargs: Any) -> Any:
-            with _SQLITE_TURNS:
-                return attr(*args, **kwargs)
-
-        return in_turn
-
-
-@functools.lru_cache(maxsize=16)
-def _client(tracking_uri: str) -> Any:
-    """The driver's MlflowClient for ``tracking_uri`` (one per URI; sqlite calls take turns)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    return _TakingTurns(client) if tracking_uri.startswith("sqlite:") else client
-
-
-@contextlib.contextmanager
-def _mlflow(action: str, tracking_uri: str) -> Iterator[None]:
-    """Turn any MLflow/transport failure into a TrackingError that names the fix."""
-    try:
-        yield
-    except TrackingError:
-        raise
-    except Exception as exc:
-        raise TrackingError(
-            f"MLflow could not {action} at {redact_string(tracking_uri)}: "
-            f"{type(exc).__name__}: {redact_string(str(exc))[:500]}. Check that the tracking "
-            "server is running and that tracking.uri (or MLFLOW_TRACKING_URI) points to it."
-        ) from exc
 
 
 def flatten_params(
@@ -217,7 +162,7 @@ def open_run(
     ``artifact_location`` is used only when the experiment is created. If logging
     fails after the run was created, the run is ended FAILED before raising.
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     if recipe_yaml is None and recipe is not None:
         plain = json.loads(json.dumps(recipe, default=str))  # Paths, enums ... as strings
         recipe_yaml = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
@@ -228,11 +173,11 @@ def open_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update(_clean_tags(tags))
-    with _mlflow(f"create a run in experiment {experiment!r}", tracking_uri):
+    with mlflow_errors(f"create a run in experiment {experiment!r}", tracking_uri):
         exp_id = _experiment_id(client, experiment, artifact_location)
         run_id = str(client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id)
     try:
-        with _mlflow(f"log the recipe of run {run_id}", tracking_uri):
+        with mlflow_errors(f"log the recipe of run {run_id}", tracking_uri):
             if recipe is not None:
                 _log_chunks(client, run_id, params=flatten_params(recipe).items())
             if artifact is not None:
@@ -246,8 +191,8 @@ def open_run(
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     """Set (redacted, length-capped) tags on a run."""
-    with _mlflow(f"tag run {run_id}", tracking_uri):
-        _log_chunks(_client(tracking_uri), run_id, tags=_clean_tags(tags).items())
+    with mlflow_errors(f"tag run {run_id}", tracking_uri):
+        _log_chunks(mlflow_client(tracking_uri), run_id, tags=_clean_tags(tags).items())
 
 
 def end_run(
@@ -263,10 +208,10 @@ def end_run(
     """
     if status not in TERMINAL:
         raise ValueError(f"status must be one of {TERMINAL}, not {status!r}")
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for attempt in range(3):
         try:
-            with _mlflow(f"end run {run_id}", tracking_uri):
+            with mlflow_errors(f"end run {run_id}", tracking_uri):
                 if client.get_run(run_id).info.status in TERMINAL:
                     return
                 if reason:
@@ -293,28 +238,12 @@ def log_summary(
 
     ts = int(time.time() * 1000)
     points = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()]
-    with _mlflow(f"log the summary of run {run_id}", tracking_uri):
-        client = _client(tracking_uri)
+    with mlflow_errors(f"log the summary of run {run_id}", tracking_uri):
+        client = mlflow_client(tracking_uri)
         for i in range(0, len(points), 1000):
             client.log_batch(run_id, metrics=points[i : i + 1000], synchronous=True)
         if tags:
             _log_chunks(client, run_id, tags=_clean_tags(tags).items())
-
-
-def _read_artifact(client: Any, run_id: str, path: str) -> str | None:
-    names = {f.path for f in client.list_artifacts(run_id)}
-    if path not in names:
-        return None
-    quiet = _PROGRESS_BAR not in os.environ  # no tqdm bar on the CLI's stderr
-    if quiet:
-        os.environ[_PROGRESS_BAR] = "false"
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, path, dst_path=tmp)
-            return Path(local).read_text(encoding="utf-8")
-    finally:
-        if quiet:
-            os.environ.pop(_PROGRESS_BAR, None)
 
 
 def log_event(
@@ -326,27 +255,27 @@ def log_event(
     the worker's sink owns ``events.jsonl``. :func:`read_events` merges both.
     """
     line = json.dumps(make_event(kind, step, payload), default=str)
-    with _mlflow(f"log an event on run {run_id}", tracking_uri):
-        client = _client(tracking_uri)
-        old = _read_artifact(client, run_id, DRIVER_EVENTS_ARTIFACT) or ""
+    with mlflow_errors(f"log an event on run {run_id}", tracking_uri):
+        client = mlflow_client(tracking_uri)
+        old = read_artifact(client, run_id, DRIVER_EVENTS_ARTIFACT) or ""
         client.log_text(run_id, old + line + "\n", DRIVER_EVENTS_ARTIFACT)
 
 
 def read_events(tracking_uri: str, run_id: str) -> list[dict[str, Any]]:
     """All events of a run (worker ``events.jsonl`` + driver ``driver_events.jsonl``) by time."""
     events: list[dict[str, Any]] = []
-    with _mlflow(f"read the events of run {run_id}", tracking_uri):
-        client = _client(tracking_uri)
+    with mlflow_errors(f"read the events of run {run_id}", tracking_uri):
+        client = mlflow_client(tracking_uri)
         for name in (EVENTS_ARTIFACT, DRIVER_EVENTS_ARTIFACT):
-            text = _read_artifact(client, run_id, name) or ""
+            text = read_artifact(client, run_id, name) or ""
             events += [json.loads(ln) for ln in text.splitlines() if ln.strip()]
     return sorted(events, key=lambda e: (e.get("time", 0), e.get("step", 0)))
 
 
 def read_recipe_yaml(tracking_uri: str, run_id: str) -> str:
     """The run's ``recipe.yaml`` artifact text (secrets appear as "***")."""
-    with _mlflow(f"read {RECIPE_ARTIFACT} of run {run_id}", tracking_uri):
-        text = _read_artifact(_client(tracking_uri), run_id, RECIPE_ARTIFACT)
+    with mlflow_errors(f"read {RECIPE_ARTIFACT} of run {run_id}", tracking_uri):
+        text = read_artifact(mlflow_client(tracking_uri), run_id, RECIPE_ARTIFACT)
     if text is None:
         raise TrackingError(
             f"run {run_id} has no {RECIPE_ARTIFACT} artifact: it was not started by Regimen "

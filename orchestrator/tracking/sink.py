@@ -1,9 +1,10 @@
 """Worker side: asynchronous, batched MLflow metrics that survive MLflow outages.
 
 ``MetricSink.log()`` only appends to an in-memory queue (a lock and a timestamp, no
-I/O). A daemon thread sends it with ``MlflowClient.log_batch`` (≤1000 points a call)
-every ``flush_interval_s``, sooner on ``flush()`` or when the queue is half full; it
-wakes rarely on purpose, since its work holds the GIL that log() needs.
+I/O). A daemon thread sends it with ``log_batch`` (≤1000 points a call, on the process's
+shared client, :func:`orchestrator.tracking.client.mlflow_client`) every
+``flush_interval_s``, sooner on ``flush()`` or when the queue is half full; it wakes
+rarely on purpose, since its work holds the GIL that log() needs.
 
 When a send fails, unsent points go to an append-only JSONL spool
 (``<spool_dir>/<run_id>.metrics.jsonl``), one warning is logged per outage, and the
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import TrackingError
+from orchestrator.tracking.client import mlflow_client
 from orchestrator.tracking.redact import redact, redact_string
 
 logger = logging.getLogger(__name__)
@@ -176,11 +178,9 @@ def replay_spool(tracking_uri: str, run_id: str, spool_path: str | Path) -> int:
     Do not run it on a spool that a live ``MetricSink`` is using. Raises
     ``TrackingError`` when MLflow fails; the unsent lines then stay in the file.
     """
-    from orchestrator.tracking.runs import _client
-
     path = Path(spool_path)
     try:
-        client = _client(tracking_uri)
+        client = mlflow_client(tracking_uri)
         sent = _replay(client, run_id, _Spool(path))
         events = _events_path(path)
         if events != path and events.exists() and events.stat().st_size:
@@ -388,9 +388,7 @@ class MetricSink:
 
     def _cycle(self) -> bool:
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         if self._spool.points:
             _replay(self._client, self.run_id, self._spool, lambda: self._stop)  # older first
         while True:

@@ -47,7 +47,7 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_async_rollback_and_indicators_on_cuda(tmp_path: Path, nccl_world: None) -> None:
-    from orchestrator.engine.loop import Trainer, WorkerContext
+    from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
 
     guard = {"window": 16, "min_history": 4, "patience": 1, "good_after": 1, "skip_batches": 2}
     guard |= {"grad_norm_zscore": False, "indicators_every": 1}
@@ -59,16 +59,13 @@ def test_async_rollback_and_indicators_on_cuda(tmp_path: Path, nccl_world: None)
             deepspeed={"zero_optimization": {"stage": 2}}, stability=guard,
             techniques={"fault_injection": {"spike_at_step": 9, "spike_factor": 100.0}},
         )  # fmt: skip
-        trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / f"a{mode}"))
         metrics: list[dict[str, float]] = []
-        step = trainer._train_step
 
-        def spy(step=step, metrics=metrics):
-            out = step()
-            metrics.append(out)
-            return out
+        class Spy(StepHook):
+            def after_step(self, trainer, out, metrics=metrics):
+                metrics.append(out)
 
-        trainer._train_step = spy
+        trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / f"a{mode}"), [Spy()])
         summary = trainer.run()
         (rollback,) = [e for e in summary["events"] if e["kind"] == "rollback"]
         assert rollback["to_step"] == 8 and summary["steps"] == 12

@@ -68,7 +68,7 @@ def test_bf16_run_trains_on_the_gpu_and_resumes(tmp_path: Path, nccl_world: None
 def test_lisa_under_zero2_bf16_trains_only_the_sampled_layers(
     tmp_path: Path, nccl_world: None
 ) -> None:
-    from orchestrator.engine.loop import Trainer, WorkerContext
+    from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
     from orchestrator.techniques.lisa import LisaConfig, sample_layers
 
     layers = 4
@@ -81,20 +81,21 @@ def test_lisa_under_zero2_bf16_trains_only_the_sampled_layers(
         techniques={"lisa": {"gamma": 1, "interval": 2}},
         deepspeed={"zero_optimization": {"stage": 2}},
     )
-    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "run"))
     seen: list[tuple[int, set[int], float]] = []
-    original = trainer._train_step
 
-    def recording_step() -> dict[str, float]:
-        model = trainer.model
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        metrics = original()
-        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        moved = {int(m.group(1)) for n in changed if (m := _LAYER_RE.search(n))}
-        seen.append((trainer.state.step, moved, metrics["lisa/optimizer_state_bytes"]))
-        return metrics
+    class Recording(StepHook):
+        before: dict[str, torch.Tensor] = {}
 
-    trainer._train_step = recording_step  # type: ignore[method-assign]
+        def before_step(self, trainer: Trainer) -> None:
+            self.before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+        def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+            params = trainer.model.named_parameters()
+            changed = {n for n, p in params if not torch.equal(p, self.before[n])}
+            moved = {int(m.group(1)) for n in changed if (m := _LAYER_RE.search(n))}
+            seen.append((trainer.state.step, moved, metrics["lisa/optimizer_state_bytes"]))
+
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "run"), [Recording()])
     trainer.run()
     cfg = LisaConfig(gamma=1, interval=2)
     outside = sum(p.numel() for n, p in trainer.model.named_parameters() if not _LAYER_RE.search(n))

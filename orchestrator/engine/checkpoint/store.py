@@ -39,8 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from orchestrator.distributed import all_gather_objects, world
 from orchestrator.engine.checkpoint import async_save
 from orchestrator.engine.checkpoint.async_save import HostPool, PendingSave
 from orchestrator.engine.checkpoint.io import (
@@ -66,19 +65,9 @@ _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _Paths = list[Path]
 
 
-def _dist() -> Any:
-    d = torch.distributed
-    return d if d.is_available() and d.is_initialized() else None
-
-
 def _gather(obj: Any) -> list[Any]:
     """All-gather a small picklable object; also a barrier. Identity without torch.distributed."""
-    d = _dist()
-    if d is None:
-        return [obj]
-    out: list[Any] = [None] * d.get_world_size()
-    d.all_gather_object(out, obj)
-    return out
+    return all_gather_objects(obj)
 
 
 def _raise_first(errors: list[str | None]) -> None:
@@ -127,10 +116,10 @@ class CheckpointStore:
         return self._dir(step)
 
     def _check_world(self) -> str | None:
-        d, mine = _dist(), (self.rank, self.world_size)
-        if d is None or (d.get_rank(), d.get_world_size()) == mine:
+        w, mine = world(), (self.rank, self.world_size)
+        if not w.initialised or (w.rank, w.size) == mine:
             return None
-        return f"store is rank/world {mine}, torch.distributed {d.get_rank(), d.get_world_size()}"
+        return f"store is rank/world {mine}, torch.distributed {w.rank, w.size}"
 
     def save(
         self, engine: Any, step: int, rank_state: dict[str, Any], meta: dict[str, Any] | None = None

@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_recipe
 from orchestrator.control import controller
 from orchestrator.recipe.jobspec import JobSpec
+from orchestrator.rundir import RunDir
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_the_result_is_complete_without_the_record_on_disk(
     tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(controller, "read_summary", lambda run_dir: None)
+    monkeypatch.setattr(RunDir, "read_summary", lambda self: None)
     recipe = tiny_recipe(tmp_path, schedule={"steps": 4, "micro_batch_size": 2})
     result = controller.run_job(JobSpec.of("value", recipe))
     assert result.status == "FINISHED", result.error

@@ -6,7 +6,8 @@ model:
 - survives a state_dict round trip,
 - resumes bit-for-bit in fp32 (N steps straight == N/2 + checkpoint + resume + N/2),
 - changes nothing when ``enabled: false`` (same weights as a run without it),
-- rejects bad config with a RecipeError naming its key.
+- rejects bad config with a RecipeError naming its key,
+- declares exactly the capabilities whose hooks it implements.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RecipeError
 from orchestrator.recipe.catalog import CATALOG, config_of
+from orchestrator.techniques.base import CAPABILITY_HOOKS, Capability, overrides
 from orchestrator.techniques.registry import BUILDERS, build_techniques, registered, spec_of
 
 SPECS = registered()
@@ -101,3 +103,22 @@ def test_every_catalog_entry_builds_its_technique(entry, tmp_path):
     cfg = config_of(entry, recipe)
     assert isinstance(cfg, entry.config)
     assert spec.build(cfg, recipe).name == entry.name
+
+
+DECIDING = {Capability.DECIDES_BEFORE_STEP, Capability.DECIDES_AFTER_STEP}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_declared_capabilities_match_the_hooks(spec, tmp_path):
+    """A capability's hook is overridden iff it is declared; a deciding hook may also be
+    overridden for its side effects (the loop then rejects anything but PROCEED from it)."""
+    recipe = _recipe(tmp_path, spec, spec.example)
+    (technique,) = [t for t in build_techniques(recipe) if t.name == spec.name]
+    for capability, hook in CAPABILITY_HOOKS.items():
+        declared, implemented = capability in technique.capabilities, overrides(technique, hook)
+        if capability in DECIDING:
+            assert implemented or not declared, f"{spec.name}: declares {capability} only"
+        else:
+            assert declared == implemented, f"{spec.name}: {capability} vs {hook}"
+    for duck in ("restore_on_rollback", "rollback_to", "stop_reason", "skip_request"):
+        assert not hasattr(technique, duck), f"{spec.name}: duck-typed {duck}"

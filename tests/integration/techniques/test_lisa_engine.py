@@ -25,9 +25,9 @@ class Recording(Trainer):
         super().__init__(*args, **kwargs)
         self.record: list[dict] = []
 
-    def _train_step(self):
+    def run_step(self):
         before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        metrics = super()._train_step()
+        metrics = super().run_step()
         changed = {n for n, p in self.model.named_parameters() if not torch.equal(p, before[n])}
         lisa = next(t for t in self.techniques if t.name == "lisa")
         self.record.append(

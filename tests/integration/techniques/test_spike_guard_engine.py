@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from orchestrator.engine.loop import Trainer, WorkerContext
+from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
 from orchestrator.errors import RollbackExhausted
 
 pytestmark = pytest.mark.integration
@@ -76,27 +76,27 @@ def test_spike_rolls_back_skips_exact_window_and_matches_clean_run(tmp_path, glo
 def test_nan_is_skipped_without_update_below_patience(tmp_path, gloo_world):
     cfg = {**GUARD, "patience": 2}
     recipe = _recipe(tmp_path, steps=6, stability=cfg, faults={"nan_at_step": 3})
-    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "nan"))
     before: dict[str, torch.Tensor] = {}
-    step = trainer._train_step
 
-    def spy() -> dict[str, float]:
-        if trainer.state.step == 3:
-            before.update(_weights(trainer))
-            opt = trainer.built.optimizer
-            before["_moments"] = torch.cat([s["exp_avg_sq"].flatten() for s in opt.state.values()])
-        out = step()
-        if trainer.state.step == 4:
-            after = _weights(trainer)
-            assert all(torch.equal(before[k], after[k]) for k in after), (
-                "a NaN step changed weights"
-            )
-            opt = trainer.built.optimizer
-            now = torch.cat([s["exp_avg_sq"].flatten() for s in opt.state.values()])
-            assert torch.equal(before["_moments"], now), "a skipped step changed the moments"
-        return out
+    class Spy(StepHook):
+        def before_step(self, trainer: Trainer) -> None:
+            if trainer.state.step == 3:
+                before.update(_weights(trainer))
+                opt = trainer.built.optimizer
+                moments = [s["exp_avg_sq"].flatten() for s in opt.state.values()]
+                before["_moments"] = torch.cat(moments)
 
-    trainer._train_step = spy  # type: ignore[method-assign]
+        def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+            if trainer.state.step == 4:
+                after = _weights(trainer)
+                assert all(torch.equal(before[k], after[k]) for k in after), (
+                    "a NaN step changed weights"
+                )
+                opt = trainer.built.optimizer
+                now = torch.cat([s["exp_avg_sq"].flatten() for s in opt.state.values()])
+                assert torch.equal(before["_moments"], now), "a skipped step changed the moments"
+
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "nan"), step_hooks=[Spy()])
     summary = trainer.run()
     (spike,) = _kinds(summary, "spike")
     assert spike["detector"] == "nan" and spike["at_step"] == 3
@@ -139,7 +139,7 @@ def _indicator_series(tmp_path, stage: int, steps: int = 4) -> list[dict[str, fl
     )  # fmt: skip
     trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / f"z{stage}"))
     trainer._build()
-    return [trainer._train_step() for _ in range(steps)]
+    return [trainer.run_step() for _ in range(steps)]
 
 
 def test_indicators_read_torch_and_deepspeed_zero_state_alike(tmp_path, gloo_world):

@@ -147,3 +147,37 @@ def test_runs_left_open_by_an_ended_job_are_closed(tmp_path, job_status, expecte
     assert stored.info.status == expected
     if expected != "RUNNING":
         assert "job-1 ended " + job_status in stored.data.tags["regimen.end_reason"]
+
+
+def test_job_listings_on_sqlite_take_turns_and_all_land(mlflow_uri):
+    """Listing a job's runs (`regimen status`) uses the shared client: many listings at once
+    wait for a turn on a sqlite store instead of draining its pool, and every one lands."""
+    import threading
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+    from mlflow_turns import watched_sqlite_client
+
+    from orchestrator.tracking.client import SQLITE_TURNS
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("listed")
+    run = client.create_run(exp, tags={jobs.JOB_TAG: "job-1"})
+    details = SimpleNamespace(
+        status="RUNNING",
+        submission_id="job-1",
+        metadata={"regimen.tracking_uri": mlflow_uri, "regimen.experiment": "listed"},
+    )
+    listed: list[list[str]] = []
+
+    def one() -> None:
+        listed.append([r["run_id"] for r in jobs.mlflow_runs(details)])
+
+    threads = [threading.Thread(target=one) for _ in range(24)]
+    with watched_sqlite_client(mlflow_uri) as watch:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert listed == [[run.info.run_id]] * 24
+    assert watch.calls >= 2 * 24 and 1 < watch.most <= SQLITE_TURNS

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import tiny_recipe
@@ -15,6 +16,7 @@ from orchestrator.errors import RecipeError
 from orchestrator.recipe import load_recipe
 from orchestrator.recipe.expand import expand
 from orchestrator.recipe.plan import plan_of, render_plan
+from orchestrator.techniques.base import Context, TrainState
 
 
 def _digits(tmp_path: Path, **continual) -> dict:
@@ -98,22 +100,18 @@ def test_plan_shows_each_stage_with_its_step_range(tmp_path):
 def test_replay_ratio_is_exact_in_every_micro_batch(tmp_path, ratio, k):
     recipe = _load(tmp_path, _digits(tmp_path, replay={"size": 40, "ratio": ratio})).recipe
     technique = Continual(recipe.continual, recipe)
-
-    class Owner:  # what bind() reads from the Trainer
-        ctx = WorkerContext(run_dir=tmp_path, rank=0, world_size=1)
-        state = type("S", (), {"step": 0})()
-
-    owner = Owner()
-    technique.bind(owner)
-    batches = owner.batches
+    state = TrainState(recipe=recipe, total_steps=20)  # what the stage stream reads: the step
+    ctx = Context(recipe=recipe, state=state, model=torch.nn.Linear(1, 1), task=None, data=None)
+    technique.bind(ctx)
+    batches = technique.wrap_batches(None, ctx)  # type: ignore[arg-type]  (it supplies its own)
     first = batches.micro_batch_at(0, 0)["labels"]
     assert set(first.tolist()) <= {0, 1} and len(first) == 10  # empty buffer: all fresh
     for step in range(10):  # stage a fills the buffer from its fresh samples
-        owner.state.step = step
+        state._update(step=step)
         for task, index, label in batches.fresh_ids(step * 10, step):
             technique.buffer.add(task, index, label)
     for step in range(10, 20):  # stage b: exactly k samples of the old classes per batch
-        owner.state.step = step
+        state._update(step=step)
         labels = batches.micro_batch_at(step * 10, 0)["labels"]
         assert len(labels) == 10
         assert int((labels < 2).sum()) == k and int((labels >= 2).sum()) == 10 - k
@@ -137,7 +135,6 @@ GUARD |= {"grad_norm_zscore": False}
 
 
 def test_restart_schedule_restarts_warmup_at_the_stage(tmp_path):
-    from orchestrator.techniques.base import TrainState
     from orchestrator.techniques.registry import build_techniques
 
     data = _digits(tmp_path)
@@ -151,8 +148,10 @@ def test_restart_schedule_restarts_warmup_at_the_stage(tmp_path):
     events: list[str] = []
 
     def lr_at(step: int) -> float:
-        state = TrainState(recipe=recipe, total_steps=20, rank=0, world_size=1, step=step)
-        state.emit = lambda kind, **payload: events.append(f"{kind}:{payload['stage']}")
+        state = TrainState(
+            recipe=recipe, total_steps=20, rank=0, world_size=1, step=step,
+            on_event=lambda kind, payload: events.append(f"{kind}:{payload['stage']}"),
+        )  # fmt: skip
         for technique in techniques:
             technique.on_step_begin(state)
         return state.lr

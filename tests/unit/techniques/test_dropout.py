@@ -55,7 +55,7 @@ class Recording(Trainer):
         super().__init__(*args, **kwargs)
         self.seen: dict[int, dict[str, Any]] = {}
 
-    def _train_step(self) -> dict[str, float]:
+    def run_step(self) -> dict[str, float]:
         step = self.state.step
         original = self.task.loss
 
@@ -65,7 +65,7 @@ class Recording(Trainer):
 
         self.task.loss = loss  # type: ignore[method-assign]
         try:
-            return super()._train_step()
+            return super().run_step()
         finally:
             del self.task.loss
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_recipe
 from orchestrator.engine.checkpoint import CheckpointStore
-from orchestrator.engine.loop import Trainer, WorkerContext
+from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
 from orchestrator.errors import CheckpointError
 
 
@@ -22,20 +22,17 @@ def _trainer(tmp_path, name, faults=None, steps=4, every=2):
 def _trace(trainer):
     """Run and return (loss, gradient norm before the update) of every step."""
     seen, norms = [], []
-    step, decide = trainer._train_step, trainer._decide
 
-    def spy_decide(hook, *args):  # after backward, before the update
-        grads = [p.grad for p in trainer.built.engine.module.parameters() if p.grad is not None]
-        if hook == "on_before_optimizer_step" and grads and len(norms) == len(seen):
-            norms.append(float(sum(g.double().pow(2).sum() for g in grads)) ** 0.5)
-        return decide(hook, *args)
+    class Spy(StepHook):
+        def before_optimizer_step(self, trainer):  # after backward, before the update
+            grads = [p.grad for p in trainer.built.engine.module.parameters() if p.grad is not None]
+            if grads and len(norms) == len(seen):
+                norms.append(float(sum(g.double().pow(2).sum() for g in grads)) ** 0.5)
 
-    def spy():
-        out = step()
-        seen.append((out["loss"], norms[-1]))
-        return out
+        def after_step(self, trainer, metrics):
+            seen.append((metrics["loss"], norms[-1]))
 
-    trainer._train_step, trainer._decide = spy, spy_decide
+    trainer.step_hooks.append(Spy())
     trainer.run()
     return seen
 

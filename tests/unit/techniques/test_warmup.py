@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import tiny_recipe
-from orchestrator.engine.loop import Trainer, WorkerContext
+from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
 from orchestrator.errors import RecipeError
 from orchestrator.techniques.warmup import WarmupConfig, scheduled_lr
 
@@ -41,17 +41,14 @@ def test_optimizer_uses_scheduled_lr_each_step(tmp_path, gloo_world):
         optimizer={"lr": 0.01},
         techniques={"warmup": {"schedule": "linear", "warmup_steps": 4, "min_lr": 0.001}},
     )
-    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "run"))
     seen: list[float] = []
-    original = trainer._train_step
 
-    def spy() -> dict[str, float]:
-        metrics = original()
-        seen.append(trainer.built.engine.optimizer.param_groups[0]["lr"])
-        assert metrics["lr"] == seen[-1]  # what MLflow gets is what the step used
-        return metrics
+    class Spy(StepHook):
+        def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+            seen.append(trainer.built.engine.optimizer.param_groups[0]["lr"])
+            assert metrics["lr"] == seen[-1]  # what MLflow gets is what the step used
 
-    trainer._train_step = spy  # type: ignore[method-assign]
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "run"), step_hooks=[Spy()])
     trainer.run()
     cfg = WarmupConfig(schedule="linear", warmup_steps=4, min_lr=0.001)
     assert seen == pytest.approx([scheduled_lr(cfg, 0.01, k, 8) for k in range(8)])
