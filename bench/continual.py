@@ -13,7 +13,7 @@ through Regimen's own Trainer (one process, one gloo rank, DeepSpeed ZeRO-0 on C
   of 50 and of 200 sample indices; the same seeds, init and data order per seed;
 * continual evaluation every ``--eval-every`` steps on 50 fixed eval images per seen
   task; final average accuracy, BWT, average min-ACC, WC-ACC and WF^10 from
-  ``orchestrator.continual.metrics``, plus the min-ACC that evaluation only at task
+  ``orchestrator.techniques.continual.metrics``, plus the min-ACC that evaluation only at task
   ends would report (same run, table restricted to the task ends).
 
     python bench/continual.py [--seeds 3] [--steps-per-task 60] [--eval-every 2]
@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from orchestrator.continual.metrics import average_min_acc, summarize
-from orchestrator.continual.technique import Continual
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.recipe import load_recipe
+from orchestrator.techniques.continual.metrics import average_min_acc, summarize
+from orchestrator.techniques.continual.technique import Continual
 
 MODES: dict[str, dict[str, Any]] = {
     "no replay": {"size": 0, "ratio": 0.0},

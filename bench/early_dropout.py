@@ -37,7 +37,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.engine.data import build_digits
+from orchestrator.data import build_digits
 from orchestrator.engine.vision import build_builtin
 from orchestrator.techniques.dropout import DropoutConfig, DropoutSchedule
 

@@ -50,7 +50,7 @@ def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) ->
     import torch
     import torch.distributed as dist
 
-    from orchestrator.engine.data import BatchSource, build_data
+    from orchestrator.data import BatchSource, build_data
     from orchestrator.engine.ds_config import build_ds_config
     from orchestrator.engine.models import build_model
     from orchestrator.recipe.loader import load_recipe

@@ -120,7 +120,7 @@ def bench_step_time(
 
 
 def _batches(seq: int, batch: int, seed: int):
-    from orchestrator.engine.data import BatchSource, build_data
+    from orchestrator.data import BatchSource, build_data
     from orchestrator.recipe.schema import DataConfig
 
     split = build_data(DataConfig(kind="stdlib_bytes", seq_len=seq, max_bytes=400_000))

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
+from orchestrator.data import BatchSource, build_data
 from orchestrator.distributed import all_reduce_floats
 from orchestrator.engine import recovery
 from orchestrator.engine.build import initialize_engine, release_engine
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore
-from orchestrator.engine.data import BatchSource, build_data
 from orchestrator.engine.recovery import LoopState
 from orchestrator.engine.remote import CheckpointMirror, is_remote, run_storage_uri
 from orchestrator.engine.reporting import Reporter

@@ -289,7 +289,7 @@ class Context:
 
     ``engine`` is the current DeepSpeed engine (None before it is built; a new object after
     a rebuild): read it when needed, do not keep it. ``task`` computes losses and eval
-    scores; ``data`` is the job's :class:`~orchestrator.engine.data.Data`.
+    scores; ``data`` is the job's :class:`~orchestrator.data.Split`.
     """
 
     recipe: Recipe

@@ -27,7 +27,7 @@ C = TypeVar("C", bound=TechniqueConfig)
 BUILDERS: dict[str, str] = {
     "fault_injection": "orchestrator.techniques.fault_injection:SPEC",
     "warmup": "orchestrator.techniques.warmup:SPEC",
-    "continual": "orchestrator.continual.technique:SPEC",
+    "continual": "orchestrator.techniques.continual.technique:SPEC",
     "dropout": "orchestrator.techniques.dropout:SPEC",
     "lisa": "orchestrator.techniques.lisa:SPEC",
     "sgg": "orchestrator.techniques.sgg:SPEC",

@@ -1,8 +1,9 @@
 """The package's layers point down only, and no package imports another in a cycle.
 
-cli -> control -> audit -> cluster -> engine -> techniques -> recipe / tracking -> ground
-helpers (errors, distributed, rundir). Every import counts, including the ones inside
-functions: a lazy import upward is still worker code reaching for driver code.
+cli -> control -> audit -> cluster -> engine -> techniques -> data -> recipe / tracking ->
+ground helpers (distributed, rundir, factories) -> errors. Every import counts, including
+the ones inside functions: a lazy import upward is still worker code reaching for driver
+code.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ RANKS = {
     "cluster": 50,
     "engine": 40,
     "techniques": 30,
+    "data": 25,
     "recipe": 20,
     "tracking": 20,
-    "errors": 10,
+    "errors": 5,  # the one error hierarchy, under everything
     "distributed": 10,
     "rundir": 10,
+    "factories": 10,
     "": 10,  # orchestrator/__init__.py
 }
 HEAVY = ("torch", "deepspeed", "ray", "mlflow", "transformers", "datasets")

@@ -1,7 +1,7 @@
 """`continual:`: the config of continual learning (stages, replay, evaluation), checks, plan.
 
 The technique (stage data, replay buffer, continual evaluation) is
-:mod:`orchestrator.continual.technique`; see docs/CONTINUAL.md.
+:mod:`orchestrator.techniques.continual.technique`; see docs/CONTINUAL.md.
 """
 
 from __future__ import annotations

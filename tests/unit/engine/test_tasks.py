@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_recipe
-from orchestrator.engine.data import build_data
+from orchestrator.data import build_data
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.engine.tasks import CausalLM, Classification, build_task_model, eval_metrics
 from orchestrator.errors import UsageError

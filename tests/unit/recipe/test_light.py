@@ -32,7 +32,7 @@ FORBIDDEN = (
     "ray",
     "mlflow",
     "orchestrator.techniques",
-    "orchestrator.continual",
+    "orchestrator.techniques.continual",
     "orchestrator.engine",
     "orchestrator.control",
     "orchestrator.cluster",
@@ -94,7 +94,7 @@ def test_every_technique_recipe_turns_every_technique_on(tmp_path: Path) -> None
     [
         "orchestrator.techniques.registry",
         "orchestrator.techniques.base",
-        "orchestrator.continual.technique",
+        "orchestrator.techniques.continual.technique",
         "orchestrator.techniques.warmup",
     ],
 )

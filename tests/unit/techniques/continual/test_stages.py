@@ -9,14 +9,14 @@ import torch
 import yaml
 
 from conftest import tiny_recipe
-from orchestrator.continual.stages import build_stages
-from orchestrator.continual.technique import Continual
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.errors import RecipeError
 from orchestrator.recipe import load_recipe
 from orchestrator.recipe.expand import expand
 from orchestrator.recipe.plan import plan_of, render_plan
 from orchestrator.techniques.base import Context, TrainState
+from orchestrator.techniques.continual.stages import build_stages
+from orchestrator.techniques.continual.technique import Continual
 
 
 def _digits(tmp_path: Path, **continual) -> dict:

@@ -6,14 +6,15 @@ comes back on resume, and comes back with the weights on a spike-guard rollback.
 the interface's data and summary hooks:
 
 * ``wrap_batches`` (SUPPLIES_DATA): builds the stages' data and supplies the loop's batch
-  stream, a :class:`~orchestrator.continual.stages.StageBatches`;
+  stream, a :class:`~orchestrator.techniques.continual.stages.StageBatches`;
 * ``summary`` (SUMMARIZES): the final continual metrics, under ``continual`` in the summary.
 
 Per step (``on_step_end``) every rank offers the step's fresh samples (all ranks', same
 order) to its buffer, and every ``eval.every`` steps and at each stage's last step the
 model is evaluated on each seen task's fixed subset: ``cl/acc/task_i`` (``cl/loss/task_i``
 for language models), ``cl/eval_time_share``. At the end the metrics of
-:mod:`orchestrator.continual.metrics` are logged as ``cl/final/*`` and put in the summary.
+:mod:`orchestrator.techniques.continual.metrics` are logged as ``cl/final/*`` and put in
+the summary.
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.continual.metrics import summarize
-from orchestrator.continual.replay import ReplayBuffer
-from orchestrator.continual.stages import Stage, StageBatches, build_stages, stage_at
+from orchestrator.data import collate
 from orchestrator.distributed import all_reduce_floats
-from orchestrator.engine.data import collate
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.continual import ContinualConfig
 from orchestrator.techniques.base import (
@@ -39,6 +37,9 @@ from orchestrator.techniques.base import (
     Technique,
     TrainState,
 )
+from orchestrator.techniques.continual.metrics import summarize
+from orchestrator.techniques.continual.replay import ReplayBuffer
+from orchestrator.techniques.continual.stages import Stage, StageBatches, build_stages, stage_at
 from orchestrator.techniques.registry import TechniqueSpec
 
 if TYPE_CHECKING:

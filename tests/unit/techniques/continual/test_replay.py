@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from orchestrator.continual.replay import ReplayBuffer, draw_generator, replay_count
+from orchestrator.techniques.continual.replay import ReplayBuffer, draw_generator, replay_count
 
 
 def _chi2(counts: list[int]) -> float:

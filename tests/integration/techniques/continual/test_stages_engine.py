@@ -1,5 +1,6 @@
-"""Continual learning through the real Trainer: a rollback restores the replay buffer with the
-weights (moved from tests/unit/continual/test_stages.py: a DeepSpeed run takes seconds)."""
+"""Continual learning through the real Trainer: a rollback restores the replay buffer with
+the weights (moved from tests/unit/techniques/continual/test_stages.py: a DeepSpeed run
+takes seconds)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 from unit.continual.test_stages import GUARD
 
 from conftest import tiny_recipe
-from orchestrator.continual.technique import Continual
 from orchestrator.engine.loop import Trainer, WorkerContext
+from orchestrator.techniques.continual.technique import Continual
 
 pytestmark = pytest.mark.integration
 

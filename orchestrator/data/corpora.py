@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.engine.factories import resolve_factory
 from orchestrator.errors import UsageError
+from orchestrator.factories import resolve_factory
 
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import DataConfig

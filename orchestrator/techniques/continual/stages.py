@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.continual.replay import ReplayBuffer, draw_generator, replay_count
-from orchestrator.engine.data import SampleOrder, build_data, collate
+from orchestrator.data import SampleOrder, build_data, collate
 from orchestrator.errors import UsageError
+from orchestrator.techniques.continual.replay import ReplayBuffer, draw_generator, replay_count
 
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import ContinualConfig, Recipe

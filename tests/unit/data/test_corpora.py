@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.engine.data import BatchSource, SampleOrder, TokenDataset, build_data
+from orchestrator.data import BatchSource, SampleOrder, TokenDataset, build_data
 from orchestrator.recipe.schema import DataConfig
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.continual.metrics import (
+from orchestrator.techniques.continual.metrics import (
     average_min_acc,
     bwt,
     per_task_min,

@@ -21,9 +21,9 @@ import torch
 import yaml
 
 from conftest import REPO
-from orchestrator.continual.technique import Continual
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.recipe import load_recipe
+from orchestrator.techniques.continual.technique import Continual
 
 pytestmark = pytest.mark.integration
 
