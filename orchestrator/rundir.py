@@ -39,7 +39,8 @@ SEGMENT = "segment.json"
 METRICS_SPOOL_SUFFIX = ".metrics.jsonl"  # tracking.sink names its spool <run id> + this
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that the renames and creations inside it are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -50,11 +51,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically: a temp file in the
-    same directory, fsync, rename over ``path``, fsync of the directory."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync,
+    rename over ``path``, fsync of the directory."""
     path = Path(path)
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.part")
     try:
         with open(tmp, "wb") as f:
@@ -64,7 +64,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -246,5 +251,7 @@ __all__ = [
     "RunDir",
     "Segment",
     "Stopped",
+    "atomic_write_bytes",
     "atomic_write_json",
+    "fsync_dir",
 ]

@@ -21,6 +21,11 @@ from typing import Any
 
 import torch
 
+# One copy of the atomic writes, in the run-directory module; re-exported for the package.
+from orchestrator.rundir import atomic_write_bytes as atomic_write_bytes
+from orchestrator.rundir import atomic_write_json as atomic_write_json
+from orchestrator.rundir import fsync_dir as fsync_dir
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 
@@ -32,38 +37,6 @@ class CheckpointInfo:
     step: int
     path: Path
     manifest: dict
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that the renames and creations inside it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems cannot fsync a directory
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, replace, fsync."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (atomic_write_bytes)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
