@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from unit.continual.test_stages import GUARD
+from unit.techniques.continual.test_stages import GUARD
 
 from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
