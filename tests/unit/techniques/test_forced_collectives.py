@@ -194,3 +194,32 @@ def test_sgg_partitioned_median_pools_every_rank(monkeypatch: pytest.MonkeyPatch
     assert torch.allclose(opt.state[p]["sgg_scale"].float(), want)
     local = sorted(mine.tolist())[(len(mine) - 1) // 2]
     assert d_star != local  # the pooled median really differs from this rank's own
+
+
+def test_indicator_reduces_forced_at_world_one_give_the_same_metrics(
+    tmp_path: Path, gloo_world: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leading indicators' per-layer sums go through the all-reduce helper too."""
+    guard = {**GUARD, "indicators_every": 1}
+    faults = {"spike_at_step": 4, "spike_factor": 100.0}
+
+    def run(name: str) -> dict[str, Any]:
+        recipe = tiny_recipe(
+            tmp_path,
+            schedule={"steps": 6},
+            checkpoint={"every": 2},
+            stability=guard,
+            techniques={"fault_injection": faults},
+        )
+        return Trainer(recipe, WorkerContext(run_dir=tmp_path / name)).run()
+
+    plain = run("plain")
+    spy = Recorder(torch.distributed.all_reduce)
+    monkeypatch.setattr(D.dist, "all_reduce", spy)
+    with D.force_collectives():
+        forced = run("forced")
+    shapes = {s[2] for s in spy.seen if s[:2] == (torch.device("cpu"), torch.float64)}
+    assert (2,) in shapes and any(len(s) == 2 and s[1] == 2 for s in shapes), shapes
+    kinds = ("spike", "rollback", "indicator_warning", "indicator_unavailable")
+    assert _events(forced, *kinds) == _events(plain, *kinds)
+    assert forced["final_loss"] == plain["final_loss"]
