@@ -112,11 +112,19 @@ def _reduce_op(op: Op) -> Any:
 
 
 def _on_group_device(tensor: torch.Tensor, w: World) -> torch.Tensor:
-    """``tensor`` itself when it already lives on the group's device, else a copy there."""
+    """``tensor`` itself when it already lives on the group's device (and is contiguous, as
+    the backends need), else a contiguous copy there."""
     want = collective_device(w.backend)
     if tensor.device.type == want.type and (want.type != "cuda" or tensor.device == want):
-        return tensor
-    return tensor.to(want)
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+    return tensor.to(want).contiguous()
+
+
+def _copy_back(tensor: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    if moved is not tensor:
+        with torch.no_grad():  # a collective is not part of any autograd graph
+            tensor.copy_(moved)
+    return tensor
 
 
 def all_reduce_(tensor: torch.Tensor, op: Op = "sum") -> torch.Tensor:
@@ -127,9 +135,7 @@ def all_reduce_(tensor: torch.Tensor, op: Op = "sum") -> torch.Tensor:
     moved = _on_group_device(tensor, w)
     _check_device(moved, w)
     dist.all_reduce(moved, op=_reduce_op(op))
-    if moved is not tensor:
-        tensor.copy_(moved)
-    return tensor
+    return _copy_back(tensor, moved)
 
 
 def all_reduce_floats(values: list[float], op: Op = "sum") -> list[float]:
@@ -149,9 +155,7 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     moved = _on_group_device(tensor, w)
     _check_device(moved, w)
     dist.broadcast(moved, src=src)
-    if moved is not tensor:
-        tensor.copy_(moved)
-    return tensor
+    return _copy_back(tensor, moved)
 
 
 def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -163,7 +167,7 @@ def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
     moved = _on_group_device(tensor, w)
     _check_device(moved, w)
     out = [torch.empty_like(moved) for _ in range(w.size)]
-    dist.all_gather(out, moved.contiguous())
+    dist.all_gather(out, moved)
     return [t.to(tensor.device) for t in out]
 
 

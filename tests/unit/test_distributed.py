@@ -94,6 +94,28 @@ def test_world_one_skips_the_backend_unless_forced(spies: dict[str, Spy]) -> Non
     }
 
 
+def test_non_contiguous_and_grad_tensors_are_reduced_in_place(
+    gloo_world: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("all_reduce", "broadcast", "all_gather"):
+        real = getattr(dist, name)
+
+        def contiguous_only(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            tensor = args[-1] if isinstance(args[-1], torch.Tensor) else args[0]
+            assert tensor.is_contiguous(), "NCCL needs contiguous tensors"
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(D.dist, name, contiguous_only)
+    base = torch.arange(6, dtype=torch.float32).view(2, 3)
+    t = base.t()  # a non-contiguous view: the backend gets a contiguous copy
+    weight = torch.ones(3, 2, requires_grad=True)
+    view = weight.t()  # copied back into a view of a leaf that requires grad
+    with D.force_collectives():
+        assert D.all_reduce_(t, "max") is t and torch.equal(base, torch.arange(6.0).view(2, 3))
+        assert D.broadcast_(view) is view and torch.equal(weight, torch.ones(3, 2))
+        assert [g.tolist() for g in D.all_gather_tensor(t)] == [t.tolist()]
+
+
 def test_env_forces_collectives(spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(D.FORCE_ENV, "1")
     assert D.forced()

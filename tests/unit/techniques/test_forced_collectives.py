@@ -159,3 +159,67 @@ def test_spike_guard_skips_when_another_rank_sees_a_nan(
     (spike,) = _events(summary, "spike")
     assert spike == {**spike, "detector": "nan", "signal": "grad_norm", "at_step": 3}
     assert summary["skipped_steps"] == 1 and summary["rollbacks"] == 0
+
+
+def test_sgg_partitioned_median_pools_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ZeRO each rank holds some layers: D* is the median over the gathered MDAs."""
+    from orchestrator.techniques.sgg import SGGConfig, SGGOptimizer
+
+    gen = torch.Generator().manual_seed(0)
+    moment = torch.randn(64, generator=gen) * torch.logspace(-3, 1, 64)
+    p = torch.nn.Parameter(torch.zeros(64))
+    cfg = SGGConfig(clusters=3, scale_decay=0.0)
+    opt = SGGOptimizer(
+        torch.optim.AdamW([{"params": [p], "sgg": True}], lr=1e-2), cfg, partitioned=True
+    )
+    opt.recluster(p, moment)
+    mine = opt.state[p]["sgg_mda"].float().clone()
+    other = torch.full_like(mine, 1e3)  # rank 1's layers: far larger deviations
+    gathered: list[torch.Tensor] = []
+
+    def two_ranks(out: list[torch.Tensor], tensor: torch.Tensor, **kwargs: Any) -> None:
+        assert len(out) == 2 and tensor.device.type == "cpu"
+        out[0].copy_(tensor)
+        out[1].copy_(other)
+        gathered.append(tensor)
+
+    monkeypatch.setattr(D, "world", lambda: D.World(0, 2, "gloo"))
+    monkeypatch.setattr(D.dist, "all_gather", two_ranks)
+    opt.param_groups[0]["sgg_pending"] = True
+    opt.finalize()
+    assert gathered and torch.equal(gathered[0], mine)
+    pool = sorted(torch.cat([mine, other]).tolist())
+    d_star = pool[(len(pool) - 1) // 2]  # the lower median over both ranks
+    want = (d_star / (mine + cfg.eps)).clamp(cfg.scale_min, cfg.scale_max)
+    assert torch.allclose(opt.state[p]["sgg_scale"].float(), want)
+    local = sorted(mine.tolist())[(len(mine) - 1) // 2]
+    assert d_star != local  # the pooled median really differs from this rank's own
+
+
+def test_indicator_reduces_forced_at_world_one_give_the_same_metrics(
+    tmp_path: Path, gloo_world: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leading indicators' per-layer sums go through the all-reduce helper too."""
+    guard = {**GUARD, "indicators_every": 1}
+    faults = {"spike_at_step": 4, "spike_factor": 100.0}
+
+    def run(name: str) -> dict[str, Any]:
+        recipe = tiny_recipe(
+            tmp_path,
+            schedule={"steps": 6},
+            checkpoint={"every": 2},
+            stability=guard,
+            techniques={"fault_injection": faults},
+        )
+        return Trainer(recipe, WorkerContext(run_dir=tmp_path / name)).run()
+
+    plain = run("plain")
+    spy = Recorder(torch.distributed.all_reduce)
+    monkeypatch.setattr(D.dist, "all_reduce", spy)
+    with D.force_collectives():
+        forced = run("forced")
+    shapes = {s[2] for s in spy.seen if s[:2] == (torch.device("cpu"), torch.float64)}
+    assert (2,) in shapes and any(len(s) == 2 and s[1] == 2 for s in shapes), shapes
+    kinds = ("spike", "rollback", "indicator_warning", "indicator_unavailable")
+    assert _events(forced, *kinds) == _events(plain, *kinds)
+    assert forced["final_loss"] == plain["final_loss"]
