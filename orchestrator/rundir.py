@@ -36,7 +36,7 @@ FAULTS = "faults"
 SUMMARY = "summary.json"
 STOPPED = "stopped.json"
 SEGMENT = "segment.json"
-METRICS_SPOOL_SUFFIX = ".metrics.jsonl"  # tracking.sink names its spool <run id> + this
+METRICS_SPOOL_SUFFIX = ".metrics.jsonl"  # a metric sink's spool: <run id> + this
 
 
 def fsync_dir(path: Path) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import TrackingError
+from orchestrator.rundir import METRICS_SPOOL_SUFFIX
 from orchestrator.tracking.client import mlflow_client
 from orchestrator.tracking.redact import redact, redact_string
 
@@ -168,7 +169,7 @@ def _replay(client: Any, run_id: str, spool: _Spool, stop: Any = lambda: False) 
 
 
 def _events_path(spool_path: Path) -> Path:
-    return spool_path.with_name(spool_path.name.replace(".metrics.jsonl", ".events.jsonl"))
+    return spool_path.with_name(spool_path.name.replace(METRICS_SPOOL_SUFFIX, ".events.jsonl"))
 
 
 def replay_spool(tracking_uri: str, run_id: str, spool_path: str | Path) -> int:
@@ -215,7 +216,7 @@ class MetricSink:
         self._early = max(MAX_BATCH, max_queue // 2)  # queue size that wakes the sender early
         root = Path(spool_dir) if spool_dir else Path(tempfile.mkdtemp(prefix="regimen-spool-"))
         name = re.sub(r"[^\w.-]", "_", run_id)
-        self._spool = _Spool(root / f"{name}.metrics.jsonl")
+        self._spool = _Spool(root / f"{name}{METRICS_SPOOL_SUFFIX}")
         self.spool_path: Path = self._spool.path
         self.events_path: Path = _events_path(self.spool_path)
         old = self.events_path.read_text("utf-8") if self.events_path.exists() else ""
