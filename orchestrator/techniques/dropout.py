@@ -28,6 +28,12 @@ Where the rate goes (``target``):
   float ``drop_path`` / ``drop_path_rate`` attributes. Each site keeps its build-time share
   of the maximum (the usual linear-in-depth profile): ``rate_site = rate * built / max_built``.
 
+The sites and their shares are found once, at the first engine build, and kept for the
+model's lifetime. ``configure`` runs again on every engine rebuild (LISA's layer switches),
+when the model holds the rates of the previous step: re-deriving the shares from those
+would lose the profile, and after an early cut-off (all rates 0) find no drop-path site at
+all. A resumed run builds the model afresh at its maximum rates, so the shares need no state.
+
 A model built with rate 0 often has no dropout left to schedule (``nn.Identity`` in
 place of ``DropPath``, no ``nn.Dropout`` at all): ``configure`` raises a clear error
 telling to build the model with the maximum rate.
@@ -80,7 +86,7 @@ DROP_PATH_ATTRS = ("drop_prob", "drop_path", "drop_path_rate")
 
 @dataclass
 class Sites:
-    """Where a model's rates live, found once per engine build."""
+    """Where a model's rates live (and each drop-path site's share), found at the first build."""
 
     modules: list[torch.nn.Module] = field(default_factory=list)  # nn.Dropout family
     attrs: list[tuple[Any, str]] = field(default_factory=list)  # (module, float attribute)
@@ -161,6 +167,7 @@ class DropoutSchedule(Technique):
     def __init__(self, cfg: DropoutConfig):
         self.cfg = cfg
         self.sites: Sites | None = None
+        self._sites_of: torch.nn.Module | None = None  # the model ``sites`` were found in
         self._model: torch.nn.Module | None = None
 
     @property
@@ -172,7 +179,8 @@ class DropoutSchedule(Technique):
         return self.cfg.target in ("drop_path", "both")
 
     def attach(self, model: torch.nn.Module) -> Sites:
-        """Find the model's rate sites; raise when the target has none (built with rate 0)."""
+        """Find the model's rate sites from its current rates (the build-time ones, before
+        the first :meth:`apply`); raise when the target has none (built with rate 0)."""
         sites = find_sites(model)
         if self._dropout and sites.dropout_count == 0:
             raise _rate_zero_error(
@@ -187,11 +195,14 @@ class DropoutSchedule(Technique):
                 sites.identity_paths,
                 "e.g. drop_path_rate > 0 so that DropPath modules exist",
             )
-        self.sites = sites
+        self.sites, self._sites_of = sites, model
         return sites
 
     def configure(self, setup: Setup) -> None:
-        self.attach(setup.model)
+        """Find the sites at the first build; an engine rebuild on the same model keeps them
+        (its rates are the last step's by then, not the build-time profile)."""
+        if self.sites is None or self._sites_of is not setup.model:
+            self.attach(setup.model)
 
     def rates(self, step: int, total_steps: int) -> tuple[float, float]:
         """(dropout rate, drop-path rate) of step ``step``."""

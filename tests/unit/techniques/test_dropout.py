@@ -276,3 +276,82 @@ def test_plan_shows_rates_at_phase_boundaries(tmp_path):
         {0: 0.1, 10: 0.1 * 9 / 19, 19: 0.0, 20: 0.0, 99: 0.0}
     )
     assert info["drop_path_rate_at_step"][0] == pytest.approx(0.2)
+
+
+class StochasticDepth(nn.Module):
+    """torchvision's name and attribute (``p``)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+
+class HFLikeConfig:
+    """An HF-style config: found through ``to_dict`` on the module that holds it."""
+
+    def __init__(self, **fields: float):
+        self.__dict__.update(fields)
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class EverySite(nn.Module):
+    """One of each site kind: ``nn.Dropout``, an attention-dropout float, HF config fields,
+    six DropPaths linear in depth (0.1 * i / 5: shares 0, 1/5, ..., 1), a StochasticDepth
+    and a float ``drop_path`` attribute."""
+
+    def __init__(self, rate: float = 0.1, depth: int = 6):
+        super().__init__()
+        self.config = HFLikeConfig(attention_dropout=rate, drop_path_rate=rate)
+        self.attention_dropout = rate
+        self.drop = nn.Dropout(rate)
+        self.paths = nn.ModuleList(DropPath(rate * i / (depth - 1)) for i in range(depth))
+        self.depth = StochasticDepth(rate / 2)
+        self.drop_path = rate / 4
+
+    def dropout_values(self) -> list[float]:
+        return [self.drop.p, self.attention_dropout, self.config.attention_dropout]
+
+    def path_values(self) -> list[float]:
+        paths = [m.drop_prob for m in self.paths]
+        return [*paths, self.depth.p, self.drop_path, self.config.drop_path_rate]
+
+
+# every mode and schedule, plus an early ramp where re-deriving the shares from the current
+# rates at a rebuild used to drift by an ulp (0.1, six sites, cut-off 6: at step 2)
+REBUILD_CASES = [_cfg(m, s, target="both", drop_path_rate=0.1) for m, s in EXPECTED] + [
+    {"mode": "early", "schedule": "linear", "rate": 0.1, "cutoff_steps": 6, "target": "both"}
+]
+
+
+@pytest.mark.parametrize("cfg", REBUILD_CASES, ids=lambda c: f"{c['mode']}-{c['schedule']}")
+def test_rebuilds_keep_the_sites_and_drop_path_shares_of_the_first_build(cfg):
+    """``configure`` before every step (an engine rebuild each time, as LISA's switches do)
+    sets exactly the rates of a model configured once, on every site kind."""
+    once, rebuilt = EverySite(), EverySite()
+    built = once.path_values()
+    shares = [b / max(built) for b in built]
+    steady = DropoutSchedule(DropoutConfig(**cfg))
+    steady.configure(_setup(once))
+    tech = DropoutSchedule(DropoutConfig(**cfg))
+    total = 12
+    for step in range(total):
+        tech.configure(_setup(rebuilt))  # after the previous step's rates, 0 included
+        rate, path_rate = tech.apply(step, total)
+        assert (rate, path_rate) == steady.apply(step, total)
+        assert rebuilt.dropout_values() == once.dropout_values() == [rate] * 3, step
+        assert rebuilt.path_values() == once.path_values(), (step, cfg)
+        assert once.path_values() == [path_rate * s for s in shares], step
+    if cfg["mode"] != "standard":  # a rebuild at rate 0 ran
+        assert any(tech.rates(k, total)[1] == 0 for k in range(total))
+
+
+def test_a_new_model_is_a_new_first_build():
+    tech = DropoutSchedule(DropoutConfig(mode="standard", rate=0.2, target="both"))
+    first, second = EverySite(), EverySite(rate=0.3)
+    tech.configure(_setup(first))
+    tech.configure(_setup(second))  # another model object: its own sites and shares
+    tech.apply(0, 4)
+    assert second.dropout_values() == [0.2] * 3 and second.drop_path == 0.2 * (0.3 / 4) / 0.3
+    assert first.dropout_values() == [0.1] * 3  # the first model is no longer written
