@@ -1,6 +1,8 @@
 """Dropout schedules: the rate *inside the model* at chosen steps, for every mode and schedule,
 on HF LLaMA (attention-dropout floats), GPT-2 (nn.Dropout) and the builtin ViT (Dropout +
-DropPath), across a resume, plus the rate-0 model error and `regimen plan`."""
+DropPath), across a resume and across engine rebuilds (every site kind keeps its site and
+drop-path share; LISA's real rebuilds are in tests/integration/techniques/test_dropout_lisa.py),
+plus the rate-0 model error and `regimen plan`."""
 
 from __future__ import annotations
 
