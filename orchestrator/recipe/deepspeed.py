@@ -341,7 +341,7 @@ def _optimizer_problems(recipe: Recipe, block: dict[str, Any]) -> list[tuple[str
             (
                 "deepspeed.optimizer",
                 f"type is {kind!r} here but the recipe's `optimizer:` section says name: "
-                f"{recipe.optimizer.name} ({mine['type']}): write type: \"auto\", remove the "
+                f'{recipe.optimizer.name} ({mine["type"]}): write type: "auto", remove the '
                 "block, or make the two agree",
             )
         )
@@ -356,7 +356,7 @@ def _optimizer_problems(recipe: Recipe, block: dict[str, Any]) -> list[tuple[str
                     (
                         f"deepspeed.optimizer.params.{key}",
                         f"is {value!r} here but the recipe's optimizer.{theirs} is "
-                        f"{mine[theirs]!r}: write \"auto\" (Regimen builds the optimizer from "
+                        f'{mine[theirs]!r}: write "auto" (Regimen builds the optimizer from '
                         f"`optimizer:`), remove it, or set optimizer.{theirs} to the same value",
                     )
                 )

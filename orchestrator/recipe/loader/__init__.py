@@ -5,8 +5,9 @@ collected and raised together as one :class:`RecipeError`, each as
 ``FILE:LINE: dotted.key: what is wrong and how to fix it``.
 
 The steps live in their own modules: :mod:`.yaml_source` (bounded, line-mapped safe YAML),
-:mod:`.extends`, :mod:`.ds_file` (`deepspeed: PATH`), :mod:`.overrides` and :mod:`.validate` (schema, sweeps, cross-checks), all
-reporting into one :class:`~.problems.Problems`. This module holds the entry points.
+:mod:`.extends`, :mod:`.ds_file` (`deepspeed: PATH`), :mod:`.overrides` and
+:mod:`.validate` (schema, sweeps, cross-checks), all reporting into one
+:class:`~.problems.Problems`. This module holds the entry points.
 """
 
 from __future__ import annotations
