@@ -248,7 +248,7 @@ def resolved_autos(recipe: Recipe) -> dict[str, Any]:
         if node != AUTO:
             continue
         if parts[0] == "optimizer":
-            out[key] = optimizer.get(parts[-1]) if parts[1] == "type" else optimizer[parts[-1]]
+            out[key] = optimizer[parts[-1]]
         else:
             node = resolved
             for part in ["bf16", *parts[1:]] if parts[0] == "bfloat16" else parts:

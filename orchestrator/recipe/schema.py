@@ -135,4 +135,9 @@ class Recipe(Section):
     @property
     def zero_stage(self) -> int:
         """The ZeRO stage the DeepSpeed section asks for (0 when absent)."""
-        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+        zero = self.deepspeed.get("zero_optimization")
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+        try:
+            return int(stage)
+        except (TypeError, ValueError):  # "auto" or another invalid stage: already reported
+            return 0
