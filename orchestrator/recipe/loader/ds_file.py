@@ -34,7 +34,7 @@ def inline_deepspeed_file(
     if why is not None:
         problems.add("deepspeed", why, file, line)
         return False
-    config, lines = read_yaml(target, problems)
+    config, lines = read_yaml(target, problems, "DeepSpeed config")
     if config is None:
         return False
     data["deepspeed"] = config

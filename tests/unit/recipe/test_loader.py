@@ -463,3 +463,16 @@ def test_deepspeed_path_cannot_escape_through_a_symlink(
     (problem,) = info.value.problems
     assert problem.key == "deepspeed" and problem.line == 4
     assert "outside the recipe's directory" in problem.message
+
+
+def test_deepspeed_file_must_hold_a_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ds.json").write_text('[\n  {"stage": 2}\n]\n')
+    (tmp_path / "r.yaml").write_text(DS_RECIPE + "deepspeed: ds.json\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "r.yaml")
+    (problem,) = info.value.problems
+    assert problem.file == str(tmp_path / "ds.json") and problem.line == 1
+    assert "DeepSpeed config must be a mapping" in problem.message
