@@ -141,14 +141,8 @@ FLOPS_PROFILER_KEYS = frozenset(
 )  # fmt: skip
 COMMS_LOGGER_KEYS = frozenset({"debug", "enabled", "prof_all", "prof_ops", "verbose"})
 # Regimen builds the optimizer from the recipe's `optimizer:` section; a DeepSpeed block
-# may only restate it. Each param maps to the recipe key it must agree with.
-OPTIMIZER_PARAMS = {
-    "lr": "lr",
-    "betas": "betas",
-    "eps": "eps",
-    "weight_decay": "weight_decay",
-    "momentum": "momentum",
-}
+# may only restate it: these params, each agreeing with the recipe key of the same name.
+OPTIMIZER_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "momentum"})
 # The keys checked one by one, per section (dotted below `deepspeed.`); sections not
 # listed here (aio, pipeline, monitors, ...) are passed to DeepSpeed as written.
 SECTION_KEYS: dict[str, frozenset[str]] = {
@@ -163,7 +157,7 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
     "flops_profiler": FLOPS_PROFILER_KEYS,
     "comms_logger": COMMS_LOGGER_KEYS,
     "optimizer": frozenset({"type", "params"}),
-    "optimizer.params": frozenset(OPTIMIZER_PARAMS),
+    "optimizer.params": OPTIMIZER_PARAMS,
 }
 # `"auto"` for a ZeRO size means DeepSpeed's default (DeepSpeedZeroConfig, deepspeed 0.19).
 ZERO_AUTO_DEFAULTS: dict[str, int] = {
@@ -191,7 +185,7 @@ AUTO_KEYS = frozenset(
         "bfloat16.enabled",
         "fp16.enabled",
         "optimizer.type",
-        *(f"optimizer.params.{k}" for k in OPTIMIZER_PARAMS),
+        *(f"optimizer.params.{k}" for k in sorted(OPTIMIZER_PARAMS)),
         *(f"zero_optimization.{k}" for k in ZERO_AUTO_DEFAULTS),
     }
 )
@@ -350,14 +344,13 @@ def _optimizer_problems(recipe: Recipe, block: dict[str, Any]) -> list[tuple[str
         for key, value in params.items():
             if key not in OPTIMIZER_PARAMS or value == AUTO:
                 continue
-            theirs = OPTIMIZER_PARAMS[key]
-            if not _agrees(value, mine[theirs]):
+            if not _agrees(value, mine[key]):
                 problems.append(
                     (
                         f"deepspeed.optimizer.params.{key}",
-                        f"is {value!r} here but the recipe's optimizer.{theirs} is "
-                        f'{mine[theirs]!r}: write "auto" (Regimen builds the optimizer from '
-                        f"`optimizer:`), remove it, or set optimizer.{theirs} to the same value",
+                        f"is {value!r} here but the recipe's optimizer.{key} is "
+                        f'{mine[key]!r}: write "auto" (Regimen builds the optimizer from '
+                        f"`optimizer:`), remove it, or set optimizer.{key} to the same value",
                     )
                 )
     return problems
