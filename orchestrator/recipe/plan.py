@@ -7,6 +7,7 @@ from typing import Any
 from rich.markup import escape
 
 from orchestrator.recipe.catalog import enabled
+from orchestrator.recipe.deepspeed import resolved_autos, resolved_config
 from orchestrator.recipe.expand import Variant
 
 MAX_LISTED_CHECKPOINTS = 1000
@@ -23,7 +24,9 @@ def checkpoint_steps(steps: int, every: int, at_end: bool, limit: int) -> tuple[
 
 
 def plan_of(variant: Variant) -> dict[str, Any]:
-    """A JSON-able description of one variant's run: batches, checkpoints, techniques, user code.
+    """A JSON-able description of one variant's run: batches, checkpoints, techniques, user code,
+    and the DeepSpeed config it runs with (``deepspeed``; each `"auto"` resolved in
+    ``deepspeed_auto``).
 
     ``checkpoints`` lists at most 1,000 steps; ``checkpoint_count`` is the full number.
     """
@@ -53,6 +56,8 @@ def plan_of(variant: Variant) -> dict[str, Any]:
         "checkpoint_count": count,
         "techniques": techniques,
         "user_code": user_code,
+        "deepspeed": resolved_config(r),
+        "deepspeed_auto": resolved_autos(r),
     }
 
 
@@ -75,6 +80,9 @@ def render_plan(plan: dict[str, Any]) -> str:
         text = ", ".join(f"{k}={_short(v)}" for k, v in info.items() if k not in listed)
         lines.append(f"  {name}: " + escape(text))
         lines += [f"    {escape(str(item))}" for items in listed.values() for item in items]
+    if autos := plan.get("deepspeed_auto"):
+        resolved = ", ".join(f"{k}={_short(v)}" for k, v in autos.items())
+        lines.append('  deepspeed "auto": ' + escape(resolved))
     for ref in plan["user_code"]:
         lines.append(f"  [yellow]runs user code[/] {escape(ref)}")
     return "\n".join(lines)

@@ -250,6 +250,37 @@ default, constraints and meaning; unknown keys are errors at every level.
   UTF-8, at most 1 MB per file, 100,000 values and 64 levels of nesting (anchor and
   alias bombs stop there), no duplicate keys, no `inf`/`nan` numbers.
 
+## DeepSpeed settings
+
+`deepspeed:` holds native DeepSpeed config keys, merged under what Regimen derives from
+the recipe. Every key at every level Regimen checks (the top level, `zero_optimization`
+with `offload_optimizer` / `offload_param`, `bf16`, `fp16`, `activation_checkpointing`,
+`flops_profiler`, `comms_logger`, `optimizer`) must be one DeepSpeed accepts: a typo such
+as `zreo_optimization:` is an error with a did-you-mean, never a silent ZeRO-0 run.
+ZeRO stages 0, 1 and 2 are supported.
+
+- **`deepspeed: ds_config.json`** (or `.yaml`) reads the config from a file, relative to
+  the file that names it; like `extends`, it must stay inside the recipe's directory or the
+  working directory. Problems inside it are reported at its own lines
+  (`ds_config.json:4: deepspeed.zero_optimization.reduce_bucket_sise: ...`). A config
+  pasted inline works too: JSON is YAML.
+- **`"auto"`**, as in HF Trainer / Accelerate / Axolotl configs, means what the recipe
+  says: `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps`
+  (from `schedule:` and `resources.workers`), `gradient_clipping` (`optimizer.grad_clip`),
+  `bf16.enabled` / `fp16.enabled` (`precision`), and the `optimizer.params` `lr`, `betas`,
+  `eps`, `weight_decay`, `momentum` (`optimizer:`). For ZeRO sizes (`reduce_bucket_size`,
+  `allgather_bucket_size`, `stage3_prefetch_bucket_size`,
+  `stage3_param_persistence_threshold`, ...) it means DeepSpeed's default. `"auto"`
+  anywhere else is an error. `regimen plan` shows every `"auto"` resolved
+  (`plan --json` gives the whole DeepSpeed config under `deepspeed`).
+- **Regimen owns** batch sizes, clipping, precision and the optimizer. A value that
+  disagrees with the recipe is an error naming both values and the fix. An `optimizer:`
+  block is accepted when its `type` and each param are `"auto"` or agree with the
+  recipe's `optimizer:` section (Regimen then builds that optimizer itself); a
+  `scheduler:` block is refused (the LR schedule is `techniques.warmup`).
+- `recipes/hf_style_zero2.yaml` (by path, `recipes/ds/zero2_auto.json`) and
+  `recipes/hf_style_zero1.yaml` (inline) are such configs, used as they are.
+
 ## Errors
 
 Every problem is reported at once, one a line, on stderr, and `regimen` exits with 2:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, create_model
+from pydantic import ConfigDict, Field, create_model
 
 from orchestrator.recipe.catalog import CATALOG
 from orchestrator.recipe.sections import (
@@ -72,8 +72,38 @@ def _techniques_model() -> type[Section]:
 TechniquesConfig = _techniques_model()
 
 
+def _file_keys(schema: dict[str, Any]) -> None:
+    """What a recipe *file* may say beyond the model: `extends`, and `deepspeed: PATH`.
+
+    The loader resolves both before validation (the model never sees them), but editors
+    validate the file itself against `regimen schema`.
+    """
+    props = schema.setdefault("properties", {})
+    props["extends"] = {
+        "type": "string",
+        "title": "Extends",
+        "description": "A base recipe (path relative to this file, inside its directory or "
+        "the working directory) that this recipe is deep-merged over.",
+    }
+    ds = props.get("deepspeed", {})
+    props["deepspeed"] = {
+        "title": ds.get("title", "Deepspeed"),
+        "description": ds.get("description", ""),
+        "default": ds.get("default", {}),
+        "anyOf": [
+            {"type": "object", "additionalProperties": True},
+            {
+                "type": "string",
+                "description": "A DeepSpeed JSON or YAML config file, relative to this recipe.",
+            },
+        ],
+    }
+
+
 class Recipe(Section):
     """A whole training regime. Load one with :func:`orchestrator.recipe.load_recipe`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_file_keys)
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)
     description: str = ""
@@ -89,7 +119,8 @@ class Recipe(Section):
     continual: ContinualConfig | None = None
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
-        description="Native DeepSpeed config keys, merged with what Regimen derives.",
+        description="Native DeepSpeed config keys (inline, or the path of a JSON/YAML file), "
+        'merged with what Regimen derives; "auto" means what the recipe says.',
     )
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -104,4 +135,9 @@ class Recipe(Section):
     @property
     def zero_stage(self) -> int:
         """The ZeRO stage the DeepSpeed section asks for (0 when absent)."""
-        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+        zero = self.deepspeed.get("zero_optimization")
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+        try:
+            return int(stage)
+        except (TypeError, ValueError):  # "auto" or another invalid stage: already reported
+            return 0

@@ -5,8 +5,9 @@ collected and raised together as one :class:`RecipeError`, each as
 ``FILE:LINE: dotted.key: what is wrong and how to fix it``.
 
 The steps live in their own modules: :mod:`.yaml_source` (bounded, line-mapped safe YAML),
-:mod:`.extends`, :mod:`.overrides` and :mod:`.validate` (schema, sweeps, cross-checks), all
-reporting into one :class:`~.problems.Problems`. This module holds the entry points.
+:mod:`.extends`, :mod:`.ds_file` (`deepspeed: PATH`), :mod:`.overrides` and
+:mod:`.validate` (schema, sweeps, cross-checks), all reporting into one
+:class:`~.problems.Problems`. This module holds the entry points.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.recipe.loader.ds_file import inline_deepspeed_file
 from orchestrator.recipe.loader.extends import MAX_EXTENDS_DEPTH, resolve_extends
 from orchestrator.recipe.loader.overrides import OVERRIDE_FILE, apply_overrides, parse_override
 from orchestrator.recipe.loader.problems import Problems
@@ -78,7 +80,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     data = resolve_extends(path, problems, roots)
     if data is None:
         raise problems.error()
+    if not inline_deepspeed_file(data, problems, roots):  # `deepspeed: PATH`
+        raise problems.error()
     apply_overrides(data, overrides, problems)
+    if not inline_deepspeed_file(data, problems, roots):  # `deepspeed=PATH` overridden
+        raise problems.error()
     recipe = validate_data(data, problems)
     if recipe is None:
         raise problems.error()

@@ -16,6 +16,31 @@ from orchestrator.recipe.loader.yaml_source import read_yaml
 MAX_EXTENDS_DEPTH = 8
 
 
+def contained_file(
+    directory: Path, name: str, roots: tuple[Path, ...], what: str
+) -> tuple[Path, str | None]:
+    """``name`` resolved against ``directory`` (links followed), and why it cannot be read.
+
+    The file must lie inside one of ``roots`` (the recipe's directory, the working
+    directory), be a file and exist; the reason (None when all is well) names the fix.
+    Used by `extends` and by `deepspeed: PATH`.
+    """
+    target = (directory / name).resolve()
+    if not any(target.is_relative_to(root) for root in roots):
+        return target, (
+            f"'{name}' resolves to {target}, outside the recipe's directory and the working "
+            f"directory: copy the {what} beside this recipe and use a relative path"
+        )
+    if target.is_dir():
+        return target, f"'{name}' is a directory: give a {what} file"
+    if not target.exists():
+        return target, (
+            f"{what} '{name}' not found (looked for {target}): fix the path; it is relative "
+            "to the file that names it"
+        )
+    return target, None
+
+
 def _drop_replaced(
     base_lines: dict[str, tuple[str, int]],
     child: dict[str, Any],
@@ -57,14 +82,9 @@ def resolve_extends(
             *where,
         )
         return None
-    target = (path.parent / parent).resolve()
-    if not any(target.is_relative_to(root) for root in roots):
-        problems.add(
-            "extends",
-            f"'{parent}' resolves to {target}, outside the recipe's directory and the working "
-            "directory: copy the base recipe beside this one and use a relative path",
-            *where,
-        )
+    target, why = contained_file(path.parent, parent, roots, "base recipe")
+    if why is not None and "outside" in why:
+        problems.add("extends", why, *where)
         return None
     if target in chain:
         loop = " -> ".join(p.name for p in (*chain, target))
@@ -79,16 +99,8 @@ def resolve_extends(
             *where,
         )
         return None
-    if target.is_dir():
-        problems.add("extends", f"'{parent}' is a directory: give a recipe file", *where)
-        return None
-    if not target.exists():
-        problems.add(
-            "extends",
-            f"base recipe '{parent}' not found (looked for {target}): fix the path; it is "
-            "relative to this file",
-            *where,
-        )
+    if why is not None:
+        problems.add("extends", why, *where)
         return None
     base = resolve_extends(target, problems, roots, chain)
     if base is None:

@@ -219,11 +219,12 @@ def _too_deep_tokens(text: str) -> int | None:
 
 
 def parse(
-    text: str, file: str, problems: Problems, *, recipe: bool = True
+    text: str, file: str, problems: Problems, *, recipe: bool = True, what: str = "recipe"
 ) -> tuple[Any, dict[str, tuple[str, int]]]:
     """Parse YAML safely: bounded and line-mapped; a recipe must be a mapping at the top.
 
-    With ``recipe=False`` any single value is accepted (an override's value).
+    With ``recipe=False`` any single value is accepted (an override's value); ``what``
+    names a mapping that is not a recipe (a DeepSpeed config file) in those two problems.
     """
     if (deep := _too_deep(text)) is not None:  # before composing: libyaml's composer recurses
         why = f"nested deeper than {MAX_DEPTH} levels: flatten the structure"
@@ -234,7 +235,8 @@ def parse(
     try:
         root = loader.get_single_node()
         if root is None and recipe:
-            problems.add("", "recipe is empty: start from recipes/quickstart.yaml", file, 1)
+            empty = "start from recipes/quickstart.yaml" if what == "recipe" else "write its keys"
+            problems.add("", f"{what} is empty: {empty}", file, 1)
             return None, {}
         if root is None:
             return None, {}
@@ -243,7 +245,10 @@ def parse(
             problems.add(
                 "",
                 f"a recipe must be a mapping of sections, not {kind}: write `name: ...`, "
-                "`schedule: ...` as top-level keys",
+                "`schedule: ...` as top-level keys"
+                if what == "recipe"
+                else f"a {what} must be a mapping of keys, not {kind}: write its keys at the "
+                "top level",
                 file,
                 root.start_mark.line + 1,
             )
@@ -275,7 +280,7 @@ def parse(
 
 
 def read_yaml(
-    path: Path, problems: Problems
+    path: Path, problems: Problems, what: str = "recipe"
 ) -> tuple[dict[str, Any] | None, dict[str, tuple[str, int]]]:
     """Read and parse one recipe file."""
     name = str(path)
@@ -307,4 +312,4 @@ def read_yaml(
             "", f"byte {raw[exc.start]:#04x} is not valid UTF-8: save the file as UTF-8", name, line
         )
         return None, {}
-    return parse(text.removeprefix("\ufeff"), name, problems)
+    return parse(text.removeprefix("\ufeff"), name, problems, what=what)

@@ -158,12 +158,13 @@ def test_a_bad_value_is_reported_with_its_variant_and_line(tmp_path: Path) -> No
 def test_a_value_that_breaks_every_variant_is_said_once(tmp_path: Path) -> None:
     path = recipe(
         tmp_path,
-        "sweep:\n  grid:\n    deepspeed.optimizer: [{type: Adam}]\n    seed: [1, 2, 3]\n",
+        # (a DeepSpeed scheduler block: an agreeing optimizer block is accepted now)
+        "sweep:\n  grid:\n    deepspeed.scheduler: [{type: WarmupLR}]\n    seed: [1, 2, 3]\n",
     )
     with pytest.raises(RecipeError) as info:
         expand(load_recipe(path))
     (problem,) = info.value.problems
-    assert (problem.key, problem.line) == ("deepspeed.optimizer", BASE.count("\n") + 3)
+    assert (problem.key, problem.line) == ("deepspeed.scheduler", BASE.count("\n") + 3)
     assert problem.message.startswith("in every variant (3): Regimen owns this block")
 
 

@@ -411,3 +411,68 @@ def test_deep_nesting_is_reported_the_same_at_any_depth(
     (problem,) = problems_of(path)
     assert "nested deeper than 64 levels" in problem.message, problem.message
     assert problem.line == line
+
+
+# ---- deepspeed: PATH ------------------------------------------------------------------------
+
+DS_RECIPE = "name: ds\nschedule: {steps: 4}\nresources: {workers: 1}\n"
+
+
+def test_deepspeed_path_is_relative_to_the_file_that_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "ds.json").write_text(
+        '{\n  "zero_optimization": {"stage": 2},\n  "gradient_clipping": "auto"\n}\n'
+    )
+    (tmp_path / "base" / "base.yaml").write_text(DS_RECIPE + "deepspeed: ds.json\n")
+    (tmp_path / "child.yaml").write_text("extends: base/base.yaml\nname: child\n")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(tmp_path / "child.yaml")
+    assert loaded.recipe.zero_stage == 2
+    assert loaded.lines["deepspeed.zero_optimization"] == (str(tmp_path / "base/ds.json"), 2)
+    assert "ds.json" not in loaded.yaml_text  # workers get the config, not the path
+
+
+def test_deepspeed_path_from_an_override_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "r.yaml").write_text(DS_RECIPE)
+    (tmp_path / "z1.yaml").write_text("zero_optimization:\n  stage: 1\n  overlap_com: true\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "r.yaml", ["deepspeed=z1.yaml"])
+    (problem,) = info.value.problems
+    assert (problem.file, problem.line) == (str(tmp_path / "z1.yaml"), 3)
+    assert "did you mean 'overlap_comm'" in problem.message
+
+
+def test_deepspeed_path_cannot_escape_through_a_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ds.json").write_text('{"zero_optimization": {"stage": 1}}')
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "ds.json").symlink_to(outside / "ds.json")
+    (work / "r.yaml").write_text(DS_RECIPE + "deepspeed: ds.json\n")
+    monkeypatch.chdir(work)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(work / "r.yaml")
+    (problem,) = info.value.problems
+    assert problem.key == "deepspeed" and problem.line == 4
+    assert "outside the recipe's directory" in problem.message
+
+
+def test_deepspeed_file_must_hold_a_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ds.json").write_text('[\n  {"stage": 2}\n]\n')
+    (tmp_path / "r.yaml").write_text(DS_RECIPE + "deepspeed: ds.json\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "r.yaml")
+    (problem,) = info.value.problems
+    assert problem.file == str(tmp_path / "ds.json") and problem.line == 1
+    assert "DeepSpeed config must be a mapping" in problem.message

@@ -110,3 +110,23 @@ def test_plan_of_a_sweep_shows_assignments(tmp_path: Path) -> None:
     assert [p["variant"] for p in plans] == ["tiny-lr_0.001-steps_10", "tiny-lr_0.002-steps_30"]
     assert plans[1]["checkpoints"] == [10, 20, 30]
     assert "sweep: optimizer.lr=0.002, schedule.steps=30" in render_plan(plans[1])
+
+
+def test_plan_shows_deepspeed_auto_resolved(capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(REPO / "recipes" / "hf_style_zero2.yaml")
+    with pytest.raises(SystemExit) as info:
+        main(["plan", recipe])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert 'deepspeed "auto":' in text
+    assert "train_micro_batch_size_per_gpu=4" in text and "gradient_clipping=0.5" in text
+    assert "zero_optimization.reduce_bucket_size=500000000" in text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["plan", recipe, "--json"])
+    (only,) = json.loads(out.getvalue())["variants"]
+    ds = only["deepspeed"]
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
+    assert "auto" not in json.dumps(ds)
+    assert only["deepspeed_auto"]["optimizer.params.lr"] == 3e-3
