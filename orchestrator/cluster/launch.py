@@ -93,7 +93,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     from orchestrator.engine.loop import WorkerContext, train
     from orchestrator.recipe.loader import load_recipe_text
-    from orchestrator.recipe.secrets import resolve_env_refs
+    from orchestrator.envrefs import resolve_env_refs
 
     context = ray.train.get_context()
     # ${env:NAME} references resolve here, from this worker's environment

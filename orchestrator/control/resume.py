@@ -76,7 +76,7 @@ def recipe_to_continue(text: str, run_id: str) -> Recipe:
     import yaml
 
     from orchestrator.recipe.loader import MAX_FILE_BYTES, load_recipe_text
-    from orchestrator.recipe.secrets import keys_holding
+    from orchestrator.envrefs import keys_holding
     from orchestrator.tracking.redact import MASK
 
     name = f"{run_id}/recipe.yaml"

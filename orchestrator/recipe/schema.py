@@ -106,7 +106,7 @@ class Recipe(Section):
         """The ZeRO stage the DeepSpeed section asks for (0 when absent)."""
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
-    # ``${env:NAME}`` references the recipe was written with (orchestrator.recipe.secrets):
+    # ``${env:NAME}`` references the recipe was written with (orchestrator.envrefs):
     # the fields hold the resolved values, what is stored and shipped holds these.
     _env_refs: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
 

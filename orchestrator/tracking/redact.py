@@ -7,7 +7,7 @@ or when it contains the value of a secret-looking environment variable (for
 example ``RAY_AUTH_TOKEN`` or ``HF_TOKEN``) or of a variable a recipe's ``${env:NAME}``
 reference resolved: such values are replaced by :data:`MASK` wherever they appear.
 A reference itself (``token: ${env:HF_TOKEN}``) holds no secret and is kept, so that
-resume can resolve it again (:mod:`orchestrator.recipe.secrets`).
+resume can resolve it again (:mod:`orchestrator.envrefs`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.recipe.secrets import is_reference, resolved_values
+from orchestrator.envrefs import is_reference, resolved_values
 
 MASK = "***"
 

@@ -69,7 +69,7 @@ class LoadedRecipe:
 def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain data with every default filled in and its ``${env:NAME}``
     references in place of their values (what may be stored, logged or shipped)."""
-    from orchestrator.recipe.secrets import restore_refs
+    from orchestrator.envrefs import restore_refs
 
     data: dict[str, Any] = restore_refs(recipe.model_dump(mode="json"), recipe.env_refs)
     return data

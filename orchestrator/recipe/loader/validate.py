@@ -132,7 +132,7 @@ def validate_data(
     the recipe was scanned when it was loaded); by default the whole recipe is scanned.
     """
     from orchestrator.recipe.reference import explain, key_of
-    from orchestrator.recipe.secrets import resolve_pinned
+    from orchestrator.envrefs import resolve_pinned
 
     data, refs = resolve_pinned(data, problems.add)  # ${env:NAME}: values from this process
     swept = _sweep_problems(data, problems)

@@ -7,6 +7,10 @@ references from that process's environment; a variable that is not set is a prob
 key's line. What is stored or shipped (MLflow's ``recipe.yaml``, params and tags, the YAML
 the workers receive, a submitted job's ``recipe.yaml``) is the recipe with the references
 put back (:func:`restore_refs`), never the values.
+
+A ground helper: the recipe loader resolves references, tracking's redaction keeps them
+(a reference hides nothing) and scrubs the values they resolved to, resume resolves them
+again.
 """
 
 from __future__ import annotations

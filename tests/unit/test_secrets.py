@@ -16,7 +16,7 @@ from orchestrator.control.resume import recipe_to_continue
 from orchestrator.errors import RecipeError, UsageError
 from orchestrator.recipe.jobspec import JobSpec
 from orchestrator.recipe.loader import load_recipe, load_recipe_text
-from orchestrator.recipe.secrets import (
+from orchestrator.envrefs import (
     references,
     resolve_env_refs,
     resolve_pinned,
