@@ -92,8 +92,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     import ray.train
 
     from orchestrator.engine.loop import WorkerContext, train
-    from orchestrator.recipe.loader import load_recipe_text
     from orchestrator.envrefs import resolve_env_refs
+    from orchestrator.recipe.loader import load_recipe_text
 
     context = ray.train.get_context()
     # ${env:NAME} references resolve here, from this worker's environment

@@ -75,8 +75,8 @@ def recipe_to_continue(text: str, run_id: str) -> Recipe:
     """
     import yaml
 
-    from orchestrator.recipe.loader import MAX_FILE_BYTES, load_recipe_text
     from orchestrator.envrefs import keys_holding
+    from orchestrator.recipe.loader import MAX_FILE_BYTES, load_recipe_text
     from orchestrator.tracking.redact import MASK
 
     name = f"{run_id}/recipe.yaml"

@@ -113,9 +113,11 @@ def redact_string(text: str, env_values: list[str] | None = None) -> str:
         lambda m: m.group(0) if is_reference(m.group("pw")) else f"{m.group('head')}{MASK}@", text
     )
     text = _QUERY_PARAM.sub(
-        lambda m: m.group("head") + MASK
-        if is_secret_key(m.group("name")) and not is_reference(m.group("value"))
-        else m.group(0),
+        lambda m: (
+            m.group("head") + MASK
+            if is_secret_key(m.group("name")) and not is_reference(m.group("value"))
+            else m.group(0)
+        ),
         text,
     )
     for value in secret_env_values() if env_values is None else env_values:
@@ -128,8 +130,8 @@ def redact(obj: Any, *, _env: list[str] | None = None) -> Any:
     """A deep copy of ``obj`` (dicts, lists, tuples, scalars) with every secret replaced by "***".
 
     Values under secret-looking keys are masked whole (even nested dicts), except
-    ``None``, "" and ``${env:NAME}`` references, which hide nothing, are kept. Other strings are scrubbed
-    with :func:`redact_string`. Tuples come back as lists.
+    ``None``, "" and ``${env:NAME}`` references, which hide nothing, are kept. Other
+    strings are scrubbed with :func:`redact_string`. Tuples come back as lists.
     """
     env = secret_env_values() if _env is None else _env
     if isinstance(obj, Mapping):

@@ -9,20 +9,21 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TINY_RECIPE
 
+from conftest import TINY_RECIPE
 from orchestrator.control.controller import open_job_run
 from orchestrator.control.resume import recipe_to_continue
-from orchestrator.errors import RecipeError, UsageError
-from orchestrator.recipe.jobspec import JobSpec
-from orchestrator.recipe.loader import load_recipe, load_recipe_text
 from orchestrator.envrefs import (
     references,
     resolve_env_refs,
     resolve_pinned,
     restore_refs,
 )
+from orchestrator.errors import RecipeError, UsageError
+from orchestrator.recipe.jobspec import JobSpec
+from orchestrator.recipe.loader import load_recipe, load_recipe_text
 from orchestrator.tracking.client import mlflow_client
+from orchestrator.tracking.redact import MASK, redact, redact_string
 from orchestrator.tracking.runs import open_run, read_recipe_yaml
 
 TOKEN = "tok-VALUE-3f9a1c7e5b2d"  # MY_TOKEN: a secret-looking name under a secret key
@@ -175,3 +176,20 @@ def test_resume_refuses_a_masked_value(
     assert f"tracking.tags.{key}" in message
     assert "'***'" in message
     assert f"`{key}: ${{env:NAME}}`" in message and "export NAME=" in message
+
+
+def test_redaction_keeps_references_and_scrubs_what_they_resolved_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert redact({"token": "${env:MY_TOKEN}", "password": "x-${env:P}"}) == {
+        "token": "${env:MY_TOKEN}",  # a reference hides nothing: resume needs it
+        "password": MASK,  # text around it may be a secret
+    }
+    assert redact_string(ENDPOINT) == ENDPOINT
+    assert redact_string("https://h/x?access_token=${env:T}") == "https://h/x?access_token=${env:T}"
+    assert redact_string("https://me:pw-in-the-clear@h/x") == f"https://me:{MASK}@h/x"
+    value = "plain-VALUE-5e6f7a8b9c"
+    monkeypatch.setenv("REDACT_TEST_PLAIN", value)  # a name that does not look secret
+    assert value in redact_string(f"connect with {value}")
+    resolve_env_refs({"model": {"config": {"endpoint": "h://me:${env:REDACT_TEST_PLAIN}@h"}}})
+    assert redact_string(f"connect with {value}") == f"connect with {MASK}"

@@ -131,8 +131,8 @@ def validate_data(
     ``scan`` limits the inf/nan scan to those dotted keys (a sweep variant: the rest of
     the recipe was scanned when it was loaded); by default the whole recipe is scanned.
     """
-    from orchestrator.recipe.reference import explain, key_of
     from orchestrator.envrefs import resolve_pinned
+    from orchestrator.recipe.reference import explain, key_of
 
     data, refs = resolve_pinned(data, problems.add)  # ${env:NAME}: values from this process
     swept = _sweep_problems(data, problems)
