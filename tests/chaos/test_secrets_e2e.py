@@ -69,3 +69,38 @@ def test_secrets_never_reach_mlflow_or_logs(tmp_path: Path) -> None:
     assert run.data.tags["api_token"] == "***" and run.data.tags["team"] == "vision"
     assert run.data.params["deepspeed.db_password"] == "***"
     assert "***" in run.data.params["description"]
+
+
+REF_VALUE = "ref-value-Px4Ty8Mn2Qw6"  # its name does not look secret: only the reference hides it
+
+
+def test_env_references_resolve_on_workers_and_never_reach_mlflow_or_logs(tmp_path: Path) -> None:
+    """``${env:NAME}`` in a recipe: the run trains (each worker resolved the reference from
+    its own environment, or its recipe would not validate), and the value appears nowhere."""
+    recipe = mlp_recipe(
+        steps=3,
+        every=3,
+        tracking={
+            "tags": {"api_token": "${env:E2E_PLAIN_VALUE}", "team": "${env:E2E_PLAIN_VALUE}"}
+        },
+        deepspeed={"db_password": "${env:E2E_PLAIN_VALUE}"},
+    )
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    env = {"E2E_PLAIN_VALUE": REF_VALUE, "REGIMEN_WORKER_LOGS": "1"}
+    proc = regimen(tmp_path, "run", str(path), "--json", env=env)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "FINISHED"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(summary["run_id"])
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "art")))
+    texts = [out, err, repr(run.data.params), repr(run.data.tags)]
+    texts += [p.read_text(errors="replace") for p in artifacts.rglob("*") if p.is_file()]
+    texts.append((tmp_path / "mlflow.db").read_bytes().decode("latin-1"))
+    assert not [t for t in texts if REF_VALUE in t]
+    assert run.data.tags["team"] == run.data.tags["api_token"] == "${env:E2E_PLAIN_VALUE}"
+    assert run.data.params["deepspeed.db_password"] == "${env:E2E_PLAIN_VALUE}"
+    # the worker's DeepSpeed config (logged by rank 0) held the resolved value, masked by its key
+    ds_config = json.loads((artifacts / "ds_config.json").read_text())
+    assert ds_config["db_password"] == "***"

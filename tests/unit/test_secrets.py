@@ -193,3 +193,20 @@ def test_redaction_keeps_references_and_scrubs_what_they_resolved_to(
     assert value in redact_string(f"connect with {value}")
     resolve_env_refs({"model": {"config": {"endpoint": "h://me:${env:REDACT_TEST_PLAIN}@h"}}})
     assert redact_string(f"connect with {value}") == f"connect with {MASK}"
+
+
+def test_a_submitted_job_ships_the_reference(
+    tmp_path: Path, mlflow_uri: str, secret_env: None
+) -> None:
+    """`regimen submit` stages the recipe for the Ray job (and KubeRay's ConfigMap): its
+    text and the job's runtime_env (Ray job metadata) hold the reference, not the value."""
+    from orchestrator.cluster.jobs import prepare
+    from orchestrator.cluster.manifests import from_recipe_file
+
+    path = _write(tmp_path, mlflow_uri)
+    shipment, _, _ = prepare(path)
+    staged = (shipment.workdir / "recipe.yaml").read_text()
+    shipped = staged + repr(shipment.runtime_env) + shipment.entrypoint
+    shipped += from_recipe_file(str(path))
+    assert TOKEN not in shipped and PASSWORD not in shipped
+    assert "${env:MY_TOKEN}" in staged and ENDPOINT in staged
