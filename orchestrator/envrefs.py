@@ -15,7 +15,6 @@ again.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -106,7 +105,7 @@ def resolve_pinned(
             pinned[key] = (text, resolved)
         return resolved
 
-    return _walk(copy.deepcopy(data), "", visit), pinned
+    return _walk(data, "", visit), pinned
 
 
 def restore_refs(data: Any, pinned: Mapping[str, tuple[str, str]]) -> Any:
