@@ -25,11 +25,6 @@ ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 _resolved_names: set[str] = set()  # every variable a reference resolved in this process
 
 
-def ref(name: str) -> str:
-    """The reference to environment variable ``name``: ``${env:NAME}``."""
-    return f"${{env:{name}}}"
-
-
 def is_reference(text: str) -> bool:
     """True when ``text`` is made of references only (it holds no value itself)."""
     return bool(ENV_REF.search(text)) and not ENV_REF.sub("", text).strip()
