@@ -92,9 +92,11 @@ def _worker_entry(config: dict[str, Any]) -> None:
     import ray.train
 
     from orchestrator.engine.loop import WorkerContext, train
+    from orchestrator.envrefs import resolve_env_refs
     from orchestrator.recipe.loader import load_recipe_text
 
     context = ray.train.get_context()
+    # ${env:NAME} references resolve here, from this worker's environment
     recipe = load_recipe_text(config["recipe_yaml"], name="recipe.yaml")
     board = config.get("progress")
     last = [0.0]
@@ -109,7 +111,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
         run_dir=Path(config["run_dir"]),
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
-        tracking_uri=config.get("tracking_uri"),
+        tracking_uri=resolve_env_refs(config.get("tracking_uri")),
         run_id=config.get("run_id"),
         resume_step=config.get("resume_step"),
         on_progress=report,

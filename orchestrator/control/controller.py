@@ -58,6 +58,38 @@ def _root_cause(exc: BaseException) -> str:
     return (text[-1] if text else type(exc).__name__)[:2000]
 
 
+def open_job_run(spec: JobSpec) -> tuple[str, Path]:
+    """Open the job's MLflow run and create its run directory: (run id, run directory).
+
+    MLflow receives the recipe with its ``${env:NAME}`` references (artifact, params and
+    tags), never their values.
+    """
+    from orchestrator.tracking.record import driver_tags
+    from orchestrator.tracking.runs import open_run, set_tags
+
+    recipe, tracking = spec.recipe, spec.recipe.tracking
+    stored = spec.recipe_data
+    tags = {**stored["tracking"]["tags"], "regimen.variant": spec.name, **spec.tags}
+    tags.update(driver_tags())
+    run_id = open_run(
+        tracking.uri,
+        tracking.experiment,
+        tracking.run_name or spec.name,
+        recipe=stored,
+        recipe_yaml=spec.recipe_yaml,
+        tags=tags,
+        parent_run_id=spec.parent_run_id,
+    )
+    run_dir = RunDir(spec.run_dir(run_id)).create().root
+    storage_tags = {"regimen.run_dir": str(run_dir)}
+    if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
+        storage_tags["regimen.storage_uri"] = run_storage_uri(
+            recipe.checkpoint.storage, run_dir.name
+        )
+    set_tags(tracking.uri, run_id, storage_tags)
+    return run_id, run_dir
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -71,28 +103,11 @@ def run_job(
     the run KILLED and returns a KILLED result.
     """
     from orchestrator.cluster.launch import ProgressBoard, make_trainer
-    from orchestrator.tracking.record import DriverHeartbeat, driver_tags, log_checkpoints
-    from orchestrator.tracking.runs import end_run, log_summary, open_run, set_tags
+    from orchestrator.tracking.record import DriverHeartbeat, log_checkpoints
+    from orchestrator.tracking.runs import end_run, log_summary
 
     recipe, tracking = spec.recipe, spec.recipe.tracking
-    recipe_yaml = spec.recipe_yaml
-    tags = {**tracking.tags, "regimen.variant": spec.name, **spec.tags, **driver_tags()}
-    new_run_id = open_run(
-        tracking.uri,
-        tracking.experiment,
-        tracking.run_name or spec.name,
-        recipe=recipe.model_dump(mode="json"),
-        recipe_yaml=recipe_yaml,
-        tags=tags,
-        parent_run_id=spec.parent_run_id,
-    )
-    run_dir = RunDir(spec.run_dir(new_run_id)).create().root
-    storage_tags = {"regimen.run_dir": str(run_dir)}
-    if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
-        storage_tags["regimen.storage_uri"] = run_storage_uri(
-            recipe.checkpoint.storage, run_dir.name
-        )
-    set_tags(tracking.uri, new_run_id, storage_tags)
+    new_run_id, run_dir = open_job_run(spec)
     result = JobResult(variant=spec.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir))
     board = ProgressBoard.remote()  # type: ignore[attr-defined]
     trainer = make_trainer(recipe, spec.worker_config(run_dir, new_run_id), progress=board)

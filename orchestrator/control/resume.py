@@ -10,18 +10,25 @@ The lineage this writes (tags of the new run, counters of the root run) is defin
 :mod:`orchestrator.tracking.segments`, which also opens the in-place rollback segments of
 the workers. A stale RUNNING run (its driver was killed) is ended KILLED when resume touches
 it, with its open segment runs (the rule of :mod:`orchestrator.audit.reconcile`).
+
+The recipe to run again is the stored ``recipe.yaml`` (:func:`recipe_to_continue`): its
+``${env:NAME}`` secrets are resolved again from this environment, and a masked value
+(``***``, what redaction stored for a secret written in the clear) is refused, never used.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
 from orchestrator.rundir import RunDir, Segment
 from orchestrator.tracking import segments
 from orchestrator.tracking.client import mlflow_client
+
+if TYPE_CHECKING:
+    from orchestrator.recipe.schema import Recipe
 
 
 def _mark_stale(uri: str, run_id: str) -> bool:
@@ -58,6 +65,41 @@ def _abandon_after(run_dir: Path, step: int, label: str) -> list[str]:
     return moved
 
 
+def recipe_to_continue(text: str, run_id: str) -> Recipe:
+    """The recipe to resume ``run_id`` with, from its stored ``recipe.yaml`` ``text``.
+
+    ``${env:NAME}`` references are resolved from this process's environment (an unset
+    variable is a RecipeError naming key and variable). A key whose stored value holds the
+    redaction mask (the run wrote that secret in the clear, before references) stops resume
+    with a UsageError naming the key: the masked value is never used.
+    """
+    import yaml
+
+    from orchestrator.envrefs import keys_holding
+    from orchestrator.recipe.loader import MAX_FILE_BYTES, load_recipe_text
+    from orchestrator.tracking.redact import MASK
+
+    name = f"{run_id}/recipe.yaml"
+    data: Any = None
+    if len(text.encode("utf-8", "replace")) <= MAX_FILE_BYTES:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None  # load_recipe_text reports it, located
+    masked = keys_holding(data, MASK)
+    if masked:
+        key = masked[0]
+        leaf = key.rpartition(".")[2]
+        more = f" (and {', '.join(masked[1:])})" if len(masked) > 1 else ""
+        raise UsageError(
+            f"{name}: {key}{more}: the stored recipe holds the masked value {MASK!r} where a "
+            f"secret was written in the clear; resume never uses a masked value. Write it as a "
+            f"reference in the recipe (`{leaf}: ${{env:NAME}}`), export NAME=<the secret>, and "
+            "start the run again with `regimen run RECIPE`"
+        )
+    return load_recipe_text(text, name=name)
+
+
 def continue_run(
     run_id: str,
     *,
@@ -73,7 +115,6 @@ def continue_run(
     from orchestrator.engine.checkpoint import CheckpointStore
     from orchestrator.engine.remote import CheckpointMirror
     from orchestrator.recipe.jobspec import JobSpec
-    from orchestrator.recipe.loader import load_recipe_text
     from orchestrator.tracking.runs import read_recipe_yaml
 
     try:
@@ -84,7 +125,7 @@ def continue_run(
         ) from exc
     run_dir_tag = old.data.tags.get("regimen.run_dir")
     storage_uri = old.data.tags.get("regimen.storage_uri")
-    recipe = load_recipe_text(read_recipe_yaml(tracking_uri, run_id), name=f"{run_id}/recipe.yaml")
+    recipe = recipe_to_continue(read_recipe_yaml(tracking_uri, run_id), run_id)
     if run_dir_tag and Path(run_dir_tag).is_dir():
         run_dir = Path(run_dir_tag)
     elif storage_uri:  # another machine, or the cluster is gone: a fresh local working copy

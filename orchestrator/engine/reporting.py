@@ -58,13 +58,14 @@ class Reporter:
         restart, close the segments the dead worker left open."""
         if not self.tracked:
             return
+        from orchestrator.recipe.loader import recipe_dict
         from orchestrator.tracking.record import log_worker_record  # best effort, never raises
         from orchestrator.tracking.sink import MetricSink
 
         uri, run_id = self.tracking_uri or "", self.run_id or ""
         self.sink = MetricSink(uri, run_id, spool_dir=self.run_dir.spool)
         log_worker_record(
-            uri, run_id, recipe=recipe.model_dump(mode="json"), fingerprint=data.fingerprint,
+            uri, run_id, recipe=recipe_dict(recipe), fingerprint=data.fingerprint,
             description=data.description, ds_config=getattr(engine, "config", None),
             world_size=world_size, device=getattr(engine, "device", "cpu"),
         )  # fmt: skip

@@ -117,8 +117,19 @@ class JobSpec:
         return self.recipe.tracking.uri
 
     @property
+    def recipe_data(self) -> dict[str, Any]:
+        """The resolved recipe as plain data, secrets as their ``${env:NAME}`` references."""
+        from orchestrator.recipe.loader import recipe_dict
+
+        return recipe_dict(self.recipe)
+
+    @property
     def recipe_yaml(self) -> str:
-        """The resolved recipe as YAML: what MLflow stores and what the workers validate."""
+        """The resolved recipe as YAML: what MLflow stores and what the workers validate.
+
+        Secrets stay ``${env:NAME}`` references: each worker resolves them from its own
+        environment when it loads this text.
+        """
         from orchestrator.recipe.loader import dump_recipe
 
         return dump_recipe(self.recipe)
@@ -132,11 +143,12 @@ class JobSpec:
         return replace(self, tags={**self.tags, **tags})
 
     def worker_config(self, run_dir: Path, run_id: str) -> dict[str, Any]:
-        """What every worker receives: plain data, the recipe as YAML text."""
+        """What every worker receives: plain data, the recipe as YAML text (secrets as
+        ``${env:NAME}`` references, the tracking URI too)."""
         return {
             "recipe_yaml": self.recipe_yaml,
             "run_dir": str(run_dir),
-            "tracking_uri": self.tracking_uri,
+            "tracking_uri": self.recipe_data["tracking"]["uri"],
             "run_id": run_id,
             "resume_step": self.resume_step,
         }

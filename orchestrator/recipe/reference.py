@@ -249,6 +249,18 @@ default, constraints and meaning; unknown keys are errors at every level.
 - **Safety limits.** Plain YAML only (tags such as `!!python/object` are rejected),
   UTF-8, at most 1 MB per file, 100,000 values and 64 levels of nesting (anchor and
   alias bombs stop there), no duplicate keys, no `inf`/`nan` numbers.
+- **Secrets: `${env:NAME}`.** Write a secret as a reference to an environment variable,
+  alone (`tracking.tags.token: ${env:MY_TOKEN}`) or inside a string
+  (`tracking.uri: https://me:${env:MLFLOW_PW}@mlflow.example`). Every load resolves it from
+  that process's environment: the driver's (`regimen run`, `resume`, `rollback`, `submit`)
+  and each Ray worker's, which validates the recipe text it received. An unset variable is
+  an error at its line (`${env:MY_TOKEN} is not set: export MY_TOKEN=... before running`).
+  What MLflow stores (the `recipe.yaml` artifact, params, tags), the recipe text the
+  workers and a submitted job receive, and the logs hold the reference, never the value;
+  `regimen resume` resolves it again from the environment. Regimen never ships the value:
+  a local Ray's workers inherit the driver's environment, a cluster's nodes must have the
+  variable set themselves. A secret written in the clear is stored as `***`, and resuming
+  such a run stops with an error naming the key: write it as `${env:NAME}` and run again.
 
 ## DeepSpeed settings
 

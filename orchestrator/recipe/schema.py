@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, create_model
+from pydantic import ConfigDict, Field, PrivateAttr, create_model
 
 from orchestrator.recipe.catalog import CATALOG
 from orchestrator.recipe.sections import (
@@ -141,3 +141,19 @@ class Recipe(Section):
             return int(stage)
         except (TypeError, ValueError):  # "auto" or another invalid stage: already reported
             return 0
+
+    # ``${env:NAME}`` references the recipe was written with (orchestrator.envrefs):
+    # the fields hold the resolved values, what is stored and shipped holds these.
+    _env_refs: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def env_refs(self) -> dict[str, tuple[str, str]]:
+        """``{dotted_key: (written string, resolved value)}`` of the recipe's ``${env:NAME}``
+        references."""
+        return dict(self._env_refs)
+
+    def with_env_refs(self, refs: dict[str, tuple[str, str]]) -> Recipe:
+        """This recipe, remembering ``refs`` (set by the loader, which resolved them)."""
+        out = self.model_copy()
+        out._env_refs = dict(refs)
+        return out

@@ -214,7 +214,8 @@ class ResourcesConfig(Section):
 
 
 class TrackingConfig(Section):
-    """MLflow settings. `password`/`token` style values are redacted everywhere."""
+    """MLflow settings. `password`/`token` style values are redacted everywhere; write
+    secrets as `${env:NAME}` (resolved at load, stored as the reference)."""
 
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "regimen"

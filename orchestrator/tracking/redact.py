@@ -4,8 +4,10 @@ A value is secret when its key looks secret (:func:`is_secret_key`), when it is
 a URL with a password (``https://user:pw@host`` keeps ``user``, hides ``pw``) or
 a secret query parameter (``?access_token=...``),
 or when it contains the value of a secret-looking environment variable (for
-example ``RAY_AUTH_TOKEN`` or ``HF_TOKEN``): such values are replaced by
-:data:`MASK` wherever they appear.
+example ``RAY_AUTH_TOKEN`` or ``HF_TOKEN``) or of a variable a recipe's ``${env:NAME}``
+reference resolved: such values are replaced by :data:`MASK` wherever they appear.
+A reference itself (``token: ${env:HF_TOKEN}``) holds no secret and is kept, so that
+resume can resolve it again (:mod:`orchestrator.envrefs`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+
+from orchestrator.envrefs import is_reference, resolved_values
 
 MASK = "***"
 
@@ -93,19 +97,28 @@ def is_secret_key(key: str) -> bool:
 
 
 def secret_env_values() -> list[str]:
-    """Values of environment variables whose names look secret, longest first."""
+    """Values of environment variables whose names look secret, or that a recipe reference
+    resolved, longest first."""
     values = {
         v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= _MIN_ENV_SECRET_LEN
     }
+    values.update(v for v in resolved_values() if len(v) >= _MIN_ENV_SECRET_LEN)
     return sorted(values, key=len, reverse=True)
 
 
 def redact_string(text: str, env_values: list[str] | None = None) -> str:
     """``text`` with URL passwords, secret URL query values (``?token=...``) and secret
     environment values replaced by :data:`MASK`."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{MASK}@", text)
+    text = _URL_PASSWORD.sub(
+        lambda m: m.group(0) if is_reference(m.group("pw")) else f"{m.group('head')}{MASK}@", text
+    )
     text = _QUERY_PARAM.sub(
-        lambda m: m.group("head") + MASK if is_secret_key(m.group("name")) else m.group(0), text
+        lambda m: (
+            m.group("head") + MASK
+            if is_secret_key(m.group("name")) and not is_reference(m.group("value"))
+            else m.group(0)
+        ),
+        text,
     )
     for value in secret_env_values() if env_values is None else env_values:
         if value in text:
@@ -117,14 +130,15 @@ def redact(obj: Any, *, _env: list[str] | None = None) -> Any:
     """A deep copy of ``obj`` (dicts, lists, tuples, scalars) with every secret replaced by "***".
 
     Values under secret-looking keys are masked whole (even nested dicts), except
-    ``None`` and "" which hide nothing and are kept. Other strings are scrubbed
-    with :func:`redact_string`. Tuples come back as lists.
+    ``None``, "" and ``${env:NAME}`` references, which hide nothing, are kept. Other
+    strings are scrubbed with :func:`redact_string`. Tuples come back as lists.
     """
     env = secret_env_values() if _env is None else _env
     if isinstance(obj, Mapping):
         out: dict[Any, Any] = {}
         for key, value in obj.items():
-            if is_secret_key(str(key)) and value not in (None, ""):
+            hides_nothing = value in (None, "") or (isinstance(value, str) and is_reference(value))
+            if is_secret_key(str(key)) and not hides_nothing:
                 out[key] = MASK
             else:
                 out[key] = redact(value, _env=env)

@@ -1,7 +1,7 @@
 """The package's layers point down only, and no package imports another in a cycle.
 
 cli -> control -> audit -> cluster -> engine -> techniques -> data -> recipe / tracking ->
-ground helpers (distributed, rundir, factories) -> errors. Every import counts, including
+ground helpers (distributed, rundir, factories, envrefs) -> errors. Every import counts, including
 the ones inside functions: a lazy import upward is still worker code reaching for driver
 code.
 """
@@ -35,6 +35,7 @@ RANKS = {
     "errors": 5,  # the one error hierarchy, under everything
     "distributed": 10,
     "rundir": 10,
+    "envrefs": 10,  # ${env:NAME} references: resolved by recipe, kept by tracking's redaction
     "factories": 10,
     "": 10,  # orchestrator/__init__.py
 }

@@ -41,6 +41,7 @@ __all__ = [
     "load_recipe_data",
     "load_recipe_text",
     "parse_override",
+    "recipe_dict",
     "validate_data",
 ]
 
@@ -67,9 +68,19 @@ class LoadedRecipe:
         return hashlib.sha256(self.yaml_text.encode()).hexdigest()
 
 
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data with every default filled in and its ``${env:NAME}``
+    references in place of their values (what may be stored, logged or shipped)."""
+    from orchestrator.envrefs import restore_refs
+
+    data: dict[str, Any] = restore_refs(recipe.model_dump(mode="json"), recipe.env_refs)
+    return data
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML with every default filled in (what actually runs)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The recipe as YAML with every default filled in (what actually runs), secrets as
+    their ``${env:NAME}`` references."""
+    return yaml.safe_dump(recipe_dict(recipe), sort_keys=False)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:

@@ -126,11 +126,15 @@ def validate_data(
 ) -> Recipe | None:
     """Validate a plain dict into a Recipe, adding every problem found to ``problems``.
 
+    ``${env:NAME}`` references are resolved from the environment first (an unset variable
+    is a problem at its key); the Recipe remembers them for :func:`dump_recipe`.
     ``scan`` limits the inf/nan scan to those dotted keys (a sweep variant: the rest of
     the recipe was scanned when it was loaded); by default the whole recipe is scanned.
     """
+    from orchestrator.envrefs import resolve_pinned
     from orchestrator.recipe.reference import explain, key_of
 
+    data, refs = resolve_pinned(data, problems.add)  # ${env:NAME}: values from this process
     swept = _sweep_problems(data, problems)
     bad_floats: list[str] = []
     for prefix, tree in ({"": data} if scan is None else scan).items():
@@ -163,4 +167,4 @@ def validate_data(
                 _cross_checks(Recipe.model_validate(trimmed), problems)
     if recipe is not None:
         _cross_checks(recipe, problems)
-    return None if problems.items else recipe
+    return None if problems.items or recipe is None else recipe.with_env_refs(refs)
