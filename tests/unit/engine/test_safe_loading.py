@@ -142,11 +142,11 @@ def test_deepspeed_file_removed_from_manifest_is_refused_and_never_executed(
 def test_extra_deepspeed_file_is_refused_and_never_executed(
     tmp_path: Path, gloo_world: None
 ) -> None:
-    """DeepSpeed globs ``mp_rank_*_model_states.pt`` and merges every match: an extra file
-    dropped next to the real ones would be unpickled."""
+    """DeepSpeed globs ``mp_rank_*_model_states.pt`` and unpickles the first match: an extra
+    file sorting before the real one would run its code."""
     store, info = _saved(tmp_path)
     marker = tmp_path / "pwned"
-    extra = "ds/mp_rank_01_model_states.pt"
+    extra = "ds/mp_rank_-1_model_states.pt"
     torch.save({"module": _Payload(marker)}, info.path / extra)
     with pytest.raises(CheckpointError, match="not listed in its manifest") as exc:
         store.load_engine(make_engine(seed=1), store.latest())  # type: ignore[arg-type]
