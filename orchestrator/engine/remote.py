@@ -139,7 +139,9 @@ class CheckpointMirror:
 
         Returns the step pulled, or None. Every file is verified against the manifest's
         SHA-256 before the directory is renamed into ``local_root``; a mismatch raises
-        CheckpointError and leaves nothing behind."""
+        CheckpointError and leaves nothing behind. So does a manifest name that is absolute,
+        holds ``..`` or resolves outside the download directory, and a link in the remote
+        step directory: nothing is ever written outside ``local_root``."""
         steps = [
             s
             for s in self.steps()
@@ -159,7 +161,7 @@ class CheckpointMirror:
             manifest = json.loads(self._read(f"{src}/{MANIFEST}"))
             files = manifest.get("files") if isinstance(manifest, dict) else None
             if not isinstance(files, dict):
-                raise CheckpointError(f"{self._where(step)}: its manifest has no file list")
+                raise self._refusal(step, "its manifest has no file list")
             self._refuse_links(step)
             tmp.mkdir()
             for rel, want in sorted(files.items()):
@@ -201,8 +203,9 @@ class CheckpointMirror:
 
     def _refuse_links(self, step: int) -> None:
         """CheckpointError if anything under the remote step directory is a link or neither a
-        file nor a directory (pyarrow reports links on object stores as neither; on a local
-        filesystem it follows them, so those are checked with ``lstat``)."""
+        file nor a directory. Object stores have no links; pyarrow's local filesystem
+        (``file://``) follows them silently, so there each entry is also checked with
+        ``os.path.islink``."""
         import pyarrow.fs as pafs
 
         src = f"{self.root}/{_step_name(step)}"

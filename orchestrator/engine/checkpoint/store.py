@@ -15,9 +15,10 @@ would return. Leftover ``.tmp-*`` directories are removed by the next save.
 
 :meth:`CheckpointStore.load_engine` checks the directory against the manifest (every file
 listed with a matching size and SHA-256, every entry present, no symbolic links, nothing
-else; see :func:`.io.tree_problem`) and scans every file's pickle (:mod:`.safety`) before
-DeepSpeed opens any of them, then lets DeepSpeed read its files only through the weights-only
-unpickler (:func:`.safety.weights_only_loads`). :meth:`CheckpointStore.load_rank_state` makes
+else; see :func:`.io.tree_problem`) and scans every torch file under ``ds/`` for the globals
+its pickle would import (:mod:`.safety`) before DeepSpeed opens any of them, then lets
+DeepSpeed read its files only through the weights-only unpickler
+(:func:`.safety.weights_only_loads`). :meth:`CheckpointStore.load_rank_state` makes
 the same directory check (without hashing) before it reads a rank state. :meth:`list` and
 :meth:`latest` return every directory with a committed manifest; a tampered one among them is
 refused, naming the file, when it is loaded, never loaded in part. The store assumes a
@@ -343,7 +344,10 @@ class CheckpointStore:
     def check_tree(self, info: CheckpointInfo) -> None:
         """CheckpointError unless ``info``'s directory holds exactly the manifest's files as
         regular files (no unlisted, missing or renamed file, no symbolic link); no hashing."""
-        problem = tree_problem(info.path, info.manifest["files"])
+        try:
+            problem = tree_problem(info.path, info.manifest["files"])
+        except OSError as e:
+            problem = f"{info.path} cannot be listed ({e})"
         if problem is not None:
             raise CheckpointError(self._corrupt(info, problem))
 
