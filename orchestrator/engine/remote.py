@@ -12,7 +12,11 @@ On start (resume, or a restart on a fresh node after the cluster is gone) the ne
 remote checkpoint that is newer than anything local is downloaded into a temporary
 directory, every file is checked against the manifest's SHA-256, and only then is the
 directory renamed into the local store, where :class:`CheckpointStore` sees it as an
-ordinary committed checkpoint.
+ordinary committed checkpoint. Nothing a remote manifest or listing says reaches outside
+that directory: a manifest name that is absolute or holds ``..``
+(:func:`~orchestrator.engine.checkpoint.io.name_problem`), a remote entry that is a link or
+neither a file nor a directory, or a target that would resolve outside the download
+directory makes the pull fail with CheckpointError before that file is written.
 
 Credentials come from the environment as pyarrow reads them (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL`` for S3-compatible stores such as MinIO, …); they never appear in a
@@ -28,6 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from orchestrator.engine.checkpoint.io import name_problem
 from orchestrator.errors import CheckpointError
 from orchestrator.recipe.storage import is_remote as is_remote
 from orchestrator.rundir import ABANDONED, CHECKPOINTS
@@ -134,7 +139,9 @@ class CheckpointMirror:
 
         Returns the step pulled, or None. Every file is verified against the manifest's
         SHA-256 before the directory is renamed into ``local_root``; a mismatch raises
-        CheckpointError and leaves nothing behind."""
+        CheckpointError and leaves nothing behind. So does a manifest name that is absolute,
+        holds ``..`` or resolves outside the download directory, and a link in the remote
+        step directory: nothing is ever written outside ``local_root``."""
         steps = [
             s
             for s in self.steps()
@@ -147,14 +154,21 @@ class CheckpointMirror:
         src = f"{self.root}/{_step_name(step)}"
         local_root.mkdir(parents=True, exist_ok=True)
         tmp = local_root / f".tmp-pull-{_step_name(step)}"
+        if tmp.is_symlink():
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             manifest = json.loads(self._read(f"{src}/{MANIFEST}"))
-            for rel, want in sorted(manifest["files"].items()):
-                target = tmp / rel
+            files = manifest.get("files") if isinstance(manifest, dict) else None
+            if not isinstance(files, dict):
+                raise self._refusal(step, "its manifest has no file list")
+            self._refuse_links(step)
+            tmp.mkdir()
+            for rel, want in sorted(files.items()):
+                target = self._target(step, tmp, rel)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 digest = self._download(f"{src}/{rel}", target)
-                if digest != want["sha256"]:
+                if not isinstance(want, dict) or digest != want.get("sha256"):
                     raise CheckpointError(
                         f"remote checkpoint {self.uri}/{_step_name(step)}: {rel} fails its "
                         "sha256 check against the manifest; it was modified after upload. "
@@ -165,6 +179,45 @@ class CheckpointMirror:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return step
+
+    def _where(self, step: int) -> str:
+        return f"remote checkpoint {self.uri}/{_step_name(step)}"
+
+    def _refusal(self, step: int, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self._where(step)}: {what}; refusing to pull it (nothing was written outside "
+            f"the download directory). Delete {self.uri}/{_step_name(step)} to fall back to "
+            "an older one"
+        )
+
+    def _target(self, step: int, tmp: Path, rel: Any) -> Path:
+        """Where manifest name ``rel`` is downloaded to: inside ``tmp`` or CheckpointError."""
+        problem = name_problem(rel)
+        if problem is not None:
+            raise self._refusal(step, f"its manifest entry {rel!r} {problem}")
+        target = tmp / rel
+        base = tmp.resolve()
+        if not target.resolve().is_relative_to(base) or target.resolve() == base:
+            raise self._refusal(step, f"its manifest entry {rel!r} resolves outside {tmp}")
+        return target
+
+    def _refuse_links(self, step: int) -> None:
+        """CheckpointError if anything under the remote step directory is a link or neither a
+        file nor a directory. Object stores have no links; pyarrow's local filesystem
+        (``file://``) follows them silently, so there each entry is also checked with
+        ``os.path.islink``."""
+        import pyarrow.fs as pafs
+
+        src = f"{self.root}/{_step_name(step)}"
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        if local and os.path.islink(src):
+            raise self._refusal(step, "its directory is a link")
+        selector = pafs.FileSelector(src, recursive=True)
+        for info in self.fs.get_file_info(selector):
+            kinds = (pafs.FileType.File, pafs.FileType.Directory)
+            if info.type not in kinds or (local and os.path.islink(info.path)):
+                rel = info.path[len(src) :].lstrip("/")
+                raise self._refusal(step, f"{rel} is a link or not a regular file")
 
     def _read(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:

@@ -3,7 +3,14 @@
 A checkpoint directory holds DeepSpeed's files, one ``regimen/rankNNNNN.pt`` per rank and a
 ``manifest.json`` written last: ``{format, step, world_size, created, meta, files: {relpath:
 {sha256, bytes}}}``. This module hashes and fsyncs a directory's files, writes and reads that
-manifest, checks a file against it and words the errors of a write that failed.
+manifest, checks a directory and its files against it and words the errors of a write that
+failed.
+
+The manifest is the whole checkpoint: every regular file under the directory (recursively,
+``manifest.json`` aside) must be one of its entries and every entry must be a regular file
+there (:func:`tree_problem`); a symbolic link anywhere, an unlisted file, a missing or renamed
+one, or an entry whose name is absolute or holds ``..`` (:func:`name_problem`) makes the
+checkpoint unloadable.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -92,10 +99,68 @@ def read_manifest(path: Path, step: int) -> dict[str, Any] | None:
     return None
 
 
+def name_problem(rel: Any) -> str | None:
+    """Why ``rel`` cannot name a file inside a checkpoint directory; None when it can.
+
+    A name is a relative POSIX path of plain components: not absolute, no ``..``, ``.`` or
+    empty component, no backslash or NUL, and not the manifest itself. Used for the local
+    store and for what a remote manifest says, so a name never reaches outside its folder.
+    """
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    if "\\" in rel or "\0" in rel:
+        return "holds a backslash or NUL character"
+    if PurePosixPath(rel).is_absolute():
+        return "is an absolute path"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "holds a '..', '.' or empty path component"
+    if rel == MANIFEST:
+        return "names the manifest itself"
+    return None
+
+
+def tree_problem(path: Path, files: dict[str, Any]) -> str | None:
+    """What makes checkpoint dir ``path`` differ from the manifest's ``files``; None if nothing.
+
+    Compares names and kinds only (no hashing): the directory must not be a symbolic link,
+    every entry name must pass :func:`name_problem`, every regular file below ``path``
+    (recursively, except the manifest) must be listed, every listed name must be a regular
+    file, and nothing below may be a symbolic link or a special file.
+    """
+    if path.is_symlink():
+        return f"{path} is a symbolic link (a checkpoint is a plain directory)"
+    for rel in sorted(files):
+        problem = name_problem(rel)
+        if problem is not None:
+            return f"its manifest entry {rel!r} {problem}"
+    found: set[str] = set()
+    pending = [path]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    return f"{entry.path} is a symbolic link (checkpoints hold only regular files)"
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif not entry.is_file(follow_symlinks=False):
+                    return f"{entry.path} is not a regular file"
+                else:
+                    found.add(Path(entry.path).relative_to(path).as_posix())
+    found.discard(MANIFEST)
+    unlisted, missing = sorted(found - set(files)), sorted(set(files) - found)
+    problems = [f"{path / rel} is not listed in its manifest" for rel in unlisted[:3]]
+    problems += [f"{path / rel} is listed in its manifest but missing" for rel in missing[:3]]
+    if not problems:
+        return None
+    more = len(unlisted) + len(missing) - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
 def file_problem(path: Path, want: Any) -> str | None:
     """What is wrong with ``path`` against its manifest entry ``want``; None when it matches."""
-    if not isinstance(want, dict) or not path.is_file():
-        return "is missing or has a malformed manifest entry"
+    malformed = not isinstance(want, dict) or not {"bytes", "sha256"} <= want.keys()
+    if malformed or path.is_symlink() or not path.is_file():
+        return "is missing, not a regular file, or has a malformed manifest entry"
     digest, size = sha256_file(path)
     if size != want["bytes"] or digest != want["sha256"]:
         return (

@@ -1,21 +1,28 @@
 """What may go into a checkpoint and what may come out of one without running code.
 
 DeepSpeed 0.19 reads its own files with ``weights_only=False`` (``TorchCheckpointEngine.load``
-and the ZeRO shard loaders), i.e. with full pickle, and it must: under torch 2.13 the ZeRO-1/2
-optimizer shards pickle a ``deepspeed.runtime.fp16.loss_scaler.LossScaler`` object and fail a
-``weights_only=True`` load (the model-states file alone would pass). That is acceptable only
-because the store first checks every file against the SHA-256 manifest written at save time
-and :func:`pickle_problem` scans DeepSpeed's pickles, without running them, for the globals
-they would import (anything beyond tensors and :data:`DEEPSPEED_SAFE_GLOBALS` is refused: a
-forged manifest cannot smuggle code in), before DeepSpeed opens any of them.
+and the ZeRO shard loaders), i.e. with full pickle. Regimen never lets it: while
+:meth:`CheckpointStore.load_engine` runs DeepSpeed's ``load_checkpoint``,
+:func:`weights_only_loads` replaces the engine's checkpoint-engine ``load`` with
+``torch.load(weights_only=True)`` allowing, beyond tensors and containers, only the classes in
+:data:`DEEPSPEED_SAFE_GLOBALS` (``torch.serialization.safe_globals``), and sets
+``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` so that a ``torch.load`` DeepSpeed makes directly is
+weights-only too. Before that, the store checks the directory against its SHA-256 manifest
+(every file listed, nothing else there) and :func:`pickle_problem` scans every file, without
+running it, for the globals it would import: a tampered checkpoint is refused with a clear
+message before any of it is unpickled, and a forged manifest still cannot smuggle code in.
 Regimen's own files are always written so that they load, and are read, with
 ``weights_only=True`` (:func:`check_weights_only`, :func:`load_weights_only`).
 """
 
 from __future__ import annotations
 
+import importlib
 import io
+import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +83,49 @@ def pickle_problem(path: Path) -> str | None:
             "DeepSpeed checkpoint does (refusing to unpickle it)"
         )
     return None
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes named by :data:`DEEPSPEED_SAFE_GLOBALS`, imported (for ``safe_globals``)."""
+    out = []
+    for name in sorted(DEEPSPEED_SAFE_GLOBALS):
+        module, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+# torch reads these on every torch.load; the second one would override (and clash with) the first.
+_FORCE, _FORCE_NOT = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextmanager
+def weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
+    """While active, ``checkpoint_engine.load`` (DeepSpeed's reader of its own files) and any
+    other ``torch.load`` in this process use the weights-only unpickler, allowing beyond
+    torch's own set only :data:`DEEPSPEED_SAFE_GLOBALS`. A file that needs anything else
+    raises ``pickle.UnpicklingError`` instead of running code."""
+    allowed = deepspeed_safe_globals()
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    own = vars(checkpoint_engine)
+    had, previous = "load" in own, own.get("load")
+    saved_env = {k: os.environ.pop(k, None) for k in (_FORCE, _FORCE_NOT)}
+    checkpoint_engine.load = load
+    os.environ[_FORCE] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if had:
+            checkpoint_engine.load = previous
+        else:
+            del checkpoint_engine.load
+        for key, value in saved_env.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 def load_weights_only(data: bytes) -> Any:

@@ -13,8 +13,15 @@ manifest last and renames the directory into place, so a crash at any point
 leaves either the complete checkpoint or nothing that :meth:`CheckpointStore.list`
 would return. Leftover ``.tmp-*`` directories are removed by the next save.
 
-:meth:`CheckpointStore.load_engine` verifies every file against the manifest and scans
-DeepSpeed's pickles (:mod:`.safety`) before DeepSpeed opens any of them. The store assumes a
+:meth:`CheckpointStore.load_engine` checks the directory against the manifest (every file
+listed with a matching size and SHA-256, every entry present, no symbolic links, nothing
+else; see :func:`.io.tree_problem`) and scans every torch file under ``ds/`` for the globals
+its pickle would import (:mod:`.safety`) before DeepSpeed opens any of them, then lets
+DeepSpeed read its files only through the weights-only unpickler
+(:func:`.safety.weights_only_loads`). :meth:`CheckpointStore.load_rank_state` makes
+the same directory check (without hashing) before it reads a rank state. :meth:`list` and
+:meth:`latest` return every directory with a committed manifest; a tampered one among them is
+refused, naming the file, when it is loaded, never loaded in part. The store assumes a
 filesystem shared by all ranks (rank 0 hashes every rank's files) and DeepSpeed's default
 ``TorchCheckpointEngine``.
 
@@ -31,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import threading
@@ -47,6 +55,7 @@ from orchestrator.engine.checkpoint.io import (
     file_problem,
     fsync_dir,
     read_manifest,
+    tree_problem,
     write_error,
     write_manifest,
     write_rank_state,
@@ -55,6 +64,7 @@ from orchestrator.engine.checkpoint.safety import (
     check_weights_only,
     load_weights_only,
     pickle_problem,
+    weights_only_loads,
 )
 from orchestrator.errors import CheckpointError
 
@@ -331,8 +341,20 @@ class CheckpointStore:
         infos = [i for i in self.list() if at_or_before is None or i.step <= at_or_before]
         return infos[-1] if infos else None
 
+    def check_tree(self, info: CheckpointInfo) -> None:
+        """CheckpointError unless ``info``'s directory holds exactly the manifest's files as
+        regular files (no unlisted, missing or renamed file, no symbolic link); no hashing."""
+        try:
+            problem = tree_problem(info.path, info.manifest["files"])
+        except OSError as e:
+            problem = f"{info.path} cannot be listed ({e})"
+        if problem is not None:
+            raise CheckpointError(self._corrupt(info, problem))
+
     def verify(self, info: CheckpointInfo) -> None:
-        """Recompute every file's size and SHA-256; CheckpointError naming the first bad file."""
+        """:meth:`check_tree`, then recompute every file's size and SHA-256; CheckpointError
+        naming the first bad file."""
+        self.check_tree(info)
         for rel, want in sorted(info.manifest["files"].items()):
             p = info.path / rel
             problem = file_problem(p, want)
@@ -340,17 +362,19 @@ class CheckpointStore:
                 raise CheckpointError(self._corrupt(info, f"{p} {problem}"))
 
     def scan_pickles(self, info: CheckpointInfo) -> None:
-        """Refuse DeepSpeed files that reference anything but tensors and a few known classes.
+        """Refuse pickles that reference anything but tensors and a few known classes.
 
-        DeepSpeed unpickles its own files with ``weights_only=False``, and the manifest
-        only proves the files were not changed *after* it was written: someone who can
-        write the directory can rewrite both. So every pickle is scanned first, without
-        executing it, for the globals it would import; any outside torch's weights-only
-        set and ``DEEPSPEED_SAFE_GLOBALS`` makes the checkpoint unloadable (see :mod:`.safety`)."""
-        for rel in sorted(info.manifest["files"]):
-            if not rel.startswith(f"{DS_TAG}/"):
+        The manifest only proves the files were not changed *after* it was written: someone
+        who can write the directory can rewrite both. So every torch file below the
+        directory's ``ds/`` (whether the manifest lists it or not) is scanned first, without
+        executing it, for the globals it would import; any outside torch's weights-only set
+        and ``DEEPSPEED_SAFE_GLOBALS`` makes the checkpoint unloadable (see :mod:`.safety`).
+        DeepSpeed's loads are weights-only as well (:func:`.safety.weights_only_loads`); the
+        scan words the refusal before anything is opened."""
+        for path in sorted((info.path / DS_TAG).rglob("*")):
+            if path.is_symlink() or not path.is_file() or path.suffix != ".pt":
                 continue
-            problem = pickle_problem(info.path / rel)
+            problem = pickle_problem(path)
             if problem is not None:
                 raise CheckpointError(self._corrupt(info, problem))
 
@@ -369,6 +393,7 @@ class CheckpointStore:
     def load_rank_state(self, info: CheckpointInfo, rank: int) -> dict[str, Any]:
         """``rank``'s saved rank_state: bytes checked against the manifest, then
         ``torch.load(weights_only=True, map_location="cpu")``. Not collective."""
+        self.check_tree(info)
         rel = f"regimen/rank{rank:05d}.pt"
         want = info.manifest["files"].get(rel)
         if want is None:
@@ -390,8 +415,10 @@ class CheckpointStore:
         """Collective: verify (rank 0, result shared with all ranks), then DeepSpeed-load ``info``.
 
         Raises CheckpointError on every rank, before DeepSpeed reads anything, if the
-        checkpoint fails verification or was saved with another world size. LR scheduler
-        states are not loaded (Regimen's schedules are restored from rank_state).
+        checkpoint fails verification (:meth:`verify`, :meth:`scan_pickles`) or was saved with
+        another world size. DeepSpeed then reads its files with the weights-only unpickler
+        only; a file that needs more raises CheckpointError. LR scheduler states are not
+        loaded (Regimen's schedules are restored from rank_state).
         """
         err = self._check_world()
         saved_ws = info.manifest.get("world_size")
@@ -410,10 +437,15 @@ class CheckpointStore:
                     str(e) if isinstance(e, CheckpointError) else f"cannot verify {info.path}: {e}"
                 )
         _raise_first(_gather(err))
-        load_path, _ = engine.load_checkpoint(
-            str(info.path), tag=DS_TAG, load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=False,
-        )  # fmt: skip
+        try:
+            with weights_only_loads(engine.checkpoint_engine):
+                load_path, _ = engine.load_checkpoint(
+                    str(info.path), tag=DS_TAG, load_optimizer_states=load_optimizer_states,
+                    load_lr_scheduler_states=False,
+                )  # fmt: skip
+        except pickle.UnpicklingError as e:
+            detail = f"a file under {info.path / DS_TAG} needs more than weights-only loading ({e})"
+            raise CheckpointError(self._corrupt(info, detail)) from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {info.path / DS_TAG}")
 

@@ -96,6 +96,84 @@ def test_two_ranks_save_load_and_shared_errors(tmp_path: Path) -> None:
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out
 
 
+_UNLISTED_SHARD = """
+import json, os, sys, socket
+from pathlib import Path
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+sys.path[:0] = [{repo!r}, {here!r}]
+from test_checkpoint import make_engine, train_step
+from orchestrator.engine.checkpoint import CheckpointStore
+from orchestrator.errors import CheckpointError
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+def refused(fn, r):
+    try:
+        fn()
+    except CheckpointError as e:
+        assert "not listed in its manifest" in str(e), e
+        print(f"rank{{r}} refused: {{e}}", flush=True)
+        return
+    raise AssertionError(f"rank {{r}}: no CheckpointError")
+
+def worker(r, port, root, marker):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                      WORLD_SIZE="2", LOCAL_RANK=str(r), DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", rank=r, world_size=2)
+    engine = make_engine(stage=2)
+    train_step(engine, seed=10 + r)
+    store = CheckpointStore(root, keep=2, rank=r, world_size=2)
+    info = store.save(engine, 1, {{"rank": r}})
+    dist.barrier()
+    if r == 0:  # rank 1's shard, which only rank 1 unpickles, swapped and dropped from the list
+        rel = "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        torch.save({{"optimizer_state_dict": Payload(marker)}}, info.path / rel)
+        manifest = json.loads((info.path / "manifest.json").read_text())
+        del manifest["files"][rel]
+        (info.path / "manifest.json").write_text(json.dumps(manifest))
+    dist.barrier()
+    info = store.latest()
+    refused(lambda: store.load_engine(engine, info), r)
+    refused(lambda: store.load_rank_state(info, r), r)
+    assert not os.path.exists(marker), "the unlisted shard ran code"
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, sys.argv[1], sys.argv[2]), nprocs=2)
+    print("ALL OK")
+"""
+
+
+def test_two_ranks_refuse_a_shard_outside_the_manifest(tmp_path: Path) -> None:
+    """Rank 0 verifies, rank 1 unpickles its own ZeRO-2 shard: a shard swapped for a malicious
+    pickle and dropped from the manifest is refused on both ranks and never runs."""
+    script = tmp_path / "unlisted.py"
+    here = str(REPO / "tests" / "unit" / "engine")
+    script.write_text(textwrap.dedent(_UNLISTED_SHARD.format(repo=str(REPO), here=here)))
+    marker = tmp_path / "pwned"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt"), str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=REPO,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "ALL OK" in proc.stdout
+    for r in (0, 1):
+        assert out.count(f"rank{r} refused") == 2, out[-4000:]
+    assert not marker.exists(), "an unlisted ZeRO shard ran code on load"
+
+
 def test_crash_mid_async_write_leaves_no_loadable_partial(tmp_path: Path) -> None:
     root = tmp_path / "ckpts"
     script = CRASH_MID_WRITE.format(tests=str(REPO / "tests"), port=str(_port()), root=str(root))

@@ -98,6 +98,64 @@ def test_a_tampered_remote_file_is_refused_and_leaves_nothing(tmp_path: Path):
     assert list(local.iterdir()) == []
 
 
+def _remote_with_entry(tmp_path: Path, rel: str, data: bytes) -> CheckpointMirror:
+    """A committed remote checkpoint whose manifest also lists ``rel`` (hash of ``data``), with
+    ``data`` stored where a reader that joins ``step-dir/rel`` would find it."""
+    mirror = CheckpointMirror(f"file://{tmp_path}/bucket/checkpoints")
+    d, manifest = _committed(tmp_path / "node-a", 4, b"a" * 100)
+    mirror.push(4, d, manifest)
+    remote = tmp_path / "bucket" / "checkpoints" / "step-00000004"
+    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    planted = remote / rel.lstrip("/")  # where ``f"{step_dir}/{rel}"`` reads it from
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(data)
+    (remote / "manifest.json").write_text(json.dumps(manifest))
+    return mirror
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5])
+def test_a_manifest_path_with_dotdot_never_writes_outside_the_store(tmp_path: Path, depth: int):
+    """A manifest entry ``../../x`` must not reach out of the download directory."""
+    local = tmp_path / "node-b" / "run" / "checkpoints"
+    escaped = (local / ".tmp-pull-step-00000004" / ("../" * depth) / "evil.sh").resolve()
+    rel = "ds/" + "../" * (depth + 1) + "evil.sh"
+    mirror = _remote_with_entry(tmp_path, rel, b"#!/bin/sh\necho pwned\n")
+    before = escaped.exists()
+    with pytest.raises(CheckpointError, match=r"'\.\.'.*refusing to pull") as exc:
+        mirror.pull_latest(local, newer_than=None)
+    assert rel in str(exc.value) and "Delete" in str(exc.value)
+    assert escaped.exists() == before, f"pull wrote {escaped}, outside {local}"
+    assert list(local.iterdir()) == []
+
+
+def test_an_absolute_manifest_path_is_refused(tmp_path: Path):
+    target = tmp_path / "outside" / "authorized_keys"
+    mirror = _remote_with_entry(tmp_path, str(target), b"ssh-ed25519 AAAA attacker")
+    local = tmp_path / "node-b"
+    with pytest.raises(CheckpointError, match="absolute path.*refusing to pull"):
+        mirror.pull_latest(local, newer_than=None)
+    assert not target.parent.exists(), "pull wrote to an absolute path from the manifest"
+    assert list(local.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["ds/model.pt", "ds"])
+def test_a_link_in_the_remote_checkpoint_is_refused(tmp_path: Path, where: str):
+    """A link on the storage side (here file://) would make the pull read whatever it points
+    to; it is refused, not followed."""
+    mirror = CheckpointMirror(f"file://{tmp_path}/bucket/checkpoints")
+    d, manifest = _committed(tmp_path / "node-a", 4, b"a" * 100)
+    mirror.push(4, d, manifest)
+    remote = tmp_path / "bucket" / "checkpoints" / "step-00000004" / where
+    real = tmp_path / "elsewhere" / remote.name
+    real.parent.mkdir()
+    remote.rename(real)
+    remote.symlink_to(real, target_is_directory=real.is_dir())
+    local = tmp_path / "node-b"
+    with pytest.raises(CheckpointError, match="is a link or not a regular file"):
+        mirror.pull_latest(local, newer_than=None)
+    assert list(local.iterdir()) == []
+
+
 def test_retention_is_mirrored(tmp_path: Path):
     mirror = CheckpointMirror(f"file://{tmp_path}/bucket/checkpoints")
     for step in (4, 8, 12):

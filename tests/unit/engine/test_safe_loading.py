@@ -110,3 +110,104 @@ def test_forged_deepspeed_file_is_never_executed(tmp_path: Path, gloo_world: Non
     with pytest.raises(CheckpointError, match="would import .*refusing to unpickle"):
         store.load_engine(make_engine(seed=1), store.latest())  # type: ignore[arg-type]
     assert not marker.exists(), "a forged DeepSpeed checkpoint file ran code on load"
+
+
+# -- the manifest is the whole checkpoint: nothing outside it is loaded ------------------------
+MODEL_STATES = "ds/mp_rank_00_model_states.pt"
+
+
+def _drop_entry(info: Any, rel: str) -> None:
+    manifest = json.loads((info.path / "manifest.json").read_text())
+    del manifest["files"][rel]
+    (info.path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_deepspeed_file_removed_from_manifest_is_refused_and_never_executed(
+    tmp_path: Path, gloo_world: None
+) -> None:
+    """The attacker swaps in a malicious DeepSpeed file and deletes its manifest entry rather
+    than forging it: verification and the scan must still see the file."""
+    store, info = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Payload(marker)}, info.path / MODEL_STATES)
+    _drop_entry(info, MODEL_STATES)
+    with pytest.raises(CheckpointError, match="not listed in its manifest") as exc:
+        store.load_engine(make_engine(seed=1), store.latest())  # type: ignore[arg-type]
+    assert MODEL_STATES in str(exc.value) and "Do not load it" in str(exc.value)
+    with pytest.raises(CheckpointError, match="not listed in its manifest"):
+        store.load_rank_state(store.latest(), 0)  # type: ignore[arg-type]
+    assert not marker.exists(), "a DeepSpeed file outside the manifest ran code on load"
+
+
+def test_extra_deepspeed_file_is_refused_and_never_executed(
+    tmp_path: Path, gloo_world: None
+) -> None:
+    """DeepSpeed globs ``mp_rank_*_model_states.pt`` and unpickles the first match: an extra
+    file sorting before the real one would run its code."""
+    store, info = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    extra = "ds/mp_rank_-1_model_states.pt"
+    torch.save({"module": _Payload(marker)}, info.path / extra)
+    with pytest.raises(CheckpointError, match="not listed in its manifest") as exc:
+        store.load_engine(make_engine(seed=1), store.latest())  # type: ignore[arg-type]
+    assert extra in str(exc.value)
+    assert not marker.exists(), "an extra file in a checkpoint ran code on load"
+
+
+def test_renamed_file_is_refused_naming_both_names(tmp_path: Path, gloo_world: None) -> None:
+    store, info = _saved(tmp_path)
+    optim = next((info.path / "ds").glob("*optim_states.pt"))
+    optim.rename(optim.with_name("renamed.pt"))
+    with pytest.raises(CheckpointError) as exc:
+        store.load_engine(make_engine(seed=1), store.latest())  # type: ignore[arg-type]
+    text = str(exc.value)
+    assert "ds/renamed.pt is not listed in its manifest" in text
+    assert f"{optim} is listed in its manifest but missing" in text
+
+
+def test_directory_where_a_file_should_be_is_refused(tmp_path: Path, gloo_world: None) -> None:
+    store, info = _saved(tmp_path)
+    (info.path / MODEL_STATES).unlink()
+    (info.path / MODEL_STATES).mkdir()
+    with pytest.raises(CheckpointError, match="listed in its manifest but missing"):
+        store.load_engine(make_engine(seed=1), store.latest())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("what", [MODEL_STATES, "regimen", "."])
+def test_symlink_anywhere_in_a_checkpoint_is_refused(
+    tmp_path: Path, gloo_world: None, what: str
+) -> None:
+    """A link to an intact copy outside the directory passes every hash today, yet what it
+    points to can change after verification; checkpoints hold only regular files."""
+    store, info = _saved(tmp_path)
+    if what == ".":  # the step directory itself
+        real = tmp_path / "elsewhere"
+        info.path.rename(real)
+        info.path.symlink_to(real, target_is_directory=True)
+    else:
+        real = tmp_path / "elsewhere" / Path(what).name
+        real.parent.mkdir()
+        (info.path / what).rename(real)
+        (info.path / what).symlink_to(real, target_is_directory=real.is_dir())
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        store.load_engine(make_engine(seed=1), store.latest())  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        store.load_rank_state(store.latest(), 0)  # type: ignore[arg-type]
+
+
+def test_deepspeed_reads_its_files_weights_only(
+    tmp_path: Path, gloo_world: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With verification and the scan out of the way (e.g. a file swapped in after they ran),
+    DeepSpeed's own loads still refuse a malicious pickle instead of running it."""
+    store, info = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Payload(marker)}, info.path / MODEL_STATES)
+    monkeypatch.setattr(store, "verify", lambda info: None)
+    monkeypatch.setattr(store, "scan_pickles", lambda info: None)
+    fresh = make_engine(seed=1)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        store.load_engine(fresh, store.latest())  # type: ignore[arg-type]
+    assert not marker.exists(), "DeepSpeed unpickled its file with full pickle"
+    assert "load" not in vars(fresh.checkpoint_engine)
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in __import__("os").environ
