@@ -147,6 +147,35 @@ def init_one_process_group(backend: str) -> None:
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
+def gpu_only() -> list[Any]:
+    """The marks of a GPU test module: `gpu`, skipped cleanly without CUDA and
+    DS_ACCELERATOR=cuda (run them with `DS_ACCELERATOR=cuda python -m pytest -m gpu tests/gpu`)."""
+    import torch
+
+    ready = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cuda"
+    return [
+        pytest.mark.gpu,
+        pytest.mark.skipif(
+            not ready,
+            reason="needs a CUDA device and DS_ACCELERATOR=cuda "
+            "(DS_ACCELERATOR=cuda python -m pytest -m gpu tests/gpu)",
+        ),
+    ]
+
+
+@pytest.fixture(scope="session")
+def nccl_world() -> Iterator[None]:
+    """A one-process NCCL group on device 0, as Ray Train sets up for a GPU worker."""
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    init_one_process_group("nccl")
+    if dist.get_backend() != "nccl":
+        pytest.skip("this process already holds a non-NCCL group")
+    yield
+
+
 @pytest.fixture(scope="session")
 def gloo_world() -> Iterator[None]:
     """A one-process torch.distributed group (gloo), as DeepSpeed needs one."""

@@ -6,38 +6,14 @@ DS_ACCELERATOR=cuda python -m pytest -m gpu tests/gpu/test_async_checkpoint_cuda
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import free_port, tiny_recipe
+from conftest import gpu_only, tiny_recipe
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cuda"),
-        reason="needs a CUDA device and DS_ACCELERATOR=cuda",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def nccl_world() -> Iterator[None]:
-    """A one-process NCCL group on device 0 (kept for the module: DeepSpeed caches it)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-            LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-        )  # fmt: skip
-        torch.cuda.set_device(0)
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    yield
+pytestmark = gpu_only()
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:

@@ -9,39 +9,16 @@ accelerator (the test conftest defaults it to the CPU one):
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import init_one_process_group, tiny_recipe
+from conftest import gpu_only, tiny_recipe
 
-
-def _cuda_ready() -> bool:
-    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cuda"
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not _cuda_ready(),
-        reason="needs a CUDA device and DS_ACCELERATOR=cuda "
-        "(DS_ACCELERATOR=cuda python -m pytest -m gpu tests/gpu)",
-    ),
-]
+pytestmark = gpu_only()
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
-
-
-@pytest.fixture(scope="module")
-def nccl_world() -> Iterator[None]:
-    """A one-process NCCL group on device 0, as Ray Train sets up for a GPU worker."""
-    torch.cuda.set_device(0)
-    init_one_process_group("nccl")
-    yield
 
 
 def test_bf16_run_trains_on_the_gpu_and_resumes(tmp_path: Path, nccl_world: None) -> None:

@@ -9,34 +9,16 @@ every collective forced (``force_collectives``): the same code path as eight GPU
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import init_one_process_group
+from conftest import gpu_only
 from orchestrator import distributed as D
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cuda"),
-        reason="needs a CUDA device and DS_ACCELERATOR=cuda",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def nccl_world() -> Iterator[None]:
-    """A one-process NCCL group on device 0, as Ray Train sets up for a GPU worker."""
-    torch.cuda.set_device(0)
-    init_one_process_group("nccl")
-    if dist.get_backend() != "nccl":
-        pytest.skip("this process already holds a non-NCCL group")
-    yield
+pytestmark = gpu_only()
 
 
 def test_cpu_tensors_go_through_nccl_and_come_back(

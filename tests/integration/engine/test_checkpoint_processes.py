@@ -79,18 +79,7 @@ def test_two_ranks_save_load_and_shared_errors(tmp_path: Path) -> None:
     script = tmp_path / "two_ranks.py"
     here = str(REPO / "tests" / "unit" / "engine")  # the helpers in test_checkpoint.py
     script.write_text(textwrap.dedent(_TWO_RANKS.format(repo=str(REPO), here=here)))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ckpt")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=REPO,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "ALL OK" in proc.stdout
+    out = _run_two_ranks(script, tmp_path / "ckpt")
     for r in (0, 1):
         assert out.count(f"rank{r} error ok") == 2, out[-4000:]
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out
@@ -157,18 +146,7 @@ def test_two_ranks_refuse_a_shard_outside_the_manifest(tmp_path: Path) -> None:
     here = str(REPO / "tests" / "unit" / "engine")
     script.write_text(textwrap.dedent(_UNLISTED_SHARD.format(repo=str(REPO), here=here)))
     marker = tmp_path / "pwned"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ckpt"), str(marker)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=REPO,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "ALL OK" in proc.stdout
+    out = _run_two_ranks(script, tmp_path / "ckpt", marker)
     for r in (0, 1):
         assert out.count(f"rank{r} refused") == 2, out[-4000:]
     assert not marker.exists(), "an unlisted ZeRO shard ran code on load"
@@ -189,6 +167,23 @@ def test_crash_mid_async_write_leaves_no_loadable_partial(tmp_path: Path) -> Non
     assert [i.step for i in store.list()] == [1]  # ... but only step 1 is loadable
     latest = store.latest()
     assert latest is not None and store.load_rank_state(latest, 0) == {"v": 1}
+
+
+def _run_two_ranks(script: Path, *args: Path) -> str:
+    """Run a two-rank script (it spawns both ranks); its output, once it printed ALL OK."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=REPO,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "ALL OK" in proc.stdout
+    return out
 
 
 def _port() -> int:
