@@ -173,6 +173,7 @@ def test_the_logged_model_loads_back_from_mlflow(
     tmp_path: Path, tiny_dir: Path, mlflow_uri: str
 ) -> None:
     import mlflow
+    from mlflow.entities import LoggedModelStatus
 
     from orchestrator.tracking.client import mlflow_client
     from orchestrator.tracking.model import log_hf_model
@@ -186,7 +187,7 @@ def test_the_logged_model_loads_back_from_mlflow(
     model_id = log_hf_model(mlflow_uri, run_id, out, step=4, metrics={"loss": 1.25})
     client = mlflow_client(mlflow_uri)
     logged = client.get_logged_model(model_id)
-    assert logged.source_run_id == run_id and str(logged.status) in ("READY", "LoggedModelStatus.READY")
+    assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
     assert {(m.key, m.value, m.step) for m in logged.metrics or []} == {("loss", 1.25, 4)}
     outputs = client.get_run(run_id).outputs.model_outputs
     assert [(o.model_id, o.step) for o in outputs] == [(model_id, 4)]
