@@ -35,6 +35,7 @@ from orchestrator.engine.checkpoint.io import sha256_file
 from orchestrator.engine.checkpoint.safety import weights_only_loads
 from orchestrator.errors import CheckpointError
 from orchestrator.rundir import atomic_write_json, fsync_dir
+from orchestrator.tracking.model import has_tokenizer
 
 if TYPE_CHECKING:
     from orchestrator.engine.checkpoint import CheckpointInfo
@@ -59,11 +60,6 @@ def tokenizer_dir(cfg: ModelConfig) -> str | None:
         path = getattr(cfg, "tokenizer", None)
         path = path or (cfg.path if cfg.kind == "hf_pretrained" else None)
     return str(path) if path else None
-
-
-def _has_tokenizer(path: Path) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    return any((path / n).is_file() for n in names)
 
 
 def _zero3(module: torch.nn.Module) -> bool:
@@ -121,7 +117,7 @@ def write_hf_dir(
             gen = getattr(module, "generation_config", None)
             gen = gen or transformers.GenerationConfig.from_model_config(module.config)
             gen.save_pretrained(tmp)
-        if tokenizer_path and _has_tokenizer(Path(tokenizer_path)):
+        if tokenizer_path and has_tokenizer(tokenizer_path):
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 tokenizer_path, local_files_only=True
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -42,7 +43,7 @@ from orchestrator.engine.recovery import LoopState
 from orchestrator.engine.remote import CheckpointMirror, is_remote, push_export, run_storage_uri
 from orchestrator.engine.reporting import Reporter
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
-from orchestrator.errors import RollbackExhausted
+from orchestrator.errors import RollbackExhausted, TrackingError
 from orchestrator.recipe.schema import Recipe
 from orchestrator.rundir import RunDir
 from orchestrator.techniques.base import (
@@ -58,6 +59,8 @@ from orchestrator.techniques.base import (
     has,
 )
 from orchestrator.techniques.registry import build_techniques
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -518,10 +521,14 @@ class Trainer:
 
             self.reporter.flush(timeout_s=10.0)
             final = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-            out["model_id"] = log_hf_model(
-                ctx.tracking_uri or "", ctx.run_id or "", path, step=self.state.step,
-                metrics=final,
-            )  # fmt: skip
+            try:
+                out["model_id"] = log_hf_model(
+                    ctx.tracking_uri or "", ctx.run_id or "", path, step=self.state.step,
+                    metrics=final,
+                )  # fmt: skip
+            except TrackingError as exc:  # MLflow down: the model is on disk; the run stands
+                out["log_error"] = str(exc)
+                log.warning("the exported model %s is not in MLflow: %s", path, exc)
         self.emit("export", **out, seconds=round(time.perf_counter() - started, 3))
         return out
 

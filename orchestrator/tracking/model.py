@@ -25,6 +25,7 @@ from orchestrator.tracking.client import mlflow_client, mlflow_errors
 from orchestrator.tracking.sink import mlflow_key
 
 MODEL_NAME = "model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _PINNED = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 
@@ -40,16 +41,20 @@ def pip_requirements() -> list[str]:
     return out
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether directory ``path`` holds a tokenizer ``AutoTokenizer`` can load."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _save_flavor(model_dir: Path, dest: Path, logged: Any, run_id: str) -> bool:
     """Save ``model_dir`` to ``dest`` in the transformers flavor; False without a tokenizer."""
     import mlflow.transformers
     import transformers
     from mlflow.models import Model
 
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError):
+    if not has_tokenizer(model_dir):
         return False
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     meta = Model(
         artifact_path=logged.artifact_location,

@@ -193,3 +193,40 @@ def test_export_errors_exit_2(tmp_path: Path, mlflow_uri: str, capsys: Any) -> N
     assert _cli("export", run_id, str(out), "--tracking-uri", mlflow_uri) == 2
     assert "is not an empty directory" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.usefixtures("gloo_world")
+def test_mlflow_down_at_the_end_keeps_the_run_and_its_export(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One in-process rank: the export is written; MLflow refusing the model does not fail
+    the finished run (the event says why); `checkpoint.export: false` writes nothing."""
+    import orchestrator.tracking.model as tracking_model
+    from orchestrator.control.controller import open_job_run
+    from orchestrator.engine.trainer import Trainer, WorkerContext
+    from orchestrator.errors import TrackingError
+    from orchestrator.recipe.jobspec import JobSpec
+
+    def refused(*args: Any, **kwargs: Any) -> str:
+        raise TrackingError("MLflow could not log the model: connection refused")
+
+    monkeypatch.setattr(tracking_model, "log_hf_model", refused)
+    model_dir = build_tiny_hf(tmp_path / "pretrained")
+    for export in (True, False):
+        recipe = tiny_recipe(
+            tmp_path,
+            replace={"model": {"kind": "hf_pretrained", "path": str(model_dir)}},
+            schedule={"steps": 2, "micro_batch_size": 2},
+            checkpoint={"every": 0, "export": export},
+            tracking={"uri": mlflow_uri},
+        )
+        run_id, run_dir = open_job_run(JobSpec.of("one-rank", recipe))
+        summary = Trainer(recipe, WorkerContext(run_dir, 0, 1, mlflow_uri, run_id)).run()
+        assert summary["finished"]
+        if not export:
+            assert summary["export"] is None and not (run_dir / "export").exists()
+            continue
+        assert summary["export"]["path"] == str(run_dir / "export")
+        assert "connection refused" in summary["export"]["log_error"]
+        assert (run_dir / "export" / "model.safetensors").is_file()
+        assert [e["kind"] for e in summary["events"]].count("export") == 1

@@ -201,3 +201,22 @@ def test_the_logged_model_loads_back_from_mlflow(
     assert torch.equal(_logits(pipe.model), _logits(_load(out)))
     text = pipe("def add", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith("def add")
+
+
+def test_without_a_tokenizer_mlflow_holds_the_directory(
+    tmp_path: Path, tiny_dir: Path, mlflow_uri: str
+) -> None:
+    import mlflow
+
+    from orchestrator.tracking.client import mlflow_client
+    from orchestrator.tracking.model import log_hf_model
+    from orchestrator.tracking.runs import open_run
+
+    out = export_model(_load(tiny_dir), tmp_path / "export", None)
+    run_id = open_run(mlflow_uri, "exp", "bytes")
+    model_id = log_hf_model(mlflow_uri, run_id, out, step=2)
+    logged = mlflow_client(mlflow_uri).get_logged_model(model_id)
+    where = mlflow.artifacts.download_artifacts(logged.artifact_location, dst_path=tmp_path / "d")
+    got = Path(where)
+    assert (got / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert torch.equal(_logits(_load(got)), _logits(_load(out)))
