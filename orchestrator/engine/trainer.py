@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -489,13 +488,14 @@ class Trainer:
         if eval_loss is not None:
             last_metrics.update(self.eval_results)
             self.reporter.log(state.step, dict(self.eval_results))
-        exported = self.export(last_metrics)
+        exported = self.export()
         return self._summary(last_metrics, final, finished=True, exported=exported)
 
-    def export(self, metrics: dict[str, float]) -> dict[str, Any] | None:
+    def export(self) -> dict[str, Any] | None:
         """The end of a finished run (collective): the final model to ``<run dir>/export/``
         as a Hugging Face directory (``checkpoint.export``, HF models only), mirrored to
-        ``checkpoint.storage``, logged to MLflow with ``metrics`` (``tracking.log_model``).
+        ``checkpoint.storage``, logged to MLflow (``tracking.log_model``; MLflow refusing
+        it is recorded in the ``export`` event, the run stands).
         Rank 0 returns where it went (``path``, ``uri``, ``model_id``); other ranks None."""
         recipe, ctx = self.recipe, self.ctx
         if not (recipe.checkpoint.export and exportable(recipe.model)):
@@ -519,13 +519,10 @@ class Trainer:
         if self.reporter.tracked and recipe.tracking.log_model:
             from orchestrator.tracking.model import log_hf_model
 
-            self.reporter.flush(timeout_s=10.0)
-            final = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-            try:
+            try:  # the driver links the run's final metrics to it (log_summary)
                 out["model_id"] = log_hf_model(
-                    ctx.tracking_uri or "", ctx.run_id or "", path, step=self.state.step,
-                    metrics=final,
-                )  # fmt: skip
+                    ctx.tracking_uri or "", ctx.run_id or "", path, step=self.state.step
+                )
             except TrackingError as exc:  # MLflow down: the model is on disk; the run stands
                 out["log_error"] = str(exc)
                 log.warning("the exported model %s is not in MLflow: %s", path, exc)

@@ -2,8 +2,8 @@
 
 :func:`log_hf_model` records a Hugging Face directory (what ``engine/export`` writes) as a
 ``LoggedModel`` whose source run is the job run, listed among the run's outputs at the final
-step, with the run's final metrics linked to it (``Metric.model_id``), as
-``mlflow.<flavor>.log_model`` does, but through the one client of
+step, with the job's final metrics linked to it (``Metric.model_id``, logged once, by the
+driver's summary), much as ``mlflow.<flavor>.log_model`` does, but through the one client of
 :mod:`orchestrator.tracking.client` (no fluent run state, the URI given, not the global one).
 With a tokenizer it is saved in the ``transformers`` flavor (a text-generation pipeline):
 ``mlflow.transformers.load_model("models:/<model_id>")`` gives it back. Without one (byte
@@ -82,8 +82,11 @@ def log_hf_model(
     name: str = MODEL_NAME,
 ) -> str:
     """Record ``model_dir`` (a ``save_pretrained`` directory) as a logged model of ``run_id``
-    at ``step``, with ``metrics`` linked to it; its model id. A failure ends the logged model
-    FAILED and raises TrackingError."""
+    at ``step``; its model id. ``metrics`` are logged to the run linked to the model: pass
+    only keys the run has no point of at ``step`` yet (a metric logged again is a second point
+    in the run's history); the driver links the job's final metrics
+    (:func:`~orchestrator.tracking.runs.log_summary`). A failure ends the logged model FAILED
+    and raises TrackingError."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
     model_dir = Path(model_dir)
