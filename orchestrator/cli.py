@@ -214,6 +214,30 @@ def rollback(
     )  # fmt: skip
 
 
+@app.command()
+def export(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of the job to export.")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="New (or empty) directory to write.", show_default=False)
+    ],
+    step: Annotated[
+        int | None, typer.Option("--step", min=0, help="Checkpoint step; default: the newest.")
+    ] = None,
+    tracking_uri: TrackingOpt = "sqlite:///mlflow.db",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a committed checkpoint of a run as a Hugging Face directory (save_pretrained)."""
+    from orchestrator.control.export import export_run
+
+    got = export_run(
+        run_id, out_dir, tracking_uri=tracking_uri, step=step,
+        on_progress=lambda line: err.print(f"export: {line}"),
+    )  # fmt: skip
+    err.print(f"[green]exported[/] run {run_id} step {got['step']} to {got['path']}")
+    if as_json:
+        print(json.dumps(got))
+
+
 from orchestrator.cluster import commands as _cluster  # noqa: E402
 
 _cluster.register(app)  # submit, status, logs, stop, list

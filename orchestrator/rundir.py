@@ -11,10 +11,11 @@ directory, ``<checkpoint.storage or local_dir>/<run id>/``::
     summary.json               rank 0's summary of the finished (or stopped) job
     stopped.json               a STOP verdict; a Ray Train restart must not retry it
     segment.json               a manual rollback's skip ranges / LR scale for the workers
+    export/                    the final model as a Hugging Face directory (save_pretrained)
 
-Object storage mirrors ``checkpoints`` and ``abandoned`` under the same names. Records are
-written with :func:`atomic_write_json` (temp file, fsync, rename, fsync of the directory),
-so a reader sees the old file or the new one, never half of one.
+Object storage mirrors ``checkpoints``, ``abandoned`` and ``export`` under the same names.
+Records are written with :func:`atomic_write_json` (temp file, fsync, rename, fsync of the
+directory), so a reader sees the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ FAULTS = "faults"
 SUMMARY = "summary.json"
 STOPPED = "stopped.json"
 SEGMENT = "segment.json"
+EXPORT = "export"
 METRICS_SPOOL_SUFFIX = ".metrics.jsonl"  # a metric sink's spool: <run id> + this
 
 
@@ -186,6 +188,11 @@ class RunDir:
         return self.root / RAY
 
     @property
+    def export(self) -> Path:
+        """The final model, written by save_pretrained when a run ends (``engine/export``)."""
+        return self.root / EXPORT
+
+    @property
     def faults(self) -> Path:
         """Fault-injection markers (``<fault>.fired``)."""
         return self.root / FAULTS
@@ -241,6 +248,7 @@ class RunDir:
 __all__ = [
     "ABANDONED",
     "CHECKPOINTS",
+    "EXPORT",
     "FAULTS",
     "METRICS_SPOOL_SUFFIX",
     "RAY",

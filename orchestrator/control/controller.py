@@ -160,9 +160,11 @@ def run_job(
         }.items()
         if v is not None
     }
-    log_summary(
-        tracking.uri, new_run_id, metrics, tags={"regimen.checkpoint": result.checkpoint or ""}
-    )
+    exported = result.extra.get("export") or {}
+    tags = {"regimen.checkpoint": result.checkpoint or ""}
+    if exported.get("path"):
+        tags["regimen.export"] = exported.get("uri") or exported["path"]
+    log_summary(tracking.uri, new_run_id, metrics, tags=tags, model_id=exported.get("model_id"))
     end_run(tracking.uri, new_run_id, "FINISHED")
     return result
 
@@ -216,6 +218,8 @@ def _fill_from_summary(result: JobResult, summary: dict[str, Any] | None) -> Non
     result.rollbacks = int(summary.get("rollbacks") or 0)
     result.checkpoint = summary.get("checkpoint")
     result.extra["skipped_steps"] = summary.get("skipped_steps", 0)
+    if summary.get("export"):  # the final model: path, uri (mirrored), model_id (MLflow)
+        result.extra["export"] = summary["export"]
     if summary.get("eval_accuracy") is not None:
         result.extra["eval_accuracy"] = summary["eval_accuracy"]
     if "continual" in summary:  # the final continual metrics (cl/final/* in MLflow)

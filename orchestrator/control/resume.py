@@ -19,6 +19,7 @@ The recipe to run again is the stored ``recipe.yaml`` (:func:`recipe_to_continue
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,21 +101,39 @@ def recipe_to_continue(text: str, run_id: str) -> Recipe:
     return load_recipe_text(text, name=name)
 
 
-def continue_run(
-    run_id: str,
-    *,
-    tracking_uri: str,
-    to_step: int | None = None,
-    skip_batches: int = 0,
-    lr_scale: float | None = None,
-    address: str | None = None,
-) -> Any:
-    """Resume (``to_step`` None) or roll back ``run_id`` in a new MLflow run; the JobResult."""
-    from orchestrator.cluster.launch import ensure_ray
-    from orchestrator.control.controller import run_job
-    from orchestrator.engine.checkpoint import CheckpointStore
-    from orchestrator.engine.remote import CheckpointMirror
-    from orchestrator.recipe.jobspec import JobSpec
+@dataclass(frozen=True)
+class LocatedRun:
+    """A run found from its MLflow record: the run, its stored recipe, its run directory on
+    this machine, and the storage URI its checkpoints are mirrored to (or None)."""
+
+    run: Any
+    recipe: Recipe
+    run_dir: Path
+    storage_uri: str | None
+
+    def checkpoint(self, at_or_before: int | None = None, exact: bool = False) -> Any:
+        """The newest committed checkpoint (with ``step <= at_or_before``; ``exact``: that
+        step only), pulled from the storage first when the storage holds a newer one; None
+        when there is none."""
+        from orchestrator.engine.checkpoint import CheckpointStore
+        from orchestrator.engine.remote import CheckpointMirror
+
+        store = CheckpointStore(RunDir(self.run_dir).checkpoints, keep=0)
+        if self.storage_uri:  # the storage may hold newer checkpoints than this machine
+            local = store.latest(at_or_before)
+            newer_than = local.step if local else None
+            if exact and at_or_before is not None and newer_than != at_or_before:
+                newer_than = at_or_before - 1  # pulls that very step when the storage has it
+            CheckpointMirror(self.storage_uri).pull_latest(store.root, newer_than, at_or_before)
+        info = store.latest(at_or_before)
+        if exact and info is not None and info.step != at_or_before:
+            return None
+        return info
+
+
+def locate_run(run_id: str, tracking_uri: str) -> LocatedRun:
+    """Find ``run_id``'s recipe and storage from MLflow (tags ``regimen.run_dir`` and
+    ``regimen.storage_uri``, artifact ``recipe.yaml``); UsageError when it cannot be found."""
     from orchestrator.tracking.runs import read_recipe_yaml
 
     try:
@@ -136,16 +155,30 @@ def continue_run(
             f"run {run_id} has no reachable storage (tag regimen.run_dir={run_dir_tag!r}): "
             "mount the same storage path on this machine"
         )
+    return LocatedRun(old, recipe, run_dir, storage_uri)
+
+
+def continue_run(
+    run_id: str,
+    *,
+    tracking_uri: str,
+    to_step: int | None = None,
+    skip_batches: int = 0,
+    lr_scale: float | None = None,
+    address: str | None = None,
+) -> Any:
+    """Resume (``to_step`` None) or roll back ``run_id`` in a new MLflow run; the JobResult."""
+    from orchestrator.cluster.launch import ensure_ray
+    from orchestrator.control.controller import run_job
+    from orchestrator.recipe.jobspec import JobSpec
+
+    found = locate_run(run_id, tracking_uri)
+    old, recipe, run_dir, storage_uri = found.run, found.recipe, found.run_dir, found.storage_uri
     rd = RunDir(run_dir)
-    store = CheckpointStore(rd.checkpoints, keep=0)
-    mirror = CheckpointMirror(storage_uri) if storage_uri else None
-    if mirror is not None:  # the storage may hold newer checkpoints than this machine
-        local = store.latest(to_step)
-        mirror.pull_latest(store.root, local.step if local else None, to_step)
-    target = store.latest(to_step)
+    target = found.checkpoint(to_step)
     if target is None:
         where = f"at or before step {to_step}" if to_step is not None else "at all"
-        raise UsageError(f"run {run_id} has no committed checkpoint {where} in {store.root}")
+        raise UsageError(f"run {run_id} has no committed checkpoint {where} in {rd.checkpoints}")
     stale = _mark_stale(tracking_uri, run_id)
     rd.clear_stopped()  # a person decided to go on
     kind: segments.ContinuationKind = "resume" if to_step is None else "rollback"
@@ -153,8 +186,10 @@ def continue_run(
     rollback: dict[str, Any] = {}
     if kind == "rollback":
         moved = _abandon_after(run_dir, target.step, f"{kind}-{segment}")
-        if mirror is not None:
-            mirror.abandon_after(target.step, f"{kind}-{segment}")
+        if storage_uri:
+            from orchestrator.engine.remote import CheckpointMirror
+
+            CheckpointMirror(storage_uri).abandon_after(target.step, f"{kind}-{segment}")
         cursor = int(target.manifest.get("meta", {}).get("cursor", 0))
         skip = [[cursor, cursor + skip_batches * recipe.global_batch_size]] if skip_batches else []
         rd.write_segment(Segment(segment, target.step, [(a, b) for a, b in skip], lr_scale))

@@ -6,7 +6,8 @@ When ``checkpoint.storage`` is a URI (``s3://bucket/prefix``, ``gs://…``, ``hd
 checkpoint is copied to ``<storage>/<run_id>/checkpoints/step-N/``, its files first
 and ``manifest.json`` last. The manifest is the commit marker on the remote side too:
 a step directory without one (an upload cut short) is never pulled. Retention is
-mirrored: steps the local store's retention drops are deleted remotely.
+mirrored: steps the local store's retention drops are deleted remotely. A run's exported
+model (``export/``, :func:`push_export`) is mirrored the same way, its record last.
 
 On start (resume, or a restart on a fresh node after the cluster is gone) the newest
 remote checkpoint that is newer than anything local is downloaded into a temporary
@@ -29,13 +30,14 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from orchestrator.engine.checkpoint.io import name_problem
 from orchestrator.errors import CheckpointError
 from orchestrator.recipe.storage import is_remote as is_remote
-from orchestrator.rundir import ABANDONED, CHECKPOINTS
+from orchestrator.rundir import ABANDONED, CHECKPOINTS, EXPORT
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
@@ -44,6 +46,19 @@ _CHUNK = 8 << 20
 def run_storage_uri(storage: str, run_id: str) -> str:
     """Where one run's checkpoints live under a storage URI."""
     return f"{storage.rstrip('/')}/{run_id}/{CHECKPOINTS}"
+
+
+def push_export(
+    storage: str, run_id: str, local_dir: Path, files: Iterable[str], marker: str
+) -> str:
+    """Mirror a run's exported model to ``<storage>/<run_id>/export/``; the URI written.
+
+    An earlier remote export is deleted first, so its marker never vouches for new files;
+    ``marker`` (the export record, listing every file's SHA-256) is uploaded last."""
+    mirror = CheckpointMirror(f"{storage.rstrip('/')}/{run_id}/{EXPORT}")
+    mirror.fs.delete_dir_contents(mirror.root, missing_dir_ok=True)
+    mirror.push_files(mirror.root, local_dir, files, marker)
+    return mirror.uri
 
 
 def _step_name(step: int) -> str:
@@ -69,17 +84,20 @@ class CheckpointMirror:
     # -- push ---------------------------------------------------------------------------------
     def push(self, step: int, local_dir: Path, manifest: dict[str, Any]) -> None:
         """Upload one committed checkpoint: every file of the manifest, then the manifest."""
-        dest = f"{self.root}/{_step_name(step)}"
+        self.push_files(f"{self.root}/{_step_name(step)}", local_dir, manifest["files"], MANIFEST)
+
+    def push_files(self, dest: str, local_dir: Path, files: Iterable[str], marker: str) -> None:
+        """Upload ``files`` (names relative to ``local_dir``) to ``dest``, then ``marker``,
+        the commit marker: written under another name and moved into place, so a reader never
+        sees a half-written one (a rename on file://; object stores only show an object once
+        its upload is complete anyway)."""
         self.fs.create_dir(dest, recursive=True)
-        for rel in sorted(manifest["files"]):
+        for rel in sorted(files):
             parent = f"{dest}/{rel}".rsplit("/", 1)[0]
             self.fs.create_dir(parent, recursive=True)
             self._upload(local_dir / rel, f"{dest}/{rel}")
-        # The manifest is the commit marker: written under another name and moved into place,
-        # so a reader never sees a half-written one (a rename on file://; object stores only
-        # show an object once its upload is complete anyway).
-        self._upload(local_dir / MANIFEST, f"{dest}/{MANIFEST}.partial")
-        self.fs.move(f"{dest}/{MANIFEST}.partial", f"{dest}/{MANIFEST}")
+        self._upload(local_dir / marker, f"{dest}/{marker}.partial")
+        self.fs.move(f"{dest}/{marker}.partial", f"{dest}/{marker}")
 
     def _upload(self, src: Path, dest: str) -> None:
         with open(src, "rb") as f, self.fs.open_output_stream(dest) as out:

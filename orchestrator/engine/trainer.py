@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,11 +31,18 @@ from orchestrator.distributed import all_reduce_floats
 from orchestrator.engine import recovery
 from orchestrator.engine.build import initialize_engine, release_engine
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore
+from orchestrator.engine.export import (
+    EXPORT_RECORD,
+    export_model,
+    exportable,
+    exported_files,
+    tokenizer_dir,
+)
 from orchestrator.engine.recovery import LoopState
-from orchestrator.engine.remote import CheckpointMirror, is_remote, run_storage_uri
+from orchestrator.engine.remote import CheckpointMirror, is_remote, push_export, run_storage_uri
 from orchestrator.engine.reporting import Reporter
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
-from orchestrator.errors import RollbackExhausted
+from orchestrator.errors import RollbackExhausted, TrackingError
 from orchestrator.recipe.schema import Recipe
 from orchestrator.rundir import RunDir
 from orchestrator.techniques.base import (
@@ -50,6 +58,8 @@ from orchestrator.techniques.base import (
     has,
 )
 from orchestrator.techniques.registry import build_techniques
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -478,10 +488,53 @@ class Trainer:
         if eval_loss is not None:
             last_metrics.update(self.eval_results)
             self.reporter.log(state.step, dict(self.eval_results))
-        return self._summary(last_metrics, final, finished=True)
+        exported = self.export()
+        return self._summary(last_metrics, final, finished=True, exported=exported)
+
+    def export(self) -> dict[str, Any] | None:
+        """The end of a finished run (collective): the final model to ``<run dir>/export/``
+        as a Hugging Face directory (``checkpoint.export``, HF models only), mirrored to
+        ``checkpoint.storage``, logged to MLflow (``tracking.log_model``; MLflow refusing
+        it is recorded in the ``export`` event, the run stands).
+        Rank 0 returns where it went (``path``, ``uri``, ``model_id``); other ranks None."""
+        recipe, ctx = self.recipe, self.ctx
+        if not (recipe.checkpoint.export and exportable(recipe.model)):
+            return None
+        started = time.perf_counter()
+        path = export_model(
+            self.built.engine,
+            self.rundir.export,
+            tokenizer_dir(recipe.model),
+            rank=ctx.rank,
+            record={"step": self.state.step, "source": "engine", "run_id": ctx.run_id},
+        )
+        if path is None:
+            return None
+        out: dict[str, Any] = {"path": str(path)}
+        if self.mirror is not None:
+            out["uri"] = push_export(
+                recipe.checkpoint.storage, ctx.run_dir.name, path, exported_files(path),
+                EXPORT_RECORD,
+            )  # fmt: skip
+        if self.reporter.tracked and recipe.tracking.log_model:
+            from orchestrator.tracking.model import log_hf_model
+
+            try:  # the driver links the run's final metrics to it (log_summary)
+                out["model_id"] = log_hf_model(
+                    ctx.tracking_uri or "", ctx.run_id or "", path, step=self.state.step
+                )
+            except TrackingError as exc:  # MLflow down: the model is on disk; the run stands
+                out["log_error"] = str(exc)
+                log.warning("the exported model %s is not in MLflow: %s", path, exc)
+        self.emit("export", **out, seconds=round(time.perf_counter() - started, 3))
+        return out
 
     def _summary(
-        self, metrics: dict[str, float], final: CheckpointInfo | None, finished: bool
+        self,
+        metrics: dict[str, float],
+        final: CheckpointInfo | None,
+        finished: bool,
+        exported: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         summary = {
             "steps": self.state.step,
@@ -491,6 +544,7 @@ class Trainer:
             "rollbacks": self.loop.rollbacks,
             "skipped_steps": self.loop.skipped_steps,
             "checkpoint": str(final.path) if final else None,
+            "export": exported,
             "finished": finished,
             "data_fingerprint": self.data.fingerprint,
             "events": self.events,

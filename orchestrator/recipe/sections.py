@@ -176,6 +176,12 @@ class CheckpointConfig(_CheckpointAsync):  # type: ignore[misc]
         description="Node-local working copy of run storage when `storage` is a URI.",
     )
     at_end: bool = True
+    export: bool = Field(
+        True,
+        description="When a run of a Hugging Face model (kind hf_config / hf_pretrained) "
+        "finishes, write its final model to `<run dir>/export/` with save_pretrained "
+        "(safetensors, tokenizer, generation config), mirrored to `storage` like checkpoints.",
+    )
 
     @field_validator("storage")
     @classmethod
@@ -221,6 +227,11 @@ class TrackingConfig(Section):
     experiment: str = "regimen"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    log_model: bool = Field(
+        True,
+        description="Record the exported model (`checkpoint.export`) in MLflow as a logged "
+        "model of the run (mlflow.transformers flavor), linked to its final metrics.",
+    )
 
 
 class SweepConfig(Section):

@@ -232,12 +232,16 @@ def log_summary(
     tags: Mapping[str, Any] | None = None,
     *,
     step: int = 0,
+    model_id: str | None = None,
 ) -> None:
-    """Log final metrics (one point each at ``step``) and optional tags, synchronously."""
+    """Log final metrics (one point each at ``step``) and optional tags, synchronously;
+    with ``model_id`` the metrics are linked to that logged model too."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    points = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()]
+    points = [
+        Metric(mlflow_key(k), float(v), ts, step, model_id=model_id) for k, v in metrics.items()
+    ]
     with mlflow_errors(f"log the summary of run {run_id}", tracking_uri):
         client = mlflow_client(tracking_uri)
         for i in range(0, len(points), 1000):

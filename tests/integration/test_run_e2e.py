@@ -69,6 +69,13 @@ def test_run_records_everything_in_mlflow(tmp_path):
     artifact = Path(client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path)))
     resolved = yaml.safe_load(artifact.read_text())
     assert resolved["optimizer"]["lr"] == 0.005 and resolved["schedule"]["steps"] == 16
+    # the final model: a save_pretrained directory, and a logged model linked to the run
+    exported = summary["export"]
+    assert Path(exported["path"], "model.safetensors").is_file()
+    assert run.data.tags["regimen.export"] == exported["path"]
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(exported["model_id"], 16)]
+    linked = {m.key for m in client.get_logged_model(exported["model_id"]).metrics or []}
+    assert {"final_loss", "final_eval_loss", "steps"} <= linked
 
 
 def test_bad_recipe_launches_nothing(tmp_path):

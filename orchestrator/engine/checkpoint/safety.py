@@ -99,26 +99,31 @@ _FORCE, _FORCE_NOT = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ON
 
 
 @contextmanager
-def weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
+def weights_only_loads(checkpoint_engine: Any | None) -> Iterator[None]:
     """While active, ``checkpoint_engine.load`` (DeepSpeed's reader of its own files) and any
     other ``torch.load`` in this process use the weights-only unpickler, allowing beyond
-    torch's own set only :data:`DEEPSPEED_SAFE_GLOBALS`. A file that needs anything else
-    raises ``pickle.UnpicklingError`` instead of running code."""
+    torch's own set only :data:`DEEPSPEED_SAFE_GLOBALS`; ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    overrides even an explicit ``weights_only=False`` (DeepSpeed's ``zero_to_fp32``). A file
+    that needs anything else raises ``pickle.UnpicklingError`` instead of running code.
+    ``checkpoint_engine`` None: no engine to patch (reading a checkpoint without one)."""
     allowed = deepspeed_safe_globals()
 
     def load(path: str, map_location: Any = None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
-    own = vars(checkpoint_engine)
+    own = vars(checkpoint_engine) if checkpoint_engine is not None else {}
     had, previous = "load" in own, own.get("load")
     saved_env = {k: os.environ.pop(k, None) for k in (_FORCE, _FORCE_NOT)}
-    checkpoint_engine.load = load
+    if checkpoint_engine is not None:
+        checkpoint_engine.load = load
     os.environ[_FORCE] = "1"
     try:
         with torch.serialization.safe_globals(allowed):
             yield
     finally:
-        if had:
+        if checkpoint_engine is None:
+            pass
+        elif had:
             checkpoint_engine.load = previous
         else:
             del checkpoint_engine.load
