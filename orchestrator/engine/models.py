@@ -77,7 +77,7 @@ def hf_config(model_type: str, values: dict[str, Any]) -> Any:
         raise UsageError("; ".join(problems))
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
-    except (TypeError, ValueError) as exc:  # strict dataclass validation: a wrong value type
+    except Exception as exc:  # strict dataclass validation (a wrong value type) and the like
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise UsageError(f"model.config: {' '.join(lines[-2:])}") from None
 
@@ -85,13 +85,20 @@ def hf_config(model_type: str, values: dict[str, Any]) -> Any:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Turn on HF gradient checkpointing, non-reentrant (frozen layers, as under LISA, and
     dropout recompute exactly: torch saves and restores the RNG state)."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", True):
+    kwargs = {"use_reentrant": False}
+    if not getattr(model, "supports_gradient_checkpointing", True):
+        enable = None
+    elif callable(new := getattr(model, "activation_checkpointing_enable", None)):  # transformers 5
+        new(activation_checkpointing_kwargs=kwargs)
+        return
+    else:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable):
         raise UsageError(
             f"model.gradient_checkpointing: {type(model).__name__} has no "
             "gradient_checkpointing_enable(): remove the key, or checkpoint inside the model"
         )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:
