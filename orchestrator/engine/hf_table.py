@@ -94,7 +94,7 @@ def config_keys(cls: type) -> dict[str, list[str] | None]:
     else:  # an old-style config: its __init__ parameters, types from the defaults
         import inspect
 
-        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        for p in inspect.signature(cls).parameters.values():
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
                 default = p.default
                 keys[p.name] = (

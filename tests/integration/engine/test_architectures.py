@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from unit.engine.test_models import checkpointing
 from unit.recipe.test_hf_models import ARCHITECTURES, D
 
 from conftest import tiny_recipe
@@ -98,8 +99,7 @@ def test_architecture_trains_with_lisa_and_scheduled_dropout(arch, tmp_path, glo
     model = trainer.model
     assert trainer.state.step == STEPS
     assert model.config._attn_implementation == "sdpa"
-    assert model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing") \
-        else model.is_gradient_checkpointing  # fmt: skip
+    assert checkpointing(model), arch
 
     lisa = next(t for t in trainer.techniques if t.name == "lisa")
     path = LAYOUT.get(arch, "model.layers")

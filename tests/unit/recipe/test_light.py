@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from orchestrator.recipe.catalog import CATALOG
-from orchestrator.recipe.schema import Recipe, TechniquesConfig
 from orchestrator.recipe.hf_models import default_layers, model_types
+from orchestrator.recipe.schema import Recipe, TechniquesConfig
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml")) + sorted(
