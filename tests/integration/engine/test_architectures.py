@@ -45,15 +45,13 @@ def arch_recipe(tmp_path: Path, arch: str, **sections: Any) -> Any:
         "lisa": LISA,
         "dropout": {"mode": "early", "schedule": "constant", "rate": D, "cutoff_steps": CUTOFF},
     }
-    return tiny_recipe(
-        tmp_path,
-        replace={"model": model},
-        data={"seq_len": 16},
-        schedule={"steps": STEPS, "micro_batch_size": 2},
-        checkpoint={"every": 0, "at_end": False},
-        techniques=techniques,
-        **sections,
-    )
+    defaults: dict[str, Any] = {
+        "data": {"seq_len": 16},
+        "schedule": {"steps": STEPS, "micro_batch_size": 2},
+        "checkpoint": {"every": 0, "at_end": False},
+        "techniques": techniques,
+    }
+    return tiny_recipe(tmp_path, replace={"model": model}, **{**defaults, **sections})
 
 
 def site_rates(trainer: Trainer) -> set[float]:
