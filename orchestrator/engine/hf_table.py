@@ -4,13 +4,15 @@ The recipe layer must not import transformers (a config class import pulls in to
 while `regimen validate` takes a quarter of that), so the keys and value types of every
 config class of the installed transformers are written once into a JSON file shipped with
 the package, ``orchestrator/recipe/hf_configs.json``; :mod:`orchestrator.recipe.hf_models`
-reads it. Regenerate it after upgrading transformers::
+reads it (and its :func:`~orchestrator.recipe.hf_models.check_config` is what the engine
+applies to the live config class, with :func:`config_keys`, when it builds the model).
+Regenerate it after upgrading transformers::
 
     python -m orchestrator.engine.hf_table > orchestrator/recipe/hf_configs.json
 
-``tests/unit/engine/test_hf_table.py`` regenerates it and compares. The engine also checks
-the live config class at build time (:func:`config_key_problems`), so a model type the
-table does not know (another transformers version) is still checked, without a file line.
+``tests/unit/engine/test_hf_table.py`` regenerates it and compares. Because the engine checks
+the live class too, a model type the table does not know (another transformers version) is
+still checked, without a file line.
 """
 
 from __future__ import annotations
@@ -159,24 +161,6 @@ def table_json() -> str:
     ]
     lines += [",\n".join(entries), "  }", "}"]
     return "\n".join(lines) + "\n"
-
-
-def config_key_problems(model_type: str, config: dict[str, Any]) -> list[str]:
-    """``model.config`` problems against the live config class of ``model_type``: unknown
-    keys (the check the recipe layer could not make when its table lacks the type)."""
-    import difflib
-
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    cls = CONFIG_MAPPING[model_type]
-    known = config_keys(cls)
-    out = []
-    for key in config:
-        if key not in known:
-            guess = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-            hint = f"did you mean '{guess[0]}'?" if guess else "remove it"
-            out.append(f"model.config.{key}: unknown key for {cls.__name__}; {hint}")
-    return out
 
 
 if __name__ == "__main__":

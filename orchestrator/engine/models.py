@@ -66,15 +66,17 @@ def hf_config(model_type: str, values: dict[str, Any]) -> Any:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from orchestrator.engine.hf_table import config_key_problems
+    from orchestrator.engine.hf_table import config_keys
+    from orchestrator.recipe.hf_models import check_config
 
     if model_type not in CONFIG_MAPPING:
         raise UsageError(
             f"model.architecture: '{model_type}' is not a model type of transformers "
             f"{transformers.__version__}"
         )
-    if problems := config_key_problems(model_type, values):
-        raise UsageError("; ".join(problems))
+    cls = CONFIG_MAPPING[model_type]
+    if problems := check_config(cls.__name__, config_keys(cls), values):
+        raise UsageError("; ".join(f"{key}: {message}" for key, message in problems))
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
     except Exception as exc:  # strict dataclass validation (a wrong value type) and the like

@@ -110,11 +110,18 @@ def architecture_problem(architecture: str) -> str | None:
 
 
 def config_problems(model_type: str, config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(dotted key, message) for every unknown key and wrongly typed value of ``config``."""
+    """(dotted key, message) for every unknown key and wrongly typed value of ``config``,
+    against the table's config class of ``model_type`` (none when the table lacks it)."""
     cls = config_class(model_type)
-    if cls is None:
-        return []
-    keys = config_keys(model_type)
+    return [] if cls is None else check_config(cls, config_keys(model_type), config)
+
+
+def check_config(
+    cls: str, keys: dict[str, list[str] | None], config: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """(dotted key, message) for every key of ``config`` that config class ``cls`` (whose
+    ``keys`` map to their accepted YAML types) does not take or takes with another type.
+    The engine calls it with the live class's keys (:mod:`orchestrator.engine.hf_table`)."""
     out = []
     for key, value in config.items():
         where = f"model.config.{key}"
