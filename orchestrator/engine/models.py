@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,11 +12,17 @@ from orchestrator.factories import resolve_factory
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import ModelConfig
 
-_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
-    """A freshly initialised (seeded) or loaded model in fp32 on the CPU."""
+def build_model(
+    cfg: ModelConfig, seed: int, attn_implementation: str | None = None
+) -> torch.nn.Module:
+    """A freshly initialised (seeded) or loaded model on the CPU, in ``cfg.dtype``.
+
+    ``attn_implementation`` is the run's (:func:`orchestrator.recipe.hf_models.
+    attention_implementation`); default ``cfg.attn_implementation`` or sdpa.
+    """
     torch.manual_seed(seed)
     if cfg.kind == "factory":
         model = resolve_factory(cfg.factory or "", "model.factory")(**cfg.factory_args)
@@ -24,22 +30,77 @@ def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
             raise UsageError(
                 f"model.factory: {cfg.factory} returned {type(model).__name__}, not an nn.Module"
             )
-        return model
+    else:
+        model = _build_hf(cfg, attn_implementation or cfg.attn_implementation or "sdpa")
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def _build_hf(cfg: ModelConfig, attn: str) -> torch.nn.Module:
     import transformers
 
+    dtype = _DTYPES[cfg.dtype]
     if cfg.kind == "hf_pretrained":
         try:
-            return transformers.AutoModelForCausalLM.from_pretrained(
-                str(cfg.path), local_files_only=True, dtype=torch.float32
+            model: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(
+                str(cfg.path), local_files_only=True, dtype=dtype, attn_implementation=attn
             )
         except OSError as exc:
             raise UsageError(
                 f"model.path: cannot load a pretrained model from '{cfg.path}' ({exc}): "
                 "give a local directory written by save_pretrained"
             ) from None
-    config = transformers.AutoConfig.for_model(_ARCHITECTURES[cfg.architecture], **cfg.config)
-    config._attn_implementation = "eager"
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return model
+    config = hf_config(cfg.architecture, cfg.config)
+    return transformers.AutoModelForCausalLM.from_config(
+        config, dtype=dtype, attn_implementation=attn
+    )
+
+
+def hf_config(model_type: str, values: dict[str, Any]) -> Any:
+    """The transformers config of ``model_type`` built from ``values`` (`model.config`),
+    checked against the live config class: an unknown model type, an unknown key or a value
+    of the wrong type is a UsageError naming the key (the recipe check's messages, for the
+    model types its table does not know)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from orchestrator.engine.hf_table import config_keys
+    from orchestrator.recipe.hf_models import check_config
+
+    if model_type not in CONFIG_MAPPING:
+        raise UsageError(
+            f"model.architecture: '{model_type}' is not a model type of transformers "
+            f"{transformers.__version__}"
+        )
+    cls = CONFIG_MAPPING[model_type]
+    if problems := check_config(cls.__name__, config_keys(cls), values):
+        raise UsageError("; ".join(f"{key}: {message}" for key, message in problems))
+    try:
+        return transformers.AutoConfig.for_model(model_type, **values)
+    except Exception as exc:  # strict dataclass validation (a wrong value type) and the like
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise UsageError(f"model.config: {' '.join(lines[-2:])}") from None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on HF gradient checkpointing, non-reentrant (frozen layers, as under LISA, and
+    dropout recompute exactly: torch saves and restores the RNG state)."""
+    kwargs = {"use_reentrant": False}
+    if not getattr(model, "supports_gradient_checkpointing", True):
+        enable = None
+    elif callable(new := getattr(model, "activation_checkpointing_enable", None)):  # transformers 5
+        new(activation_checkpointing_kwargs=kwargs)
+        return
+    else:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        raise UsageError(
+            f"model.gradient_checkpointing: {type(model).__name__} has no "
+            "gradient_checkpointing_enable(): remove the key, or checkpoint inside the model"
+        )
+    enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:

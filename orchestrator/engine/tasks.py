@@ -83,15 +83,18 @@ def task_for(cfg: ModelConfig) -> CausalLM | Classification:
     return Classification() if cfg.task == "classification" else CausalLM()
 
 
-def build_task_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
-    """The recipe's model: the builtin ViT/MLP for `kind: builtin`, else models.build_model."""
+def build_task_model(
+    cfg: ModelConfig, seed: int, attn_implementation: str | None = None
+) -> torch.nn.Module:
+    """The recipe's model: the builtin ViT/MLP for `kind: builtin`, else models.build_model
+    (with the run's attention implementation)."""
     if cfg.kind == "builtin":
         from orchestrator.engine.vision import build_builtin
 
         return build_builtin(cfg.architecture, cfg.config, seed)
     from orchestrator.engine.models import build_model
 
-    return build_model(cfg, seed)
+    return build_model(cfg, seed, attn_implementation)
 
 
 def eval_metrics(sums: list[float], task: CausalLM | Classification) -> dict[str, float]:

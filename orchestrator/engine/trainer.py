@@ -43,6 +43,7 @@ from orchestrator.engine.remote import CheckpointMirror, is_remote, push_export,
 from orchestrator.engine.reporting import Reporter
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.errors import RollbackExhausted, TrackingError
+from orchestrator.recipe.hf_models import attention_implementation
 from orchestrator.recipe.schema import Recipe
 from orchestrator.rundir import RunDir
 from orchestrator.techniques.base import (
@@ -203,7 +204,7 @@ class Trainer:
             self.data.train, recipe.seed, recipe.schedule.micro_batch_size, ctx.rank, ctx.world_size
         )
         self.task = task_for(recipe.model)
-        self.model = build_task_model(recipe.model, recipe.seed)
+        self.model = build_task_model(recipe.model, recipe.seed, attention_implementation(recipe))
         self.context = Context(
             recipe=recipe, state=state, model=self.model, task=self.task, data=self.data,
             rank=ctx.rank, world_size=ctx.world_size, engine_of=self._engine,

@@ -39,14 +39,38 @@ class ModelConfig(Section):
     `kind: factory` calls the user's `module:function` with `factory_args` (runs user code);
     `kind: builtin` builds Regimen's small classifiers, `architecture: vit | mlp`, sized by
     `config` (see orchestrator/engine/vision.py); its `task` defaults to classification.
+    For `hf_config`, `architecture` is any transformers model type with a causal-LM class
+    and `config` is checked against its config class (:mod:`orchestrator.recipe.hf_models`).
     """
 
     kind: Literal["hf_config", "hf_pretrained", "factory", "builtin"] = "hf_config"
-    architecture: Literal["llama", "mistral", "qwen2", "gpt2", "vit", "mlp"] = Field(
-        "llama", description="HF architecture for kind=hf_config; vit or mlp for kind=builtin."
+    architecture: str = Field(
+        "llama",
+        description="kind=hf_config: a transformers model type with a causal-LM class (llama, "
+        "mistral, qwen2, qwen3, gemma, phi3, gpt_neox, olmo2, mixtral, gpt2, opt, falcon, ...); "
+        "kind=builtin: vit or mlp.",
     )
     config: dict[str, Any] = Field(
-        default_factory=dict, description="HF config fields (hidden_size, num_hidden_layers, ...)."
+        default_factory=dict,
+        description="Config fields (hidden_size, num_hidden_layers, ...), checked against the "
+        "architecture's config class: unknown keys and wrong value types are errors.",
+    )
+    attn_implementation: (
+        Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
+    ) = Field(
+        None,
+        description="HF attention kernel; default sdpa, or eager when the spike guard measures "
+        "attention entropy (stability.indicators_every > 0), which needs the probabilities.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in the backward pass (HF "
+        "gradient_checkpointing_enable, non-reentrant): less memory, ~30% more compute.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype the HF weights are built or loaded in; bfloat16 needs precision: "
+        "bf16, float16 needs precision: fp16.",
     )
     path: str | None = Field(None, description="Local directory for kind=hf_pretrained.")
     factory: str | None = Field(None, description="'package.module:function' for kind=factory.")

@@ -22,9 +22,12 @@ Three signals that, in the literature, move *before* the loss does:
   Attention Entropy Collapse"): per layer, the mean Shannon entropy (nats) of the attention
   probabilities of the first micro-batch of the step, from a forward hook on each attention
   module; the headline is the min over layers, ``indicator/attn_entropy_min`` (collapse = low).
-  It needs the *eager* attention implementation, which returns the probabilities (Regimen's
-  ``kind: hf_config`` models use it); with sdpa/flash attention the probabilities are never
-  materialised and the signal is reported unavailable (event ``indicator_unavailable``).
+  It needs the *eager* attention implementation, which returns the probabilities (Regimen
+  builds HF models with it whenever ``stability.indicators_every`` is on, and refuses an
+  explicit other ``model.attn_implementation`` then, see
+  :func:`orchestrator.recipe.hf_models.attention_implementation`); with sdpa/flash attention
+  the probabilities are never materialised and the signal is reported unavailable (event
+  ``indicator_unavailable``).
 """
 
 from __future__ import annotations

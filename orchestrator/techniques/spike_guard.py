@@ -131,7 +131,8 @@ class SpikeGuard(Technique):
                 "indicator_unavailable",
                 indicator="attn_entropy",
                 reason="the attention implementation returns no probabilities (sdpa/flash): "
-                "load the model with attn_implementation='eager' to measure attention entropy",
+                "build the model with eager attention to measure attention entropy (HF models "
+                "get it from model.attn_implementation, eager by default with indicators on)",
             )
         cfg, step, found = self.cfg, state.step - 1, None
         checks = [

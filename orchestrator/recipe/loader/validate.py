@@ -106,8 +106,9 @@ def _without(data: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any
 def _cross_checks(recipe: Recipe, problems: Problems) -> None:
     from orchestrator.recipe.catalog import check_techniques
     from orchestrator.recipe.deepspeed import ds_config_problems
+    from orchestrator.recipe.hf_models import model_problems
 
-    for check in (ds_config_problems, check_techniques):
+    for check in (model_problems, ds_config_problems, check_techniques):
         try:
             found = check(recipe)
         except Exception as exc:

@@ -17,10 +17,6 @@ from orchestrator.recipe.sections import TechniqueConfig
 if TYPE_CHECKING:
     from orchestrator.recipe.schema import Recipe
 
-# transformers' default num_hidden_layers per `model.architecture` (tests/unit/recipe/
-# test_light.py checks it against the installed transformers, which imports torch).
-HF_DEFAULT_LAYERS = {"llama": 32, "mistral": 32, "qwen2": 32, "gpt2": 12}
-
 
 class LisaConfig(TechniqueConfig):
     """`techniques.lisa`: `gamma` sampled layers + always-on parts train; redrawn per `interval`."""
@@ -88,8 +84,13 @@ def layer_count(recipe: Recipe) -> int | None:
         return None
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in model.config:
-            return int(model.config[key])
-    return HF_DEFAULT_LAYERS.get(model.architecture)
+            value = model.config[key]  # a wrong type is model_problems' to report
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+    # transformers' default depth, from the shipped table (tests/unit/recipe/test_light.py
+    # checks it against the installed transformers, which imports torch)
+    from orchestrator.recipe.hf_models import default_layers, table_applies
+
+    return default_layers(model.architecture) if table_applies() else None
 
 
 def check(cfg: LisaConfig, recipe: Recipe) -> list[tuple[str, str]]:

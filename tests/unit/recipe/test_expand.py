@@ -180,7 +180,7 @@ def test_variant_that_breaks_a_cross_check(tmp_path: Path, capsys: pytest.Captur
 def test_same_looking_values_collide_with_a_clear_message(tmp_path: Path) -> None:
     path = recipe(tmp_path, "sweep:\n  grid:\n    tracking.run_name: ['1', '01']\n    seed: [1]\n")
     assert len(expand(load_recipe(path))) == 2
-    clash = recipe(tmp_path, "sweep:\n  grid:\n    model.config.x: [1, '1']\n")
+    clash = recipe(tmp_path, "sweep:\n  grid:\n    model.factory_args.x: [1, '1']\n")
     with pytest.raises(RecipeError, match="all named sw-x_1"):
         expand(load_recipe(clash))
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from orchestrator.recipe.catalog import CATALOG
+from orchestrator.recipe.hf_models import default_layers, model_types
 from orchestrator.recipe.schema import Recipe, TechniquesConfig
-from orchestrator.recipe.techniques.lisa import HF_DEFAULT_LAYERS
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml")) + sorted(
@@ -155,11 +155,11 @@ def test_catalog_entries_are_the_schema_sections() -> None:
 
 
 def test_lisa_default_layer_counts_are_transformers_defaults() -> None:
-    """LISA's check knows each architecture's default depth without importing transformers."""
+    """LISA's check knows each architecture's default depth without importing transformers
+    (from the shipped table of config classes, orchestrator/recipe/hf_configs.json)."""
     transformers = pytest.importorskip("transformers")
-    for arch, layers in HF_DEFAULT_LAYERS.items():
-        assert transformers.AutoConfig.for_model(arch).num_hidden_layers == layers, arch
-    assert set(HF_DEFAULT_LAYERS) == set(
-        a for a in Recipe.model_fields["model"].annotation.model_fields["architecture"]
-        .annotation.__args__ if a not in ("vit", "mlp")
-    )  # fmt: skip
+    known = {a: default_layers(a) for a in model_types()}
+    assert {"llama", "mistral", "qwen2", "gpt2"} <= {a for a, n in known.items() if n}
+    for arch, layers in known.items():
+        if layers is not None:
+            assert transformers.AutoConfig.for_model(arch).num_hidden_layers == layers, arch
