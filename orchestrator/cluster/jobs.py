@@ -179,6 +179,11 @@ def prepare(
     from orchestrator.recipe.expand import expand
     from orchestrator.recipe.loader import load_recipe
 
+    if "DS_ACCELERATOR" in (env or {}):
+        raise UsageError(
+            "--env DS_ACCELERATOR: each worker chooses its accelerator from what Ray gave it "
+            "(resources.gpus_per_worker > 0: cuda, else cpu); set gpus_per_worker instead"
+        )
     loaded = load_recipe(recipe_path, overrides or [])
     variants = expand(loaded)  # validates every variant before anything is shipped
     recipe = loaded.recipe

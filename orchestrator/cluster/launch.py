@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from orchestrator.errors import UsageError
 from orchestrator.recipe.schema import Recipe
+from orchestrator.recipe.sections import ResourcesConfig
 from orchestrator.rundir import RunDir
 
 _QUIET_ENV = {
@@ -24,7 +28,8 @@ _QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
     "PYTHONWARNINGS": "ignore",
-    "DS_ACCELERATOR": "cpu",
+    # No DS_ACCELERATOR here: the driver (a KubeRay head, a laptop) may have no GPU while
+    # its workers do. Each worker picks its own (worker_accelerator, in _worker_entry).
     # A dead tracking server must not stall the sink for minutes (MLflow's default:
     # 7 retries x 120 s); the sink spools to disk and replays instead.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -37,8 +42,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = dict(_QUIET_ENV)
-    if os.environ.get("CUDA_VISIBLE_DEVICES") or _has_cuda():
-        env.pop("DS_ACCELERATOR")
     kwargs: dict[str, Any] = {
         "runtime_env": {"env_vars": env},
         "log_to_driver": os.environ.get("REGIMEN_WORKER_LOGS", "0") == "1",
@@ -56,13 +59,33 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _has_cuda() -> bool:
-    try:
-        import torch
+def worker_accelerator(resources: ResourcesConfig, gpu_ids: Sequence[Any]) -> str:
+    """DeepSpeed's accelerator for one worker (``cuda`` or ``cpu``), from what Ray gave it.
 
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
+    A recipe that asks for GPUs (``gpus_per_worker > 0``) trains on CUDA, and Ray must have
+    assigned this worker some (``gpu_ids``, i.e. ``ray.get_gpu_ids()``); one that asks for
+    none trains on the CPU, even on a GPU node. The driver's hardware plays no part.
+    """
+    device = resources.device
+    if device == "cuda" and not gpu_ids:
+        raise UsageError(
+            f"resources.gpus_per_worker is {resources.gpus_per_worker}, but Ray gave this "
+            "worker no GPU: check the cluster's GPU resources (ray status)"
+        )
+    return device
+
+
+def _select_accelerator(name: str) -> None:
+    """Make ``name`` DeepSpeed's accelerator in this process; it must happen before
+    DeepSpeed is imported (it picks one at import time and keeps it)."""
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    chosen = getattr(real, "ds_accelerator", None)
+    if chosen is not None and chosen.device_name() != name:
+        raise UsageError(
+            f"DeepSpeed was imported with the {chosen.device_name()} accelerator before "
+            f"this worker chose {name}"
+        )
+    os.environ["DS_ACCELERATOR"] = name
 
 
 @ray.remote(num_cpus=0)
@@ -91,13 +114,15 @@ def _worker_entry(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     import ray.train
 
-    from orchestrator.engine.loop import WorkerContext, train
     from orchestrator.envrefs import resolve_env_refs
     from orchestrator.recipe.loader import load_recipe_text
 
     context = ray.train.get_context()
     # ${env:NAME} references resolve here, from this worker's environment
     recipe = load_recipe_text(config["recipe_yaml"], name="recipe.yaml")
+    _select_accelerator(worker_accelerator(recipe.resources, ray.get_gpu_ids()))
+    from orchestrator.engine.loop import WorkerContext, train  # imports DeepSpeed
+
     board = config.get("progress")
     last = [0.0]
 
@@ -136,10 +161,10 @@ def make_trainer(recipe: Recipe, worker_config: dict[str, Any], *, progress: Any
     return TorchTrainer(
         _worker_entry,
         train_loop_config={**worker_config, "progress": progress},
-        torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if res.device == "cuda" else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.workers,
-            use_gpu=res.gpus_per_worker > 0,
+            use_gpu=res.device == "cuda",
             resources_per_worker=per_worker,
             placement_strategy=res.placement,
             accelerator_type=res.accelerator_type,

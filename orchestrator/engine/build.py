@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.engine.ds_config import build_ds_config
-from orchestrator.engine.optim import StepGate, build_optimizer
+from orchestrator.engine.optim import StepGate, build_optimizer, optimizer_on_cuda
 from orchestrator.techniques.base import Capability, Setup, Technique, has
 
 if TYPE_CHECKING:
@@ -43,7 +43,10 @@ def initialize_engine(
     for technique in techniques:
         if has(technique, Capability.CONFIGURES):
             technique.configure(setup)
-    optimizer = build_optimizer(setup.param_groups, recipe.optimizer)
+    from deepspeed.accelerator import get_accelerator
+
+    fused = optimizer_on_cuda(get_accelerator().device_name(), setup.ds_config)
+    optimizer = build_optimizer(setup.param_groups, recipe.optimizer, fused=fused)
     for wrap in setup.wrap_optimizer:
         optimizer = wrap(optimizer)
     gate = StepGate(optimizer)

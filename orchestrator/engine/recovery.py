@@ -43,22 +43,39 @@ class LoopState:
 
 
 def rng_state() -> dict[str, Any]:
-    """torch, Python and NumPy RNG states in checkpoint-safe types."""
+    """torch, Python and NumPy RNG states in checkpoint-safe types, and under ``cuda`` the
+    state of every CUDA device this process sees (GPU dropout draws from those).
+
+    ``cuda`` is left out when CUDA was never initialised here: nothing drew from it yet, so
+    the seeded state a resume starts from is the one this run has too.
+    """
     np_state: Any = np.random.get_state()
-    return {
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())  # CPU uint8 tensors
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned.
+
+    A checkpoint from a CPU run (no ``cuda``) leaves the CUDA generators as seeded; one from
+    a GPU run loads on a CPU-only process without its CUDA part. Devices are matched by
+    index, as many as both sides have (each Ray worker sees its own GPU as device 0).
+    """
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        for index, device_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def seed_everything(seed: int) -> None:

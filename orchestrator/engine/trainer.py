@@ -42,6 +42,7 @@ from orchestrator.engine.recovery import LoopState
 from orchestrator.engine.remote import CheckpointMirror, is_remote, push_export, run_storage_uri
 from orchestrator.engine.reporting import Reporter
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
+from orchestrator.engine.throughput import Throughput
 from orchestrator.errors import RollbackExhausted, TrackingError
 from orchestrator.recipe.hf_models import attention_implementation
 from orchestrator.recipe.schema import Recipe
@@ -223,6 +224,9 @@ class Trainer:
         self.built = initialize_engine(
             self.model, self.techniques, recipe, ctx.rank, ctx.world_size
         )
+        self.throughput = Throughput.for_run(
+            self.model, self.built.engine.device, recipe.precision, ctx.world_size
+        )
         if resume is not None and saved is not None:
             self.store.load_engine(self.built.engine, resume)
             recovery.restore_loop(state, self.loop, saved)
@@ -304,6 +308,7 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(schedule.grad_accumulation):
             batch = _on_device(self.batches.micro_batch_at(self.loop.cursor, micro), engine.device)
+            self.throughput.count(batch)
             loss = self.task.loss(engine, batch)
             engine.backward(loss)
             loss_sum += float(loss.detach())
@@ -337,6 +342,7 @@ class Trainer:
             "grad_norm": state.grad_norm,
             "step_time_s": elapsed,
             "samples_per_s": self.recipe.global_batch_size / elapsed,
+            **self.throughput.metrics(elapsed, self.ctx.world_size),
             "skipped": float(skipped),
             **state.metrics,
         }

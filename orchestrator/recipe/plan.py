@@ -50,6 +50,8 @@ def plan_of(variant: Variant) -> dict[str, Any]:
         "global_batch_size": r.global_batch_size,
         "samples": steps * r.global_batch_size,
         "workers": r.resources.workers,
+        "device_per_worker": r.resources.device,  # as each worker will decide it
+        "gpus_per_worker": r.resources.gpus_per_worker,
         "zero_stage": r.zero_stage,
         "precision": r.precision,
         "checkpoints": checkpoints,
@@ -69,7 +71,8 @@ def render_plan(plan: dict[str, Any]) -> str:
         lines.append("  sweep: " + escape(sweep))
     lines.append(
         f"  {plan['steps']} steps x {plan['global_batch_size']} samples "
-        f"({plan['workers']} workers, ZeRO-{plan['zero_stage']}, {plan['precision']})"
+        f"({plan['workers']} workers, each on {_device(plan)}, "
+        f"ZeRO-{plan['zero_stage']}, {plan['precision']})"
     )
     cks = plan["checkpoints"]
     count = plan.get("checkpoint_count", len(cks))
@@ -86,6 +89,14 @@ def render_plan(plan: dict[str, Any]) -> str:
     for ref in plan["user_code"]:
         lines.append(f"  [yellow]runs user code[/] {escape(ref)}")
     return "\n".join(lines)
+
+
+def _device(plan: dict[str, Any]) -> str:
+    """What each worker trains on: ``cpu``, or ``cuda with N GPU``."""
+    device = plan.get("device_per_worker", "cpu")
+    if device == "cpu":
+        return "cpu"
+    return f"{device} with {_short(float(plan.get('gpus_per_worker', 0)))} GPU"
 
 
 def _short(value: Any) -> str:

@@ -242,6 +242,15 @@ class ResourcesConfig(Section):
         None, description="torch intra-op threads per worker; default = cpus_per_worker."
     )
 
+    @property
+    def device(self) -> Literal["cuda", "cpu"]:
+        """The device every worker trains on: CUDA when it asks Ray for GPUs, else the CPU.
+
+        The one rule for the accelerator: each worker applies it to what Ray gave it
+        (``cluster.launch.worker_accelerator``), never to the submitting machine's hardware.
+        """
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
 
 class TrackingConfig(Section):
     """MLflow settings. `password`/`token` style values are redacted everywhere; write

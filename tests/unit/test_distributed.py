@@ -202,3 +202,29 @@ def test_only_distributed_py_calls_collectives() -> None:
         if rel != "distributed.py" and COLLECTIVE_CALL.search(path.read_text()):
             found.add(rel)
     assert found <= PENDING, f"call orchestrator.distributed instead: {sorted(found - PENDING)}"
+
+
+def _imported_modules(source: str) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_other_module_imports_a_communication_library() -> None:
+    """Nothing but orchestrator.distributed can reach torch.distributed or DeepSpeed's comm
+    (not even under another name, which the call pattern above would miss); DeepSpeed's own
+    collectives inside the engine are DeepSpeed's business."""
+    banned = ("torch.distributed", "deepspeed.comm", "torch.cuda.nccl")
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        hits = {m for m in _imported_modules(path.read_text()) if m.startswith(banned)}
+        if rel != "distributed.py" and hits:
+            found[rel] = sorted(hits)
+    assert not found, f"call orchestrator.distributed instead: {found}"

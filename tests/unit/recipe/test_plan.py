@@ -130,3 +130,13 @@ def test_plan_shows_deepspeed_auto_resolved(capsys: pytest.CaptureFixture[str]) 
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
     assert "auto" not in json.dumps(ds)
     assert only["deepspeed_auto"]["optimizer.params.lr"] == 3e-3
+
+
+def test_plan_shows_the_device_each_worker_will_choose() -> None:
+    """The worker's rule (resources.device), not the planning machine's hardware."""
+    cpu = plan_of(variant())
+    assert cpu["device_per_worker"] == "cpu"
+    assert "(2 workers, each on cpu, ZeRO-" in render_plan(cpu)
+    gpu = plan_of(variant(resources={"workers": 4, "gpus_per_worker": 1}))
+    assert gpu["device_per_worker"] == "cuda" and gpu["gpus_per_worker"] == 1
+    assert "(4 workers, each on cuda with 1 GPU, ZeRO-" in render_plan(gpu)

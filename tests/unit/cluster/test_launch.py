@@ -1,0 +1,147 @@
+"""The accelerator is decided on each worker from what Ray gave it, never on the driver.
+
+A KubeRay head or a laptop submitting to a GPU cluster has no GPU; its workers do. These run
+on a CPU-only machine, so every test here is what such a driver sees."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO
+from orchestrator.cluster import jobs, launch, manifests
+from orchestrator.engine import loop
+from orchestrator.errors import UsageError
+from orchestrator.recipe.loader import load_recipe
+from orchestrator.recipe.sections import ResourcesConfig
+
+TINY = Path(__file__).parents[2] / "integration" / "data" / "tiny.yaml"
+
+
+@pytest.fixture
+def cpu_only_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver without CUDA, whose own process runs DeepSpeed's CPU accelerator."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+def test_gpu_workers_get_cuda_whatever_the_driver_has(cpu_only_driver: None) -> None:
+    gpu = ResourcesConfig(workers=2, gpus_per_worker=1)
+    assert gpu.device == "cuda"
+    assert launch.worker_accelerator(gpu, [0]) == "cuda"
+    assert launch.worker_accelerator(ResourcesConfig(gpus_per_worker=0.5), ["3"]) == "cuda"
+
+
+def test_cpu_recipe_trains_on_cpu_even_on_a_gpu_node() -> None:
+    cpu = ResourcesConfig(workers=2)
+    assert cpu.device == "cpu"
+    assert launch.worker_accelerator(cpu, [0, 1]) == "cpu"
+
+
+def test_gpu_recipe_without_a_gpu_from_ray_is_a_clear_error() -> None:
+    with pytest.raises(UsageError, match="Ray gave this worker no GPU"):
+        launch.worker_accelerator(ResourcesConfig(gpus_per_worker=1), [])
+
+
+def test_ensure_ray_forwards_no_accelerator_from_the_driver(
+    cpu_only_driver: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(launch.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch.ray, "init", lambda **kw: seen.update(kw))
+    launch.ensure_ray(address="ray://head:10001")
+    env = seen["runtime_env"]["env_vars"]
+    assert "DS_ACCELERATOR" not in env and env["RAY_TRAIN_V2_ENABLED"] == "1"
+
+
+def _run_worker_entry(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, overrides: list[str], gpu_ids: list[Any]
+) -> str:
+    """Run ``_worker_entry`` as a Ray worker would, up to the training call; returns the
+    DS_ACCELERATOR the training loop (and DeepSpeed's import) would see."""
+    seen: dict[str, str] = {}
+
+    def train(recipe: Any, ctx: Any) -> dict[str, Any]:
+        import os
+
+        seen["accelerator"] = os.environ["DS_ACCELERATOR"]
+        return {}
+
+    context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 2)
+    monkeypatch.setattr("ray.train.get_context", lambda: context)
+    monkeypatch.setattr(launch.ray, "get_gpu_ids", lambda: gpu_ids)
+    monkeypatch.setattr(loop, "train", train)
+    # this test process imported DeepSpeed already; a fresh Ray worker has not
+    monkeypatch.setitem(
+        sys.modules, "deepspeed.accelerator.real_accelerator", SimpleNamespace(ds_accelerator=None)
+    )
+    recipe_yaml = load_recipe(TINY, overrides).yaml_text
+    launch._worker_entry({"recipe_yaml": recipe_yaml, "run_dir": str(tmp_path / "run")})
+    return seen["accelerator"]
+
+
+def test_worker_of_a_gpu_recipe_launched_from_a_cpu_driver_chooses_cuda(
+    cpu_only_driver: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The bug: the driver's DS_ACCELERATOR=cpu reached GPU workers (DeepSpeed on the CPU)."""
+    gpu = ["resources.gpus_per_worker=1"]
+    assert _run_worker_entry(monkeypatch, tmp_path, gpu, gpu_ids=[0]) == "cuda"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # a GPU node's environment, a CPU recipe
+    assert _run_worker_entry(monkeypatch, tmp_path, [], gpu_ids=[]) == "cpu"
+
+
+def test_accelerator_already_imported_differently_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chosen = SimpleNamespace(device_name=lambda: "cpu")
+    monkeypatch.setitem(
+        sys.modules,
+        "deepspeed.accelerator.real_accelerator",
+        SimpleNamespace(ds_accelerator=chosen),
+    )
+    with pytest.raises(UsageError, match="imported with the cpu accelerator"):
+        launch._select_accelerator("cuda")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    launch._select_accelerator("cpu")  # the same choice: fine
+
+
+def _envs(doc: dict[str, Any]) -> list[str]:
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [
+        e["name"] for g in groups for c in g["template"]["spec"]["containers"] for e in c["env"]
+    ]
+
+
+@pytest.mark.parametrize("kind", ["rayjob", "raycluster"])
+def test_kuberay_manifests_bake_no_accelerator(cpu_only_driver: None, kind: str) -> None:
+    text = manifests.from_recipe_file(
+        str(REPO / "recipes" / "quickstart.yaml"), ["resources.gpus_per_worker=1"], kind=kind
+    )
+    docs = list(yaml.safe_load_all(text))
+    names = _envs(docs[-1])
+    assert names and "DS_ACCELERATOR" not in names
+    for path in (REPO / "deploy" / "kuberay").glob("*.yaml"):
+        assert "DS_ACCELERATOR" not in path.read_text(), path
+
+
+def test_submit_ships_no_accelerator_from_the_submitting_machine(
+    cpu_only_driver: None,
+) -> None:
+    shipment, _, _ = jobs.prepare(TINY, ["resources.gpus_per_worker=1"])
+    try:
+        assert "DS_ACCELERATOR" not in shipment.runtime_env["env_vars"]
+    finally:
+        import shutil
+
+        shutil.rmtree(shipment.workdir)
+    with pytest.raises(UsageError, match="each worker chooses its accelerator"):
+        jobs.prepare(TINY, [], env={"DS_ACCELERATOR": "cpu"})
