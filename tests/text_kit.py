@@ -30,7 +30,17 @@ def docstrings(limit: int = 400) -> list[str]:
     import textwrap
 
     out: list[str] = []
-    for module in (os.path, re, json_mod, string, textwrap, functools, itertools, collections, pathlib):
+    for module in (
+        os.path,
+        re,
+        json_mod,
+        string,
+        textwrap,
+        functools,
+        itertools,
+        collections,
+        pathlib,
+    ):
         for name, obj in sorted(vars(module).items()):
             doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
             if doc and len(doc) > 40:

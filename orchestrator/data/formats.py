@@ -19,7 +19,9 @@ from typing import Any
 from orchestrator.errors import UsageError
 
 INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-INSTRUCTION_INPUT_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+INSTRUCTION_INPUT_PROMPT = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 Encoded = tuple[list[int], list[bool]]
 
@@ -110,7 +112,9 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], train_on_prompt:
     return ids, mask
 
 
-def encoder(fmt: str, text_field: str, train_on_prompt: bool) -> Callable[[Any, dict, int], Encoded]:
+def encoder(
+    fmt: str, text_field: str, train_on_prompt: bool
+) -> Callable[[Any, dict, int], Encoded]:
     """The per-record encoder ``(tokenizer, record, index) -> (ids, mask)`` of a format."""
 
     def text(tok: Any, record: dict[str, Any], i: int) -> Encoded:

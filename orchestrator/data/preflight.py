@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 PAD_FIX = (
     "give the tokenizer a pad token, e.g. `tok.pad_token = tok.eos_token; "
-    "tok.save_pretrained(DIR)` (or set \"pad_token\" in DIR/tokenizer_config.json), or use "
+    'tok.save_pretrained(DIR)` (or set "pad_token" in DIR/tokenizer_config.json), or use '
     "data.packing: true"
 )
 

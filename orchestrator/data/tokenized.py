@@ -130,7 +130,8 @@ def _encoded_batches(records: Any, cfg: DataConfig, tokenizer: Any) -> Iterator[
     index = 0
     for batch in records.iter(batch_size=_RECORD_BATCH):
         columns = list(batch)
-        rows = [dict(zip(columns, values, strict=True)) for values in zip(*batch.values())]
+        values = zip(*batch.values(), strict=True)
+        rows = [dict(zip(columns, row, strict=True)) for row in values]
         if cfg.format == "text" and rows:
             if cfg.text_field not in columns:
                 raise UsageError(
@@ -245,10 +246,14 @@ def _build_entry(cfg: DataConfig, tokenizer_path: str, folder: Path, root: Path)
     records = load_records(resolve_paths(cfg.paths), arrow)
     if cfg.eval_paths:
         counts = tokenize_records(records, cfg, tokenizer, folder, ("train",))
-        held = load_records(resolve_paths(cfg.eval_paths, "data.eval_paths"), arrow, "data.eval_paths")
+        held = load_records(
+            resolve_paths(cfg.eval_paths, "data.eval_paths"), arrow, "data.eval_paths"
+        )
         counts.update(tokenize_records(held, cfg, tokenizer, folder, ("eval",)))
     else:
-        counts = tokenize_records(records, cfg, tokenizer, folder, ("train", "eval"), cfg.eval_fraction)
+        counts = tokenize_records(
+            records, cfg, tokenizer, folder, ("train", "eval"), cfg.eval_fraction
+        )
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

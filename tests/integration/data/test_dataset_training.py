@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from text_kit import build_tokenizer, chat_records, write_jsonl
 
 from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
 from orchestrator.engine.trainer import StepHook
-from text_kit import build_tokenizer, chat_records, write_jsonl
 
 pytestmark = pytest.mark.integration
 

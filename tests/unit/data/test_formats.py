@@ -44,7 +44,10 @@ def test_chat_spans_fall_back_to_the_content_for_non_prefix_templates(tokenizer,
         "{{ m['content'] }}\n{% endfor %}",
     )
     full, spans = assistant_spans(tokenizer, CHAT)
-    assert [full[s.start : s.stop] for s in spans] == ["It joins path parts.", "The final component."]
+    assert [full[s.start : s.stop] for s in spans] == [
+        "It joins path parts.",
+        "The final component.",
+    ]
     tokenizer.chat_template = template
 
 
@@ -63,8 +66,12 @@ def test_instruction_loss_is_on_the_output_and_eos(tokenizer):
     ids, mask = encoder("instruction", "text", False)(tokenizer, record, 0)
     assert targets(tokenizer, ids, mask) == "split</s>"
     prompt = prompt_part(tokenizer, ids, mask)
-    assert "### Instruction:\nName the function." in prompt and "### Input:\nit splits paths" in prompt
-    no_input = encoder("instruction", "text", False)(tokenizer, {"instruction": "x", "output": "y"}, 0)
+    assert (
+        "### Instruction:\nName the function." in prompt and "### Input:\nit splits paths" in prompt
+    )
+    no_input = encoder("instruction", "text", False)(
+        tokenizer, {"instruction": "x", "output": "y"}, 0
+    )
     assert "### Input" not in tokenizer.decode(no_input[0])
 
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import yaml
+from text_kit import build_tokenizer, chat_records, write_jsonl
 
 from conftest import TINY_RECIPE
 from orchestrator.cli import main
 from orchestrator.control import controller
 from orchestrator.errors import UsageError
-from text_kit import build_tokenizer, chat_records, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def test_a_good_recipe_validates(tmp_path, capsys, tokenizers):
         ("no_pad", 512, {"packing": False}, ["data.packing: false pads every sample",
                                              "no pad token", "tok.pad_token = tok.eos_token"]),
         (None, 512, {}, ["model.tokenizer: data.kind dataset needs a tokenizer"]),
-        ("good", 512, {"paths": ["missing/*.jsonl"]}, ["data.paths: 'missing/*.jsonl' matches no file"]),
+        ("good", 512, {"paths": ["missing/*.jsonl"]},
+         ["data.paths: 'missing/*.jsonl' matches no file"]),
         ("good", 512, {"eval_paths": ["gone.parquet"]}, ["data.eval_paths: 'gone.parquet'"]),
     ],
 )  # fmt: skip

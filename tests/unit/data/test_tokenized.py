@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from text_kit import chat_records, docstrings, write_jsonl
 
 from orchestrator.data import BatchSource, build_data
 from orchestrator.data import tokenized as tokenized_mod
 from orchestrator.data.tokenized import IGNORE, TokenizedDataset, is_eval_record
 from orchestrator.errors import UsageError
 from orchestrator.recipe.schema import DataConfig
-from text_kit import chat_records, docstrings, write_jsonl
 
 
 def dataset_cfg(tmp_path: Path, paths: list[str], **kw) -> DataConfig:
@@ -37,9 +37,13 @@ def test_a_packed_chat_batch_has_loss_on_assistant_turns_only(tmp_path, tokenize
     path = write_jsonl(tmp_path / "chat.jsonl", records)
     cfg = dataset_cfg(tmp_path, [str(path)], format="chat", seq_len=256)
     split = build_data(cfg, str(tokenizer_dir))
-    batch = BatchSource(split.train, seed=0, micro_batch=4, rank=0, world_size=1).micro_batch_at(0, 0)
+    batch = BatchSource(split.train, seed=0, micro_batch=4, rank=0, world_size=1).micro_batch_at(
+        0, 0
+    )
     assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assistant_texts = {m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"}
+    assistant_texts = {
+        m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"
+    }
     user_texts = {m["content"] for r in records for m in r["messages"] if m["role"] != "assistant"}
     packed_docs = 0
     for row in range(4):
@@ -79,8 +83,10 @@ def test_packed_documents_do_not_attend_to_each_other(tmp_path, tokenizer_dir):
 
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": d[:80]} for d in docstrings()[:6]])
     split = build_data(dataset_cfg(tmp_path, [str(path)], seq_len=128), str(tokenizer_dir))
-    sample = next(split.train[i] for i in range(len(split.train)) if len(documents(split.train[i])) > 2)
-    (a0, a1), (b0, b1) = documents(sample)[:2]
+    sample = next(
+        split.train[i] for i in range(len(split.train)) if len(documents(split.train[i])) > 2
+    )
+    _, (b0, b1) = documents(sample)[:2]
     config = transformers.LlamaConfig(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -116,7 +122,9 @@ def test_unpacked_samples_are_padded_with_an_attention_mask(tmp_path, tokenizer,
     assert tokenizer.decode(sample["labels"][sample["labels"] != IGNORE]) == " 2</s>"
 
 
-def test_long_documents_are_cut_into_seq_len_chunks_without_cross_chunk_loss(tmp_path, tokenizer_dir):
+def test_long_documents_are_cut_into_seq_len_chunks_without_cross_chunk_loss(
+    tmp_path, tokenizer_dir
+):
     path = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(docstrings()[:20])}])
     split = build_data(dataset_cfg(tmp_path, [str(path)], seq_len=32), str(tokenizer_dir))
     assert len(split.train) > 3
@@ -162,12 +170,16 @@ def test_every_file_format_gives_the_same_tokens(tmp_path, tokenizer, tokenizer_
     assert decoded == [tokenizer.decode(tokenizer(t)["input_ids"]) + "</s>" for t in texts]
 
 
-def test_the_second_build_is_a_cache_hit_with_identical_samples(tmp_path, tokenizer_dir, monkeypatch, caplog):
+def test_the_second_build_is_a_cache_hit_with_identical_samples(
+    tmp_path, tokenizer_dir, monkeypatch, caplog
+):
     path = write_jsonl(tmp_path / "chat.jsonl", chat_records(20))
     cfg = dataset_cfg(tmp_path, [str(path)], format="chat", seq_len=96, eval_fraction=0.2)
     calls = []
     real = tokenized_mod.tokenize_records
-    monkeypatch.setattr(tokenized_mod, "tokenize_records", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        tokenized_mod, "tokenize_records", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     first = build_data(cfg, str(tokenizer_dir))
     assert calls == [1]
     with caplog.at_level(logging.INFO, logger="orchestrator.data"):
@@ -196,7 +208,10 @@ def test_eval_fraction_holds_out_evenly_spaced_records(tmp_path, tokenizer, toke
     assert len(split.train) == 30 and len(split.eval) == 10
 
     def decoded(ds: TokenizedDataset) -> set[str]:
-        return {tokenizer.decode(ds[i]["input_ids"][ds[i]["attention_mask"] == 1]) for i in range(len(ds))}
+        return {
+            tokenizer.decode(ds[i]["input_ids"][ds[i]["attention_mask"] == 1])
+            for i in range(len(ds))
+        }
 
     held, trained = decoded(split.eval), decoded(split.train)
     assert not held & trained and len(held | trained) == 40
