@@ -50,13 +50,20 @@ def _prompt_response(tokenizer: Any, prompt: str, response: str, train_on_prompt
     return head + tail, [train_on_prompt] * len(head) + [True] * len(tail)
 
 
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[Encoded]:
+    """Raw texts (tokenized as one batch) each plus EOS; every token is a target."""
+    eos = _eos(tokenizer)
+    out: list[Encoded] = []
+    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        if eos and (not ids or ids[-1] != eos[0]):
+            ids = [*ids, *eos]
+        out.append((ids, [True] * len(ids)))
+    return out
+
+
 def encode_text(tokenizer: Any, text: str) -> Encoded:
     """Raw text plus EOS; every token is a target."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    eos = _eos(tokenizer)
-    if eos and (not ids or ids[-1] != eos[0]):
-        ids = ids + eos
-    return ids, [True] * len(ids)
+    return encode_texts(tokenizer, [text])[0]
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:

@@ -19,6 +19,13 @@ BUILDERS = {
     ".txt": "text",
 }
 
+# Bytes read per chunk while converting to Arrow: the builders' 10 MiB default made the
+# conversion's peak memory grow by ~3 MiB per MiB of JSON (docs/BENCHMARKS.md, bench/data.py).
+_CHUNKS: dict[str, dict[str, int]] = {
+    "json": {"chunksize": 1 << 20},
+    "text": {"chunksize": 1 << 20},
+}
+
 
 def resolve_paths(patterns: list[str], key: str = "data.paths") -> list[Path]:
     """Files (globs expanded, sorted) or one ``save_to_disk`` directory; every pattern must
@@ -86,11 +93,13 @@ def load_records(paths: list[Path], arrow_cache: Path, key: str = "data.paths") 
                     )
                 loaded = loaded["train"]
             return loaded
+        builder = builder_of(paths[0], key)
         return datasets.load_dataset(
-            builder_of(paths[0], key),
+            builder,
             data_files=[str(p) for p in paths],
             split="train",
             cache_dir=str(arrow_cache),
+            **_CHUNKS.get(builder, {}),
         )
     except UsageError:
         raise

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from orchestrator.data.corpora import Split
-from orchestrator.data.formats import Encoded, encode_text, encoder
+from orchestrator.data.formats import Encoded, encode_texts, encoder
 from orchestrator.data.sources import files_fingerprint, load_records, resolve_paths
 from orchestrator.data.tokenizers import load_tokenizer, tokenizer_fingerprint
 from orchestrator.errors import UsageError
@@ -46,32 +46,36 @@ log = logging.getLogger("orchestrator.data")
 
 CACHE_VERSION = 1  # bump when the layout or the encoding changes
 IGNORE = -100
-_FLUSH_TOKENS = 1 << 20  # tokens buffered in memory before an append to the flat files
+_FLUSH_TOKENS = 1 << 18  # tokens buffered in memory before an append to the flat files
 _RECORD_BATCH = 512
 _ARRAYS = {"ids": np.int32, "labels": np.int32, "pos": np.int32}
 
 
 # -- writing -------------------------------------------------------------------------------
 class _SplitWriter:
-    """Appends documents to one split's flat files and closes samples as they fill."""
+    """Appends documents to one split's flat files and closes samples as they fill.
+
+    Buffers hold numpy arrays (4 bytes a token), flushed every ``_FLUSH_TOKENS``."""
 
     def __init__(self, folder: Path, name: str, seq_len: int, packing: bool):
         self.folder, self.name, self.seq_len, self.packing = folder, name, seq_len, packing
         self.files = {k: open(folder / f"{name}.{k}.bin", "wb") for k in _ARRAYS}  # noqa: SIM115
         self.samples = open(folder / f"{name}.samples.bin", "wb")  # noqa: SIM115
-        self.buf: dict[str, list[int]] = {k: [] for k in _ARRAYS}
+        self.buf: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
+        self.buffered = 0
         self.sample_buf: list[int] = []
         self.written = 0  # tokens appended so far (flushed or buffered)
         self.open_start = 0  # first token of the sample being filled
         self.documents = 0
         self.dropped = 0
 
-    def _append(self, ids: list[int], labels: list[int]) -> None:
-        self.buf["ids"] += ids
-        self.buf["labels"] += labels
-        self.buf["pos"] += range(len(ids))
+    def _append(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        self.buf["ids"].append(ids)
+        self.buf["labels"].append(labels)
+        self.buf["pos"].append(np.arange(len(ids), dtype=np.int32))
         self.written += len(ids)
-        if len(self.buf["ids"]) >= _FLUSH_TOKENS:
+        self.buffered += len(ids)
+        if self.buffered >= _FLUSH_TOKENS:
             self._flush()
 
     def _close_sample(self) -> None:
@@ -81,14 +85,14 @@ class _SplitWriter:
 
     def add(self, ids: list[int], mask: list[bool]) -> None:
         """One document: its ids and which of them are targets."""
-        labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+        tokens = np.asarray(ids, dtype=np.int32)
+        labels = np.where(np.asarray(mask, dtype=bool), tokens, np.int32(IGNORE)).astype(np.int32)
         step = self.seq_len
-        chunks = [(ids[i : i + step], labels[i : i + step]) for i in range(0, len(ids), step)]
-        if not self.packing:
-            chunks = chunks[:1]  # one sample per document, truncated to seq_len
-        for chunk_ids, chunk_labels in chunks:
-            chunk_labels = [IGNORE, *chunk_labels[1:]]  # nothing predicts across a boundary
-            if all(label == IGNORE for label in chunk_labels):
+        starts = range(0, len(tokens), step) if self.packing else range(min(1, len(tokens)))
+        for i in starts:  # packing: seq_len chunks; else one sample, truncated to seq_len
+            chunk_ids, chunk_labels = tokens[i : i + step], labels[i : i + step].copy()
+            chunk_labels[0] = IGNORE  # nothing predicts across a boundary
+            if not (chunk_labels != IGNORE).any():
                 self.dropped += 1  # no target: it would add nothing but a NaN-prone sample
                 continue
             if not self.packing or self.written - self.open_start + len(chunk_ids) > step:
@@ -98,8 +102,10 @@ class _SplitWriter:
 
     def _flush(self) -> None:
         for key, dtype in _ARRAYS.items():
-            self.files[key].write(np.asarray(self.buf[key], dtype=dtype).tobytes())
+            if self.buf[key]:
+                self.files[key].write(np.concatenate(self.buf[key]).astype(dtype).tobytes())
             self.buf[key] = []
+        self.buffered = 0
         self.samples.write(np.asarray(self.sample_buf, dtype=np.int64).tobytes())
         self.sample_buf = []
 
@@ -138,8 +144,7 @@ def _encoded_batches(records: Any, cfg: DataConfig, tokenizer: Any) -> Iterator[
                     f"data.text_field: the records have no '{cfg.text_field}' field (they "
                     f"have: {', '.join(columns)}): set data.text_field"
                 )
-            texts = [str(r[cfg.text_field] or "") for r in rows]
-            yield [encode_text(tokenizer, t) for t in texts]
+            yield encode_texts(tokenizer, [str(r[cfg.text_field] or "") for r in rows])
         else:
             yield [encode(tokenizer, row, index + k) for k, row in enumerate(rows)]
         index += len(rows)
