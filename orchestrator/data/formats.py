@@ -67,11 +67,18 @@ def encode_text(tokenizer: Any, text: str) -> Encoded:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return str(
-        tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+    try:
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
         )
-    )
+    except Exception as exc:  # no template (ValueError) or the template's own jinja errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"data.format: chat: the tokenizer's chat template cannot render a conversation "
+            f"({first}): fix the template or the records' roles"
+        ) from None
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[range]]:

@@ -102,3 +102,9 @@ def test_a_record_missing_its_fields_is_a_usage_error(tokenizer, fmt, record, ne
     with pytest.raises(UsageError, match="data.format") as err:
         encoder(fmt, "text", False)(tokenizer, record, 7)
     assert needle in str(err.value)
+
+
+def test_a_template_that_fails_is_a_usage_error(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(UsageError, match="chat template cannot render.*roles must alternate"):
+        encoder("chat", "text", False)(tokenizer, {"messages": CHAT}, 0)
