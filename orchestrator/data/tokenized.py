@@ -8,9 +8,10 @@ batches and appends to those files, so memory stays flat whatever the corpus siz
 memory-maps them. The entry's directory name is a fingerprint of everything the tokens
 depend on; a second run, a resume or a rollback finds it and tokenizes nothing.
 
-Packing (``packing: true``) is next-fit: documents are laid end to end in their order and a
-sample closes when the next document does not fit; a document longer than ``seq_len`` is cut
-into ``seq_len`` chunks, each its own document. Each document's first label is -100, so no
+Packing (``packing: true``) is first fit over a few open samples: each document goes into the
+first open sample with room for it (in record order), and when none has room and all are in
+use the fullest is written; a document longer than ``seq_len`` is cut into ``seq_len``
+chunks, each its own document. Each document's first label is -100, so no
 loss spans a boundary, and its position ids start at 0, from which Hugging Face models build
 a block-diagonal causal mask (no attention across documents; see docs/DATA.md). A sample's
 unused tail is padding with its own positions and labels -100. ``packing: false`` gives one
@@ -48,6 +49,7 @@ CACHE_VERSION = 1  # bump when the layout or the encoding changes
 IGNORE = -100
 _FLUSH_TOKENS = 1 << 18  # tokens buffered in memory before an append to the flat files
 _RECORD_BATCH = 512
+_OPEN_SAMPLES = 16  # packing: samples kept open for first fit (16 x seq_len tokens in memory)
 _ARRAYS = {"ids": np.int32, "labels": np.int32, "pos": np.int32}
 
 
@@ -68,6 +70,8 @@ class _SplitWriter:
         self.open_start = 0  # first token of the sample being filled
         self.documents = 0
         self.dropped = 0
+        self.bins: list[list[tuple[np.ndarray, np.ndarray]]] = []  # open samples (packing)
+        self.bin_used: list[int] = []
 
     def _append(self, ids: np.ndarray, labels: np.ndarray) -> None:
         self.buf["ids"].append(ids)
@@ -95,10 +99,33 @@ class _SplitWriter:
             if not (chunk_labels != IGNORE).any():
                 self.dropped += 1  # no target: it would add nothing but a NaN-prone sample
                 continue
-            if not self.packing or self.written - self.open_start + len(chunk_ids) > step:
-                self._close_sample()
-            self._append(chunk_ids, chunk_labels)
             self.documents += 1
+            if self.packing:
+                self._place(chunk_ids, chunk_labels)
+            else:
+                self._append(chunk_ids, chunk_labels)
+                self._close_sample()
+
+    def _place(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        """First fit over the open samples; when none has room and ``_OPEN_SAMPLES`` are
+        open, the fullest is written out."""
+        for k, used in enumerate(self.bin_used):
+            if used + len(ids) <= self.seq_len:
+                self.bins[k].append((ids, labels))
+                self.bin_used[k] += len(ids)
+                if self.bin_used[k] == self.seq_len:
+                    self._write_bin(k)
+                return
+        if len(self.bins) >= _OPEN_SAMPLES:
+            self._write_bin(max(range(len(self.bins)), key=self.bin_used.__getitem__))
+        self.bins.append([(ids, labels)])
+        self.bin_used.append(len(ids))
+
+    def _write_bin(self, k: int) -> None:
+        for ids, labels in self.bins.pop(k):
+            self._append(ids, labels)
+        self.bin_used.pop(k)
+        self._close_sample()
 
     def _flush(self) -> None:
         for key, dtype in _ARRAYS.items():
@@ -110,7 +137,9 @@ class _SplitWriter:
         self.sample_buf = []
 
     def finish(self) -> dict[str, int]:
-        """Close the last sample and the files; the split's counts."""
+        """Write the open samples, close the files; the split's counts."""
+        while self.bins:
+            self._write_bin(0)
         self._close_sample()
         self._flush()
         for f in (*self.files.values(), self.samples):
