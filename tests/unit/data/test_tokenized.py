@@ -250,3 +250,34 @@ def test_first_fit_packing_fills_samples(tmp_path, tokenizer_dir):
     fill = split.train.tokens() / (len(split.train) * 128)
     assert fill >= 0.9, fill
     assert sum(len(documents(split.train[i])) for i in range(len(split.train))) >= len(texts)
+
+
+def test_ranks_building_at_once_tokenize_once(tmp_path, tokenizer_dir, monkeypatch):
+    """Two ranks of a node reach an empty cache together: one builds, the other waits on the
+    entry's lock and then reads it."""
+    import threading
+
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(30))
+    cfg = dataset_cfg(tmp_path, [str(path)], format="chat", seq_len=128)
+    calls = []
+    real = tokenized_mod.tokenize_records
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenized_mod, "tokenize_records", counted)
+    start = threading.Barrier(2)
+    results: list = [None, None]
+
+    def rank(r: int) -> None:
+        start.wait()
+        results[r] = build_data(cfg, str(tokenizer_dir))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert calls == [1] and results[0].fingerprint == results[1].fingerprint
+    assert not list((tmp_path / "cache").glob(".tmp-*"))  # built aside, renamed into place
