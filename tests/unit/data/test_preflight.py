@@ -107,3 +107,26 @@ def test_the_tokenizer_path_defaults_to_a_pretrained_models_dir(tmp_path):
         from orchestrator.data.preflight import check_recipe
 
         check_recipe(tiny_recipe(tmp_path, model={"tokenizer": str(tmp_path / "none")}))
+
+
+def test_a_pretrained_model_is_checked_against_its_own_tokenizer(tmp_path, capsys, tokenizers):
+    """kind hf_pretrained: the tokenizer is the model directory's, the vocabulary its config's."""
+    import shutil
+
+    import transformers
+
+    model_dir = tmp_path / "model"
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(str(model_dir))
+    for file in tokenizers["good"].iterdir():
+        shutil.copy(file, model_dir / file.name)
+    body = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    body["model"] = {"kind": "hf_pretrained", "path": str(model_dir)}
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(2))
+    body["data"] = {"kind": "dataset", "paths": [str(data)], "format": "chat"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    code, err = exit_of(capsys, "validate", str(tmp_path / "r.yaml"))
+    assert code == 2 and "model.path: the tokenizer at" in err and "hold 256 (model.path)" in err
