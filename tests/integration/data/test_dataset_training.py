@@ -76,3 +76,42 @@ def test_continual_stages_each_name_a_dataset(tmp_path: Path, gloo_world) -> Non
     summary = Trainer(recipe, WorkerContext(run_dir=tmp_path / "run")).run()
     assert summary["steps"] == 8
     assert set(summary["continual"]["metrics"]) >= {"final_avg_loss", "bwt"}
+
+
+def test_regimen_run_trains_a_dataset_from_relative_paths(tmp_path: Path) -> None:
+    """The CLI on real Ray, 2 workers: relative data, tokenizer and cache paths (the workers
+    run in Ray's directory) reach the workers, both ranks share one cache entry."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    build_tokenizer(tmp_path / "tok")
+    write_jsonl(tmp_path / "data" / "chat.jsonl", chat_records(48))
+    recipe = {
+        "name": "sft-tiny", "seed": 0,
+        "model": {**LLAMA, "tokenizer": "tok"},
+        "data": {"kind": "dataset", "paths": ["data/*.jsonl"], "format": "chat", "seq_len": 128,
+                 "eval_fraction": 0.1, "cache_dir": "cache"},
+        "optimizer": {"name": "adamw", "lr": 3e-3},
+        "schedule": {"steps": 12, "micro_batch_size": 2},
+        "checkpoint": {"every": 0, "storage": "./runs"},
+        "resources": {"workers": 2},
+        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "sft"},
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", "r.yaml", "--json"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "FINISHED" and summary["steps"] == 12
+    assert summary["final_loss"] < 5.5  # from ~ln(400) = 6.0
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "arrow"]
+    assert len(entries) == 1 and (entries[0] / "meta.json").exists()
