@@ -45,10 +45,20 @@ def _load(recipe: Path, overrides: list[str] | None) -> Any:
     return loaded, expand(loaded)
 
 
+def _preflight(variants: list[Any]) -> None:
+    """Tokenizer and data checks (they load the tokenizer: only for recipes that use one)."""
+    recipes = [v.recipe for v in variants]
+    if any(r.uses_tokenizer for r in recipes):
+        from orchestrator.data.preflight import check_recipes
+
+        check_recipes(recipes)
+
+
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe (and every sweep variant); print every problem with its fix."""
     _, variants = _load(recipe, overrides)
+    _preflight(variants)
     out.print(f"{recipe}: valid ({len(variants)} variant{'s' if len(variants) != 1 else ''})")
 
 

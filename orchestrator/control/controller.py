@@ -240,14 +240,19 @@ def run_variants(
     ``sweep.max_concurrent``; default that field's default) at once, each its
     own TorchTrainer in its own driver thread; Ray queues those that do not fit
     yet. One variant failing does not stop the others; the parent run ends
-    FINISHED only if every variant did. Before anything starts, resources that
-    can never fit the connected cluster are refused (``ResourceFitError``, exit 2).
+    FINISHED only if every variant did. Before anything starts, tokenizer and data
+    problems (orchestrator.data.preflight) and resources that can never fit the connected
+    cluster are refused (``UsageError``, ``ResourceFitError``: exit 2).
     """
     from orchestrator.cluster.fit import check_variants, cluster_nodes, jobs_at_once
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.tracking.record import DriverHeartbeat, driver_tags
     from orchestrator.tracking.runs import end_run, open_run
 
+    if any(v.recipe.uses_tokenizer for v in variants):
+        from orchestrator.data.preflight import check_recipes
+
+        check_recipes(v.recipe for v in variants)  # before Ray starts: a bad tokenizer fails fast
     ensure_ray(address)
     nodes = cluster_nodes()
     check_variants(variants, nodes)

@@ -1,5 +1,6 @@
-"""Training data: corpora, the resumable sample order, batches (below the techniques, which
-may shape the data, and the engine, which draws from it)."""
+"""Training data: corpora, users' datasets (``kind: dataset``: tokenizers, record formats,
+packing, the tokenized cache; docs/DATA.md), the resumable sample order, batches (below the
+techniques, which may shape the data, and the engine, which draws from it)."""
 
 from orchestrator.data.corpora import (
     BatchSource,

@@ -73,8 +73,13 @@ class Split:
     description: str
 
 
-def build_data(cfg: DataConfig) -> Split:
-    """Train/eval datasets for a recipe's data section."""
+def build_data(cfg: DataConfig, tokenizer_path: str | None = None) -> Split:
+    """Train/eval datasets for a recipe's data section; ``kind: dataset`` tokenizes with
+    the tokenizer at ``tokenizer_path`` (the recipe's ``model.tokenizer_path``)."""
+    if cfg.kind == "dataset":
+        from orchestrator.data.tokenized import build_tokenized
+
+        return build_tokenized(cfg, tokenizer_path)
     if cfg.kind == "digits":
         return build_digits(cfg.eval_fraction)
     if cfg.kind == "factory":

@@ -37,7 +37,10 @@ class CausalLM:
     metrics: tuple[str, ...] = ("eval_loss",)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(**batch)
+        # Packed samples (position_ids restarting per document) are kept apart by HF's
+        # block-diagonal mask only without a KV cache, which HF models build by default.
+        extra = {"use_cache": False} if "position_ids" in batch else {}
+        out = model(**batch, **extra)
         return out if isinstance(out, torch.Tensor) else out.loss
 
     def eval_batch(self, model: Any, batch: dict[str, torch.Tensor]) -> EvalSums:

@@ -200,7 +200,7 @@ class Trainer:
             recipe.resources.threads_per_worker or max(1, int(recipe.resources.cpus_per_worker))
         )
         recovery.seed_everything(recipe.seed)
-        self.data = build_data(recipe.data)
+        self.data = build_data(recipe.data, recipe.model.tokenizer_path)
         self.batches: BatchStream = BatchSource(
             self.data.train, recipe.seed, recipe.schedule.micro_batch_size, ctx.rank, ctx.world_size
         )

@@ -10,11 +10,12 @@ they need (`worker_config`) as plain data: the recipe as YAML text, never a pick
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.recipe.schema import Recipe
+from orchestrator.recipe.schema import DataConfig, Recipe
 
 JobKind = Literal["run", "resume", "rollback"]
 
@@ -33,6 +34,44 @@ def absolute_tracking_uri(uri: str) -> str:
     if "://" not in uri:
         return str(Path(uri).resolve())
     return uri
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute against this directory (``~`` paths and URIs stay as written;
+    lexical, so globs keep their wildcards)."""
+    if path.startswith("~") or "://" in path or os.path.isabs(path):
+        return path
+    return os.path.abspath(path)
+
+
+def _pinned_data(data: DataConfig) -> DataConfig:
+    return data.model_copy(
+        update={
+            "paths": [_absolute(p) for p in data.paths],
+            "eval_paths": [_absolute(p) for p in data.eval_paths],
+            "cache_dir": _absolute(data.cache_dir),
+        }
+    )
+
+
+def pin_local_paths(recipe: Recipe) -> Recipe:
+    """The recipe with its relative file paths (model and tokenizer directories, data files,
+    the data cache, continual stages' data) pinned to the driver's working directory: Ray
+    workers run in their own."""
+    model = recipe.model.model_copy(
+        update={
+            "path": _absolute(recipe.model.path) if recipe.model.path else None,
+            "tokenizer": _absolute(recipe.model.tokenizer) if recipe.model.tokenizer else None,
+        }
+    )
+    update: dict[str, Any] = {"model": model, "data": _pinned_data(recipe.data)}
+    if recipe.continual is not None:
+        stages = [
+            s.model_copy(update={"data": _pinned_data(s.data)}) if s.data is not None else s
+            for s in recipe.continual.stages
+        ]
+        update["continual"] = recipe.continual.model_copy(update={"stages": stages})
+    return recipe.model_copy(update=update)
 
 
 @dataclass(frozen=True)
@@ -69,7 +108,7 @@ class JobSpec:
         tracking = recipe.tracking.model_copy(update={"uri": uri})
         return cls(
             name=name,
-            recipe=recipe.model_copy(update={"tracking": tracking}),
+            recipe=pin_local_paths(recipe).model_copy(update={"tracking": tracking}),
             parent_run_id=parent_run_id,
             tags=dict(tags or {}),
         )
@@ -94,7 +133,7 @@ class JobSpec:
         mirror stays the recipe's ``storage``).
         """
         key = "local_dir" if remote_storage else "storage"
-        recipe = recipe.model_copy(
+        recipe = pin_local_paths(recipe).model_copy(
             update={
                 "tracking": recipe.tracking.model_copy(
                     update={"uri": absolute_tracking_uri(tracking_uri)}

@@ -142,6 +142,24 @@ class Recipe(Section):
         except (TypeError, ValueError):  # "auto" or another invalid stage: already reported
             return 0
 
+    def data_sections(self) -> list[tuple[str, DataConfig]]:
+        """``(dotted key, section)`` of the data section and each continual stage's own."""
+        found: list[tuple[str, DataConfig]] = [("data", self.data)]
+        if self.continual is not None:
+            found += [
+                (f"continual.stages.{i}.data", stage.data)
+                for i, stage in enumerate(self.continual.stages)
+                if stage.data is not None
+            ]
+        return found
+
+    @property
+    def uses_tokenizer(self) -> bool:
+        """Whether the recipe tokenizes text: a tokenizer is named or a dataset is read."""
+        return self.model.tokenizer is not None or any(
+            d.kind == "dataset" for _, d in self.data_sections()
+        )
+
     # ``${env:NAME}`` references the recipe was written with (orchestrator.envrefs):
     # the fields hold the resolved values, what is stored and shipped holds these.
     _env_refs: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)

@@ -73,6 +73,11 @@ class ModelConfig(Section):
         "bf16, float16 needs precision: fp16.",
     )
     path: str | None = Field(None, description="Local directory for kind=hf_pretrained.")
+    tokenizer: str | None = Field(
+        None,
+        description="Local tokenizer directory (save_pretrained); default: `path` for "
+        "kind=hf_pretrained, none (byte tokens) otherwise. Needed by data.kind=dataset.",
+    )
     factory: str | None = Field(None, description="'package.module:function' for kind=factory.")
     factory_args: dict[str, Any] = Field(default_factory=dict)
     task: Literal["causal_lm", "classification"] = "causal_lm"
@@ -112,6 +117,11 @@ class ModelConfig(Section):
             )
         return self
 
+    @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer directory the run uses: `tokenizer`, else `path` for hf_pretrained."""
+        return self.tokenizer or (self.path if self.kind == "hf_pretrained" else None)
+
 
 class DataConfig(Section):
     """Where training samples come from.
@@ -121,20 +131,52 @@ class DataConfig(Section):
     `module:function(seq_len=..., **factory_args)` returning a torch Dataset;
     `digits` is scikit-learn's 8x8 digits (1,797 images, 10 classes, ships with the
     package): a fixed seeded split (`eval_fraction`), normalised, images 1x8x8.
+    `dataset` reads your files (`paths`: .jsonl .json .parquet .csv .txt, globs, or one
+    `datasets.save_to_disk` directory) with the run's tokenizer (`model.tokenizer`) in a
+    record `format`, tokenizes them once into `cache_dir` and packs them to `seq_len`
+    (docs/DATA.md).
     """
 
-    kind: Literal["stdlib_bytes", "text_files", "factory", "digits"] = "stdlib_bytes"
-    paths: list[str] = Field(default_factory=list, description="Files for kind=text_files.")
+    kind: Literal["stdlib_bytes", "text_files", "factory", "digits", "dataset"] = "stdlib_bytes"
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Files for kind=text_files; files, globs or one save_to_disk directory "
+        "for kind=dataset.",
+    )
     factory: str | None = None
     factory_args: dict[str, Any] = Field(default_factory=dict)
     seq_len: PositiveInt = 128
     max_bytes: PositiveInt = Field(2_000_000, description="Cap on bytes read for byte corpora.")
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    format: Literal["text", "chat", "instruction", "completion"] = Field(
+        "text",
+        description="kind=dataset record format: text (`text_field`), chat (`messages` of "
+        "{role, content}, the tokenizer's chat template), instruction (instruction, input, "
+        "output), completion (prompt, completion).",
+    )
+    text_field: str = Field("text", description="The raw-text column for format=text.")
+    train_on_prompt: bool = Field(
+        False, description="kind=dataset: loss on every token, not only the responses."
+    )
+    packing: bool = Field(
+        True,
+        description="kind=dataset: pack documents into seq_len (positions restart per "
+        "document, no loss across documents); false pads each sample to seq_len.",
+    )
+    eval_paths: list[str] = Field(
+        default_factory=list,
+        description="kind=dataset: held-out files; when empty, eval_fraction of the records.",
+    )
+    cache_dir: str = Field(
+        "~/.cache/regimen/data",
+        description="kind=dataset: where tokenized data is kept, keyed by a fingerprint of "
+        "the files, tokenizer, format, seq_len, packing and train_on_prompt.",
+    )
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DataConfig:
-        if self.kind == "text_files" and not self.paths:
-            raise ValueError("kind 'text_files' needs 'paths': list the files to read")
+        if self.kind in ("text_files", "dataset") and not self.paths:
+            raise ValueError(f"kind '{self.kind}' needs 'paths': list the files to read")
         if self.kind == "factory" and (not self.factory or ":" not in self.factory):
             raise ValueError("kind 'factory' needs 'factory: package.module:function'")
         return self

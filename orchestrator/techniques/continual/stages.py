@@ -101,7 +101,7 @@ def build_stages(cfg: ContinualConfig, recipe: Recipe) -> list[Stage]:
         data_cfg = sc.data or recipe.data
         key = json.dumps(data_cfg.model_dump(mode="json"), sort_keys=True)
         if key not in cache:
-            cache[key] = build_data(data_cfg)
+            cache[key] = build_data(data_cfg, recipe.model.tokenizer_path)
         split = cache[key]
         where = f"continual.stages.{i}"
         train = _subset(split.train, sc.classes, where)

@@ -54,3 +54,27 @@ def test_a_continued_job_trains_in_the_run_directory_it_continues(
     if storage != "local":
         assert spec.recipe.checkpoint.storage == storage  # the mirror stays where it was
     assert spec.tracking_uri.startswith("sqlite:////")
+
+
+def test_relative_file_paths_are_pinned_to_the_driver_directory(tmp_path, monkeypatch):
+    """Ray workers run in their own directory: data files, the cache, the tokenizer and the
+    model directory must reach them absolute (globs and ~ kept)."""
+    from conftest import tiny_recipe
+    from orchestrator.recipe.jobspec import JobSpec
+
+    monkeypatch.chdir(tmp_path)
+    data = {"kind": "dataset", "paths": ["data/*.jsonl"], "eval_paths": ["held.jsonl"],
+            "cache_dir": "cache", "format": "chat"}  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path,
+        model={"kind": "hf_pretrained", "path": "m", "tokenizer": "~/tok"},
+        data=data,
+        continual={"stages": [{"name": "a", "steps": 4, "data": {**data, "paths": ["b.txt"]}},
+                              {"name": "b", "steps": 4}]},
+    )  # fmt: skip
+    pinned = JobSpec.of("v", recipe).recipe
+    assert pinned.model.path == str(tmp_path / "m") and pinned.model.tokenizer == "~/tok"
+    assert pinned.data.paths == [str(tmp_path / "data" / "*.jsonl")]
+    assert pinned.data.eval_paths == [str(tmp_path / "held.jsonl")]
+    assert pinned.data.cache_dir == str(tmp_path / "cache")
+    assert pinned.continual.stages[0].data.paths == [str(tmp_path / "b.txt")]
