@@ -52,16 +52,6 @@ def exportable(cfg: ModelConfig) -> bool:
     return cfg.kind in HF_KINDS
 
 
-def tokenizer_dir(cfg: ModelConfig) -> str | None:
-    """The tokenizer directory the run used: ``model.tokenizer``, else ``model.path`` for
-    ``hf_pretrained``, else None (byte tokens)."""
-    path = getattr(cfg, "tokenizer_path", None)  # ModelConfig.tokenizer_path where it exists
-    if path is None:
-        path = getattr(cfg, "tokenizer", None)
-        path = path or (cfg.path if cfg.kind == "hf_pretrained" else None)
-    return str(path) if path else None
-
-
 def _zero3(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
@@ -219,6 +209,6 @@ def export_checkpoint(
     return write_hf_dir(
         model,
         out_dir,
-        tokenizer_path=tokenizer_dir(recipe.model),
+        tokenizer_path=recipe.model.tokenizer_path,
         record={"step": info.step, "source": str(info.path), **(record or {})},
     )

@@ -36,7 +36,6 @@ from orchestrator.engine.export import (
     export_model,
     exportable,
     exported_files,
-    tokenizer_dir,
 )
 from orchestrator.engine.recovery import LoopState
 from orchestrator.engine.remote import CheckpointMirror, is_remote, push_export, run_storage_uri
@@ -511,7 +510,7 @@ class Trainer:
         path = export_model(
             self.built.engine,
             self.rundir.export,
-            tokenizer_dir(recipe.model),
+            recipe.model.tokenizer_path,
             rank=ctx.rank,
             record={"step": self.state.step, "source": "engine", "run_id": ctx.run_id},
         )

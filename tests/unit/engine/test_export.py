@@ -20,7 +20,6 @@ from orchestrator.engine.export import (
     checkpoint_state_dict,
     export_checkpoint,
     export_model,
-    tokenizer_dir,
 )
 from orchestrator.errors import CheckpointError
 
@@ -111,9 +110,9 @@ def test_a_failed_export_leaves_the_previous_one_whole(
 def test_tokenizer_dir_follows_the_model_section(tmp_path: Path) -> None:
     from conftest import tiny_recipe
 
-    assert tokenizer_dir(tiny_recipe(tmp_path).model) is None  # hf_config, byte tokens
+    assert tiny_recipe(tmp_path).model.tokenizer_path is None  # hf_config, byte tokens
     pretrained = tiny_recipe(tmp_path, replace={"model": {"kind": "hf_pretrained", "path": "m"}})
-    assert tokenizer_dir(pretrained.model) == "m"
+    assert pretrained.model.tokenizer_path == "m"
 
 
 def test_without_a_tokenizer_the_model_is_exported_alone(tmp_path: Path, tiny_dir: Path) -> None:
