@@ -352,8 +352,8 @@ def build_tiny_llama(out_dir: Path, steps: int = 300, seed: int = 0) -> Path:
 
     model = LlamaForCausalLM(model_config(tokenizer))
     params = sum(p.numel() for p in model.parameters())
-    log(f"model: LLaMA, {params / 1e6:.2f} M parameters; held-out loss at init "
-        f"{heldout_loss(model, eval_stream):.3f}")  # fmt: skip
+    at_init = heldout_loss(model, eval_stream)
+    log(f"model: LLaMA, {params / 1e6:.2f} M parameters; held-out loss at init {at_init:.3f}")
     pretrain(model, stream, steps, seed, eval_stream)
 
     model.generation_config = GenerationConfig(

@@ -103,7 +103,10 @@ def test_sft_lisa_recipe_fine_tunes_exports_and_logs_the_model(
 
     # held-out loss on the chat data falls, as the run measured it ...
     client = mlflow.MlflowClient(mlflow_uri)
-    evals = [m.value for m in sorted(client.get_metric_history(run_id, "eval_loss"), key=lambda m: m.step)]
+    evals = [
+        m.value
+        for m in sorted(client.get_metric_history(run_id, "eval_loss"), key=lambda m: m.step)
+    ]
     assert len(evals) >= 2 and evals[-1] < evals[0], evals
     assert client.get_metric_history(run_id, "lisa/active_mask")  # LISA ran
 

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[3]
 PENDING_MERGE = {"sft_lisa.yaml"}
 RECIPE_FILES = [
     p
-    for p in sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes" / "ci").glob("*.yaml"))
+    for p in sorted((REPO / "recipes").glob("*.yaml"))
+    + sorted((REPO / "recipes" / "ci").glob("*.yaml"))
     if p.name not in PENDING_MERGE
 ]
 # What the recipe layer must never pull in (modules, or packages and their submodules).

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[3]
 PENDING_MERGE = {"sft_lisa.yaml"}
 RECIPES = [
     p
-    for p in sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes/ci").glob("*.yaml"))
+    for p in sorted((REPO / "recipes").glob("*.yaml"))
+    + sorted((REPO / "recipes/ci").glob("*.yaml"))
     if p.name not in PENDING_MERGE
 ]
 
