@@ -362,6 +362,7 @@ def build_tiny_llama(out_dir: Path, steps: int = 300, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         max_new_tokens=64,
         do_sample=False,
+        repetition_penalty=1.3,  # a model this small loops without it
     )
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

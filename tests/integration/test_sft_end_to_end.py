@@ -1,7 +1,8 @@
 """Issue 14's end to end: `regimen run recipes/sft_lisa.yaml` (LISA, warmup, spike guard,
 2 DeepSpeed workers on CPU) fine-tunes the example pretrained model on the stdlib chat
 data. The held-out loss on the chat data falls, the exported model answers a prompt in a
-fresh process, and MLflow holds the model next to the run."""
+fresh process, and MLflow holds the model next to the run. The recipe's paths point at the
+session's `tiny_pretrained` example (built once, in pytest's tmp dir)."""
 
 from __future__ import annotations
 
@@ -66,13 +67,39 @@ def _judge(model_dir: Path, tok_dir: Path, eval_file: Path, cwd: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _exported_dirs(root: Path) -> list[Path]:
-    """save_pretrained directories (config, safetensors weights, tokenizer) under ``root``."""
-    return sorted(
-        p.parent
-        for p in root.rglob("config.json")
-        if any(p.parent.glob("*.safetensors")) and (p.parent / "tokenizer_config.json").exists()
+def _is_save_pretrained_dir(path: Path) -> bool:
+    """Config, safetensors weights and the tokenizer, as `save_pretrained` writes them."""
+    return (
+        (path / "config.json").exists()
+        and any(path.glob("*.safetensors"))
+        and (path / "tokenizer_config.json").exists()
     )
+
+
+def _paths(tiny_pretrained: Path) -> list[str]:
+    """Overrides that point the recipe at the session's example model and data."""
+    data = tiny_pretrained / "data"
+    return [
+        f"model.path={tiny_pretrained / 'model'}",
+        f"data.paths={json.dumps([str(data / 'stdlib_chat.jsonl')])}",
+        f"data.eval_paths={json.dumps([str(data / 'stdlib_chat_eval.jsonl')])}",
+    ]
+
+
+def test_sft_lisa_recipe_validates_against_the_example(tiny_pretrained: Path) -> None:
+    """`regimen validate` loads the recipe's tokenizer (the chat-template and pad checks), so
+    it runs here, where the example is built, not in the no-torch test of recipes/."""
+    proc = _python(
+        "-m",
+        "orchestrator.cli",
+        "validate",
+        str(REPO / "recipes" / "sft_lisa.yaml"),
+        *_paths(tiny_pretrained),
+        cwd=tiny_pretrained,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "valid (1 variant)" in " ".join(proc.stdout.split())  # rich wraps long lines
 
 
 def test_sft_lisa_recipe_fine_tunes_exports_and_logs_the_model(
@@ -87,9 +114,7 @@ def test_sft_lisa_recipe_fine_tunes_exports_and_logs_the_model(
         "run",
         str(REPO / "recipes" / "sft_lisa.yaml"),
         "--json",
-        f"model.path={model}",
-        f"data.paths={json.dumps([str(data / 'stdlib_chat.jsonl')])}",
-        f"data.eval_paths={json.dumps([str(eval_file)])}",
+        *_paths(tiny_pretrained),
         f"data.cache_dir={tmp_path / 'data-cache'}",
         f"checkpoint.storage={storage}",
         f"tracking.uri={mlflow_uri}",
@@ -111,26 +136,22 @@ def test_sft_lisa_recipe_fine_tunes_exports_and_logs_the_model(
     assert client.get_metric_history(run_id, "lisa/active_mask")  # LISA ran
 
     # ... and as transformers measures it on the exported model, against the pretrained one
-    exported = _exported_dirs(storage / run_id) or _exported_dirs(storage)
-    assert exported, f"no save_pretrained directory under {storage}"
+    export = summary["export"]
+    exported = Path(export["path"])
+    assert exported == storage / run_id / "export"
+    assert _is_save_pretrained_dir(exported), sorted(p.name for p in exported.iterdir())
     before = _judge(model, model, eval_file, tmp_path)
-    after = _judge(exported[-1], exported[-1], eval_file, tmp_path)
+    after = _judge(exported, exported, eval_file, tmp_path)
     assert after["loss"] < before["loss"] - 0.3, (before, after)
     assert after["reply"].strip()  # the exported model answers a prompt
 
-    # MLflow holds the model next to the run: a logged model of this run, or a model/ artifact
-    run = client.get_run(run_id)
-    logged = [
-        m
-        for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
-        if m.source_run_id == run_id
-    ]
-    if logged:
-        where = mlflow.artifacts.download_artifacts(
-            artifact_uri=logged[0].artifact_location,
-            dst_path=str(tmp_path / "from-mlflow"),
-            tracking_uri=mlflow_uri,
-        )
-    else:
-        where = client.download_artifacts(run_id, "model", str(tmp_path / "from-mlflow"))
+    # MLflow holds the model next to the run: a logged model of this run, with the weights
+    logged = client.get_logged_model(export["model_id"])
+    assert logged.source_run_id == run_id
+    where = mlflow.artifacts.download_artifacts(
+        artifact_uri=logged.artifact_location,
+        dst_path=str(tmp_path / "from-mlflow"),
+        tracking_uri=mlflow_uri,
+    )
     assert list(Path(where).rglob("config.json")), f"no model in MLflow for run {run_id}"
+    assert list(Path(where).rglob("*.safetensors"))
