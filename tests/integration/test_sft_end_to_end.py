@@ -17,10 +17,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.xfail(strict=False, reason="needs data-sft+export merge"),
-]
+pytestmark = pytest.mark.integration
 
 # Assistant-token loss of a model on the eval chat file, and its answer to one question,
 # computed with nothing but transformers (not Regimen's data pipeline).
