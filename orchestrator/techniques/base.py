@@ -183,8 +183,9 @@ class TrainState:
     ``lr`` (the scheduled LR of the step about to run; the loop applies
     ``lr * lr_scale * group['lr_multiplier']``), ``lr_scale``, ``loss``, ``grad_norm``,
     ``cursor`` (stream position of the step's first sample), ``run_dir``, ``recipe``,
-    ``regime_change`` (this step changes the data distribution on purpose, e.g. a continual
-    stage switch: detectors restart their statistics) and ``metrics`` (what was recorded
+    ``regime_change`` (this step changes the statistics on purpose, e.g. a continual stage
+    switch: detectors restart them), ``regime_signals`` (which: ``loss``, ``grad_norm``) and
+    ``metrics`` (what was recorded
     this step so far, read-only). Assigning to any of them raises: use the requests.
     """
 
@@ -200,6 +201,7 @@ class TrainState:
     grad_norm: float
     cursor: int
     regime_change: bool
+    regime_signals: frozenset[str]
     _on_event: Callable[[str, dict[str, Any]], None] | None
     _metrics: dict[str, tuple[float, Reduce]]
     _rebuild: bool
@@ -218,7 +220,7 @@ class TrainState:
         d = self.__dict__
         d.update(recipe=recipe, total_steps=total_steps, rank=rank, world_size=world_size)
         d.update(run_dir=run_dir, step=step, lr=lr, lr_scale=1.0, cursor=0, regime_change=False)
-        d.update(loss=float("nan"), grad_norm=float("nan"))
+        d.update(loss=float("nan"), grad_norm=float("nan"), regime_signals=frozenset())
         d["_on_event"] = on_event
         d["_metrics"] = {}  # name -> (value, reduce) recorded this step
         d["_rebuild"] = False
@@ -242,9 +244,16 @@ class TrainState:
         """Rebuild the DeepSpeed engine (``configure`` runs again) before the next update."""
         self.__dict__["_rebuild"] = True
 
-    def mark_regime_change(self) -> None:
-        """This step changes the data distribution on purpose (for this step only)."""
+    def mark_regime_change(self, signals: Iterable[str] = ("loss", "grad_norm")) -> None:
+        """This step changes the statistics of ``signals`` on purpose (for this step only):
+        a new data distribution changes both; a new set of trained parameters (a LISA
+        switch) changes the gradient norm only."""
+        known = {"loss", "grad_norm"}
+        unknown = set(signals) - known
+        if unknown:
+            raise ValueError(f"mark_regime_change: unknown signals {sorted(unknown)}")
         self.__dict__["regime_change"] = True
+        self.__dict__["regime_signals"] = self.regime_signals | frozenset(signals)
 
     def record(self, name: str, value: float, reduce: Reduce = None) -> None:
         """A metric of this step. ``reduce`` (mean/sum/max) agrees it across ranks (record it
@@ -272,7 +281,7 @@ class TrainState:
         self.__dict__.update(facts)
 
     def _begin_step(self) -> None:
-        self.__dict__.update(regime_change=False, _metrics={})
+        self.__dict__.update(regime_change=False, regime_signals=frozenset(), _metrics={})
 
     def _take_rebuild(self) -> bool:
         wanted, self.__dict__["_rebuild"] = self._rebuild, False

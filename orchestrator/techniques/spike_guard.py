@@ -27,7 +27,7 @@ spike and what was tried. The guard's counters are not rolled back
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +47,8 @@ from orchestrator.techniques.indicators import IndicatorProbe
 from orchestrator.techniques.registry import TechniqueSpec
 
 MAD_TO_SIGMA = 1.4826
+SIGNALS = ("loss", "grad_norm")  # the statistics a regime change may restart
+MAX_SNAPSHOTS = 16  # checkpoints whose statistics a rollback can restore (older: re-arm)
 
 
 def robust_z(value: float, history: list[float]) -> float:
@@ -58,6 +60,10 @@ def robust_z(value: float, history: list[float]) -> float:
     if scale <= 1e-12 * max(1.0, abs(med)):
         scale = 1e-6 * max(1.0, abs(med))  # flat history: any real jump is a spike
     return (value - med) / scale
+
+
+def _log(value: float) -> float:
+    return math.log(max(value, 1e-30))
 
 
 def _pre_step_grad_norm(model: torch.nn.Module | None, world_size: int) -> float | None:
@@ -108,6 +114,9 @@ class SpikeGuard(Technique):
         self.probe = IndicatorProbe() if cfg.indicators_every else None
         self._told_unavailable = False
         self._model: torch.nn.Module | None = None
+        # the detector statistics as they were at each checkpoint (step -> histories): a
+        # rollback takes them back with the model, a resume gets them from the checkpoint
+        self.snapshots: dict[int, dict[str, list[float]]] = {}
 
     def bind(self, ctx: Context) -> None:
         self._model = ctx.model
@@ -191,15 +200,21 @@ class SpikeGuard(Technique):
                         "loss": loss,
                         "threshold": cfg.max_loss_ratio,
                     }
-        if armed and grad is not None and math.isfinite(grad) and cfg.grad_norm_zscore:
-            z = robust_z(grad, self.grad_hist) if len(self.grad_hist) >= cfg.min_history else 0.0
+        if grad is not None and math.isfinite(grad) and cfg.grad_norm_zscore:
+            # in log space: gradient norms are heavy-tailed and multiplicative (a healthy step
+            # can be several times the median), a blow-up is orders of magnitude
+            z = (
+                robust_z(_log(grad), [_log(g) for g in self.grad_hist])
+                if len(self.grad_hist) >= cfg.min_history
+                else 0.0
+            )
             self._scores["spike/grad_z"] = z
-            if found is None and z > cfg.threshold:
+            if found is None and z > cfg.grad_threshold:
                 found = {
                     "detector": "grad_z",
                     "value": z,
                     "grad_norm": grad,
-                    "threshold": cfg.threshold,
+                    "threshold": cfg.grad_threshold,
                 }
         return found
 
@@ -220,8 +235,7 @@ class SpikeGuard(Technique):
 
     def on_before_optimizer_step(self, state: TrainState) -> Decision:
         if state.regime_change:  # e.g. a continual stage switch: the old statistics no longer apply
-            self.loss_hist, self.grad_hist = [], []
-            state.emit("detector_reset", reason="regime change")
+            self._reset(state, "regime change", state.regime_signals)
         self._scores = {}
         grad = (
             _pre_step_grad_norm(self._model, state.world_size)
@@ -321,7 +335,49 @@ class SpikeGuard(Technique):
         onset = self.onset[0] if self.onset is not None else step
         return self.trusted_bound(onset)
 
+    # -- the detector history follows the model -------------------------------------------------
+    def _reset(self, state: TrainState, reason: str, signals: Iterable[str] = SIGNALS) -> None:
+        """Forget the statistics of ``signals``: they re-arm after ``min_history`` steps."""
+        signals = sorted(set(signals) & set(SIGNALS))
+        if "loss" in signals:
+            self.loss_hist = []
+        if "grad_norm" in signals:
+            self.grad_hist = []
+        state.emit("detector_reset", reason=reason, signals=signals)
+
+    def _snapshot(self) -> dict[str, list[float]]:
+        return {"loss_hist": list(self.loss_hist), "grad_hist": list(self.grad_hist)}
+
+    def on_checkpoint_saved(self, state: TrainState, step: int, path: str) -> None:
+        """Keep the statistics of this checkpoint: a rollback to it restores them."""
+        self.snapshots[step] = self._snapshot()
+        for old in sorted(self.snapshots)[:-MAX_SNAPSHOTS]:
+            del self.snapshots[old]
+
+    def on_checkpoint_loaded(self, state: TrainState, step: int) -> None:
+        """A resume loaded the statistics of ``step`` with the guard's state: keep them too."""
+        self.snapshots[step] = self._snapshot()
+
+    def _restore_history(self, state: TrainState, step: int) -> None:
+        """The statistics of checkpoint ``step`` (or none: reset and re-arm)."""
+        self.snapshots = {s: h for s, h in self.snapshots.items() if s <= step}
+        saved = self.snapshots.get(step)
+        if saved is None:
+            self._reset(state, f"rollback to step {step}: its statistics were not kept")
+            return
+        self.loss_hist = list(saved["loss_hist"])
+        self.grad_hist = list(saved["grad_hist"])
+        state.emit(
+            "detector_restored",
+            to_step=step,
+            loss_history=len(self.loss_hist),
+            grad_history=len(self.grad_hist),
+        )
+
     def on_rollback(self, state: TrainState, step: int) -> None:
+        # The histories go back with the model: the abandoned timeline's later (smaller)
+        # losses and gradients would make the healthy steps after the restore look like spikes.
+        self._restore_history(state, step)
         record = self.rollbacks[-1] if self.rollbacks else None
         if record is not None and record.get("to_step") is None:
             record["to_step"] = step
@@ -366,6 +422,7 @@ class SpikeGuard(Technique):
             "cooldown_until": self.cooldown_until,
             "anomalies": self.anomalies,
             "warnings": _plain(self.warnings),
+            "snapshots": {str(k): _plain(v) for k, v in self.snapshots.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -381,6 +438,10 @@ class SpikeGuard(Technique):
         self.cooldown_until = int(state["cooldown_until"])
         self.anomalies = int(state["anomalies"])
         self.warnings = [list(w) for w in state.get("warnings", [])]
+        self.snapshots = {
+            int(k): {n: [float(x) for x in v[n]] for n in ("loss_hist", "grad_hist")}
+            for k, v in state.get("snapshots", {}).items()
+        }
 
 
 def _fmt(value: Any) -> str:

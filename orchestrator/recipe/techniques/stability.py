@@ -22,7 +22,14 @@ class StabilityConfig(TechniqueConfig):
     threshold: float = Field(
         6.0, gt=0.0, description="Robust z-score (sigmas) that counts as a spike."
     )
-    min_history: int = Field(16, ge=2, description="Healthy steps seen before z-scores are armed.")
+    grad_threshold: float = Field(
+        12.0, gt=0.0, description="Robust z-score of the log gradient norm that counts as a "
+        "spike (healthy steps reach 9: gradient norms are heavy-tailed; x100 scores ~15)."
+    )  # fmt: skip
+    min_history: int = Field(
+        20, ge=2, description="Healthy steps seen (since the start, the end of warmup or a "
+        "regime change) before z-scores are armed."
+    )  # fmt: skip
     detect_nan: bool = True
     loss_zscore: bool = True
     grad_norm_zscore: bool = True
