@@ -93,7 +93,8 @@ def test_snapshots_travel_in_the_state_dict_and_are_cut_at_the_rollback_target()
     resumed.on_checkpoint_loaded(state, 20)
     assert sorted(resumed.snapshots) == [10, 20]
     resumed.on_rollback(state, 10)
-    assert resumed.loss_hist == guard.snapshots[10]["loss_hist"] and sorted(resumed.snapshots) == [10]
+    assert resumed.loss_hist == guard.snapshots[10]["loss_hist"]
+    assert sorted(resumed.snapshots) == [10]
 
 
 def test_a_regime_change_restarts_only_the_signals_it_names():
