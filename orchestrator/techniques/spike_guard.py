@@ -27,18 +27,20 @@ spike and what was tried. The guard's counters are not rolled back
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import socket
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from orchestrator.distributed import all_reduce_
+from orchestrator.distributed import all_gather_objects, all_reduce_
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.stability import StabilityConfig
 from orchestrator.techniques.base import (
     Capability,
     Context,
     Decision,
+    Replay,
     Setup,
     Technique,
     TrainState,
@@ -117,9 +119,14 @@ class SpikeGuard(Technique):
         # the detector statistics as they were at each checkpoint (step -> histories): a
         # rollback takes them back with the model, a resume gets them from the checkpoint
         self.snapshots: dict[int, dict[str, list[float]]] = {}
+        self.transients: dict[int, int] = {}  # rank -> anomalies that did not reproduce
+        self.replays = 0
+        self._retry_step = -1  # the step whose batch is retried (a transient fault)
+        self._replay: Callable[[], Replay] | None = None
 
     def bind(self, ctx: Context) -> None:
         self._model = ctx.model
+        self._replay = ctx.replay
 
     def configure(self, setup: Setup) -> None:
         """Hook the indicator probe into the model and the base optimizer's ``step``."""
@@ -247,8 +254,71 @@ class SpikeGuard(Technique):
         self._record_scores(state)
         if found is None:
             return Decision()
+        if self._replays(found):
+            reproduced, decision = self._confirm(state, found)
+            if not reproduced:
+                return decision
+            found = {**found, "replay": "reproduced"}
         self._anomaly(state, found)
         return Decision.skip_step(reason=found)
+
+    # -- confirmation by replay ----------------------------------------------------------------
+    def _replays(self, found: dict[str, Any]) -> bool:
+        """Whether this anomaly is re-run first: before a rollback (the streak reaches
+        ``patience`` with it) or always; detector signals only (not the indicators)."""
+        mode = self.cfg.replay
+        if mode == "off" or self._replay is None or self._pending is None:
+            return False  # ZeRO-2: no pre-step gradients, so no pre-step state to compare
+        return mode == "always" or self.streak + 1 >= self.cfg.patience
+
+    def _confirm(self, state: TrainState, found: dict[str, Any]) -> tuple[bool, Decision]:
+        """Re-run the step; (reproduced, the decision if it did not)."""
+        if self._replay is None:  # only called with a replay function bound
+            raise RuntimeError("spike guard: no replay function bound")
+        saved_scores = dict(self._scores)
+        local = self._replay()
+        self.replays += 1
+        sums = all_reduce_(torch.tensor([local.loss, local.grad_sq], dtype=torch.float64))
+        world = state.world_size
+        loss, grad = float(sums[0]) / world, math.sqrt(max(0.0, float(sums[1]) / world))
+        again = self._check(loss, grad if self._pending is not None else None)
+        self._scores = saved_scores
+        ranks = all_gather_objects([local.first_loss, local.loss, socket.gethostname()])
+        changed = [abs(a - b) / max(abs(b), 1e-12) for a, b, _ in ranks]
+        suspect = max(range(len(ranks)), key=changed.__getitem__) if max(changed) > 0 else None
+        step = state.step
+        result = {
+            "at_step": step,
+            "detector": found["detector"],
+            "first": {"loss": state.loss, "grad_norm": self._pending, "value": found["value"]},
+            "replayed": {"loss": loss, "grad_norm": grad, "value": (again or {}).get("value")},
+            "reproduced": again is not None,
+            "cause": "data" if again is not None else "transient",
+            "seconds": local.seconds,
+        }
+        state.record("spike/replay_s", local.seconds)
+        if again is not None:
+            state.emit("replay", **result)
+            return True, Decision()
+        rank = -1 if suspect is None else suspect
+        self.transients[rank] = self.transients.get(rank, 0) + 1
+        host = ranks[suspect][2] if suspect is not None else None
+        state.emit("spike", at_step=step, streak=self.streak + 1, **found, replay="not reproduced")
+        state.emit("replay", **result, rank=suspect, host=host, decision="retry")
+        self._retry_step = step
+        reason = {**found, "step": step, "replay": "not reproduced", "rank": suspect}
+        if self.transients[rank] < self.cfg.max_transient:
+            return False, Decision.retry_step(reason=reason)
+        where = f"rank {suspect} (host {host})" if suspect is not None else "an unknown rank"
+        message = (
+            f"spike guard: {self.transients[rank]} anomalies on {where} did not reproduce on "
+            f"replay (the last at step {step}: {found['detector']}={_fmt(found['value'])}), a "
+            "transient fault (a bad accelerator or silent data corruption), not the data. "
+            "Restart the job without that node (exclude it from the cluster, then "
+            "`regimen resume RUN_ID`), or raise stability.max_transient."
+        )
+        state.emit("bad_worker", rank=suspect, host=host, transient=self.transients[rank])
+        return False, Decision.stop(message, reason=reason)
 
     def _record_scores(self, state: TrainState) -> None:
         for name, value in self._scores.items():
@@ -267,6 +337,9 @@ class SpikeGuard(Technique):
 
     def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         step = state.step - 1  # the step just run
+        if step == self._retry_step:  # a transient fault: its batch runs again, nothing learnt
+            self._retry_step = -1
+            return Decision()
         anomalous = bool(self.anomaly_steps) and self.anomaly_steps[-1] == step
         if not anomalous and self._pending is None and self.cfg.grad_norm_zscore:
             # ZeRO-2: gradients were not visible before the step; check the engine's norm now.
@@ -423,6 +496,8 @@ class SpikeGuard(Technique):
             "anomalies": self.anomalies,
             "warnings": _plain(self.warnings),
             "snapshots": {str(k): _plain(v) for k, v in self.snapshots.items()},
+            "transients": {str(k): v for k, v in self.transients.items()},
+            "replays": self.replays,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -442,6 +517,8 @@ class SpikeGuard(Technique):
             int(k): {n: [float(x) for x in v[n]] for n in ("loss_hist", "grad_hist")}
             for k, v in state.get("snapshots", {}).items()
         }
+        self.transients = {int(k): int(v) for k, v in state.get("transients", {}).items()}
+        self.replays = int(state.get("replays", 0))
 
 
 def _fmt(value: Any) -> str:

@@ -47,6 +47,16 @@ class StabilityConfig(TechniqueConfig):
     )
     reset_moments: bool = Field(False, description="Zero the optimizer moments on rollback.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks before the job fails.")
+    replay: Literal["off", "on_rollback", "always"] = Field(
+        "on_rollback", description="Re-run an anomalous step on the same batch from the same "
+        "weights before acting: reproduces = the data (skip it, roll back), not = a transient "
+        "fault (retry the batch, no rollback). on_rollback: only before a rollback; always: "
+        "every anomaly."
+    )  # fmt: skip
+    max_transient: int = Field(
+        3, ge=1, description="Non-reproducible anomalies on one rank before the job fails "
+        "asking for a restart without that node."
+    )  # fmt: skip
     indicators_every: int = Field(
         0, ge=0, description="Log leading indicators every N steps (update RMS, TEV, attention "
         "entropy); 0 = off."
