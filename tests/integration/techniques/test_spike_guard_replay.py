@@ -37,7 +37,7 @@ def _kinds(events, kind):
 
 
 def test_a_poisoned_sample_range_is_confirmed_skipped_and_rolled_back(tmp_path, gloo_world):
-    trainer, summary = _run(tmp_path, "poison", {"poison_samples": [36, 40]})  # step 9's batch
+    _, summary = _run(tmp_path, "poison", {"poison_samples": [36, 40]})  # step 9's batch
     (replay,) = _kinds(summary["events"], "replay")
     assert replay["at_step"] == 9 and replay["reproduced"] and replay["cause"] == "data"
     assert replay["replayed"]["loss"] == pytest.approx(replay["first"]["loss"], rel=1e-4)
@@ -76,5 +76,5 @@ def test_repeated_transient_faults_fail_the_job_naming_the_rank(tmp_path, gloo_w
 
 
 def test_replay_off_rolls_back_a_one_off_fault_as_before(tmp_path, gloo_world):
-    trainer, summary = _run(tmp_path, "off", {"transient_spike_at_step": 9}, replay="off")
+    _, summary = _run(tmp_path, "off", {"transient_spike_at_step": 9}, replay="off")
     assert not _kinds(summary["events"], "replay") and summary["rollbacks"] == 1
