@@ -266,11 +266,12 @@ class Trainer:
 
     def _agree_decision(self, local: Decision) -> Decision:
         """The all-ranks maximum action; this rank's details when it decided that action."""
-        action, no_retry = all_reduce_floats([float(local.action), float(not local.retry)], "max")
-        agreed = Action(int(action))
-        if agreed == local.action:  # a batch is retried only where every rank asks
-            return replace(local, retry=False) if local.retry and no_retry else local
-        return Decision(agreed, reason={"decided_on": "another rank"})
+        # a retry rides on the action as +0.5: the maximum keeps it only if no rank asked more
+        top = all_reduce_floats([float(local.action) + 0.5 * local.retry], "max")[0]
+        agreed, retry = Action(int(top)), top % 1.0 > 0.25
+        if agreed == local.action:
+            return local if local.retry == retry else replace(local, retry=retry)
+        return Decision(agreed, reason={"decided_on": "another rank"}, retry=retry)
 
     def run_step(self) -> dict[str, float]:
         """One optimizer step with every technique hook; the step's metrics."""
