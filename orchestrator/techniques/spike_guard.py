@@ -267,8 +267,8 @@ class SpikeGuard(Technique):
         """Whether this anomaly is re-run first: before a rollback (the streak reaches
         ``patience`` with it) or always; detector signals only (not the indicators)."""
         mode = self.cfg.replay
-        if mode == "off" or self._replay is None or self._pending is None:
-            return False  # ZeRO-2: no pre-step gradients, so no pre-step state to compare
+        if mode == "off" or self._replay is None:
+            return False
         return mode == "always" or self.streak + 1 >= self.cfg.patience
 
     def _confirm(self, state: TrainState, found: dict[str, Any]) -> tuple[bool, Decision]:
@@ -281,7 +281,10 @@ class SpikeGuard(Technique):
         sums = all_reduce_(torch.tensor([local.loss, local.grad_sq], dtype=torch.float64))
         world = state.world_size
         loss, grad = float(sums[0]) / world, math.sqrt(max(0.0, float(sums[1]) / world))
-        again = self._check(loss, grad if self._pending is not None else None)
+        # the re-run's norm is of the averaged gradient, like the history's on every ZeRO stage
+        again = self._check(
+            loss, grad if self.cfg.grad_norm_zscore or self.cfg.detect_nan else None
+        )
         self._scores = saved_scores
         ranks = all_gather_objects([local.first_loss, local.loss, socket.gethostname()])
         changed = [abs(a - b) / max(abs(b), 1e-12) for a, b, _ in ranks]
