@@ -27,7 +27,7 @@ def _run(tmp_path, name, faults, **guard):
         checkpoint={"every": 2},
         stability={**GUARD, **guard},
         techniques={"fault_injection": {"spike_factor": 100.0, **faults}},
-        deepspeed={"zero_optimization": {"stage": 1}},  # the quickstart's: no pre-step p.grad
+        deepspeed={"zero_optimization": {"stage": 1}},  # the quickstart's stage
     )
     trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / name))
     return trainer, trainer.run()
