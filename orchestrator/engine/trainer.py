@@ -19,7 +19,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -39,6 +39,7 @@ from orchestrator.engine.export import (
 )
 from orchestrator.engine.recovery import LoopState
 from orchestrator.engine.remote import CheckpointMirror, is_remote, push_export, run_storage_uri
+from orchestrator.engine.replay import replay_step
 from orchestrator.engine.reporting import Reporter
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.engine.throughput import Throughput
@@ -171,6 +172,7 @@ class Trainer:
         self.last_decision = Decision()
         self.last_recovery_s = 0.0
         self._prev_start = 0.0
+        self._local_loss = float("nan")  # this rank's loss of the step in progress (replay)
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -208,6 +210,7 @@ class Trainer:
         self.context = Context(
             recipe=recipe, state=state, model=self.model, task=self.task, data=self.data,
             rank=ctx.rank, world_size=ctx.world_size, engine_of=self._engine,
+            replay=lambda: replay_step(self, self._local_loss),
         )  # fmt: skip
         for technique in self.techniques:
             technique.bind(self.context)
@@ -277,10 +280,12 @@ class Trainer:
 
     def _agree_decision(self, local: Decision) -> Decision:
         """The all-ranks maximum action; this rank's details when it decided that action."""
-        agreed = Action(int(all_reduce_floats([float(local.action)], "max")[0]))
+        # a retry rides on the action as +0.5: the maximum keeps it only if no rank asked more
+        top = all_reduce_floats([float(local.action) + 0.5 * local.retry], "max")[0]
+        agreed, retry = Action(int(top)), top % 1.0 > 0.25
         if agreed == local.action:
-            return local
-        return Decision(agreed, reason={"decided_on": "another rank"})
+            return local if local.retry == retry else replace(local, retry=retry)
+        return Decision(agreed, reason={"decided_on": "another rank"}, retry=retry)
 
     def run_step(self) -> dict[str, float]:
         """One optimizer step with every technique hook; the step's metrics."""
@@ -313,9 +318,8 @@ class Trainer:
             loss_sum += float(loss.detach())
             if micro < schedule.grad_accumulation - 1:
                 engine.step()
-        loss_avg = (
-            all_reduce_floats([loss_sum / schedule.grad_accumulation])[0] / self.ctx.world_size
-        )
+        self._local_loss = loss_sum / schedule.grad_accumulation
+        loss_avg = all_reduce_floats([self._local_loss])[0] / self.ctx.world_size
         state._update(loss=loss_avg)
         for hook in self.step_hooks:
             hook.before_optimizer_step(self)
@@ -330,7 +334,8 @@ class Trainer:
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         state._update(grad_norm=grad_norm, step=state.step + 1)
-        self.loop.cursor += self.recipe.global_batch_size
+        if not (before.action == Action.SKIP_STEP and before.retry):  # a retry redraws it
+            self.loop.cursor += self.recipe.global_batch_size
         # A whole loop iteration (hooks, logging, progress) counts, not just the math:
         # measured start-to-start, so the previous iteration's tail is included.
         elapsed = started - self._prev_start if self._prev_start else time.perf_counter() - started

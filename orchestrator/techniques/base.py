@@ -57,7 +57,8 @@ class Decision:
     ``to_step``: a rollback restores the newest checkpoint at or before it (None: the newest).
     ``skip``: stream ranges ``[start, end)`` skipped after the restore. ``reset_moments``:
     zero the optimizer moments. ``reason``: why (goes into the rollback event and lineage).
-    ``message``: for STOP, the error the job fails with.
+    ``message``: for STOP, the error the job fails with. ``retry``: for SKIP_STEP, the step's
+    batch is drawn again by the next step (the cursor does not move on): a transient fault.
     """
 
     action: Action = Action.PROCEED
@@ -66,6 +67,7 @@ class Decision:
     reset_moments: bool = False
     reason: Mapping[str, Any] = field(default_factory=dict)
     message: str = ""
+    retry: bool = False
 
     @classmethod
     def proceed(cls) -> Decision:
@@ -76,6 +78,12 @@ class Decision:
     def skip_step(cls, reason: Mapping[str, Any] | None = None) -> Decision:
         """Skip this step's optimizer update (no weight or moment change)."""
         return cls(Action.SKIP_STEP, reason=dict(reason or {}))
+
+    @classmethod
+    def retry_step(cls, reason: Mapping[str, Any] | None = None) -> Decision:
+        """Skip this step's update and run its batch again at the next step (a fault that
+        did not reproduce: the data is fine, the step is not lost)."""
+        return cls(Action.SKIP_STEP, reason=dict(reason or {}), retry=True)
 
     @classmethod
     def rollback(
@@ -100,7 +108,8 @@ def combine(decisions: Iterable[Decision]) -> Decision:
 
     Rollbacks merge: the earliest ``to_step`` (None is the newest checkpoint, the latest
     bound), the union of the skip ranges, ``reset_moments`` if any asks, the reasons merged
-    with the earlier technique's keys winning. Stops join their messages.
+    with the earlier technique's keys winning. Stops join their messages. Skips retry the
+    batch if any asks (a skipped batch is not lost by drawing it again).
     """
     top = [d for d in decisions if d.action > Action.PROCEED]
     if not top:
@@ -120,6 +129,7 @@ def combine(decisions: Iterable[Decision]) -> Decision:
         reset_moments=any(d.reset_moments for d in same),
         reason=reason,
         message="; ".join(d.message for d in same if d.message),
+        retry=action == Action.SKIP_STEP and any(d.retry for d in same),
     )
 
 
@@ -183,8 +193,9 @@ class TrainState:
     ``lr`` (the scheduled LR of the step about to run; the loop applies
     ``lr * lr_scale * group['lr_multiplier']``), ``lr_scale``, ``loss``, ``grad_norm``,
     ``cursor`` (stream position of the step's first sample), ``run_dir``, ``recipe``,
-    ``regime_change`` (this step changes the data distribution on purpose, e.g. a continual
-    stage switch: detectors restart their statistics) and ``metrics`` (what was recorded
+    ``regime_change`` (this step changes the statistics on purpose, e.g. a continual stage
+    switch: detectors restart them), ``regime_signals`` (which: ``loss``, ``grad_norm``) and
+    ``metrics`` (what was recorded
     this step so far, read-only). Assigning to any of them raises: use the requests.
     """
 
@@ -200,6 +211,7 @@ class TrainState:
     grad_norm: float
     cursor: int
     regime_change: bool
+    regime_signals: frozenset[str]
     _on_event: Callable[[str, dict[str, Any]], None] | None
     _metrics: dict[str, tuple[float, Reduce]]
     _rebuild: bool
@@ -218,7 +230,7 @@ class TrainState:
         d = self.__dict__
         d.update(recipe=recipe, total_steps=total_steps, rank=rank, world_size=world_size)
         d.update(run_dir=run_dir, step=step, lr=lr, lr_scale=1.0, cursor=0, regime_change=False)
-        d.update(loss=float("nan"), grad_norm=float("nan"))
+        d.update(loss=float("nan"), grad_norm=float("nan"), regime_signals=frozenset())
         d["_on_event"] = on_event
         d["_metrics"] = {}  # name -> (value, reduce) recorded this step
         d["_rebuild"] = False
@@ -242,9 +254,16 @@ class TrainState:
         """Rebuild the DeepSpeed engine (``configure`` runs again) before the next update."""
         self.__dict__["_rebuild"] = True
 
-    def mark_regime_change(self) -> None:
-        """This step changes the data distribution on purpose (for this step only)."""
+    def mark_regime_change(self, signals: Iterable[str] = ("loss", "grad_norm")) -> None:
+        """This step changes the statistics of ``signals`` on purpose (for this step only):
+        a new data distribution changes both; a new set of trained parameters (a LISA
+        switch) changes the gradient norm only."""
+        known = {"loss", "grad_norm"}
+        unknown = set(signals) - known
+        if unknown:
+            raise ValueError(f"mark_regime_change: unknown signals {sorted(unknown)}")
         self.__dict__["regime_change"] = True
+        self.__dict__["regime_signals"] = self.regime_signals | frozenset(signals)
 
     def record(self, name: str, value: float, reduce: Reduce = None) -> None:
         """A metric of this step. ``reduce`` (mean/sum/max) agrees it across ranks (record it
@@ -272,7 +291,7 @@ class TrainState:
         self.__dict__.update(facts)
 
     def _begin_step(self) -> None:
-        self.__dict__.update(regime_change=False, _metrics={})
+        self.__dict__.update(regime_change=False, regime_signals=frozenset(), _metrics={})
 
     def _take_rebuild(self) -> bool:
         wanted, self.__dict__["_rebuild"] = self._rebuild, False
@@ -283,13 +302,25 @@ class TrainState:
         return out
 
 
+@dataclass(frozen=True)
+class Replay:
+    """This rank's values of a step and of its re-run on the same batch and weights."""
+
+    first_loss: float  # the step's own loss on this rank (before the all-reduce)
+    loss: float  # the re-run's loss on this rank
+    grad_sq: float  # the re-run's squared gradient norm on this rank
+    seconds: float  # what the re-run took
+
+
 @dataclass
 class Context:
     """The live objects of a job, handed to :meth:`Technique.bind` once the model exists.
 
     ``engine`` is the current DeepSpeed engine (None before it is built; a new object after
     a rebuild): read it when needed, do not keep it. ``task`` computes losses and eval
-    scores; ``data`` is the job's :class:`~orchestrator.data.Split`.
+    scores; ``data`` is the job's :class:`~orchestrator.data.Split`. ``replay()`` re-runs the
+    step in progress (between backward and the update) on the same batch from the same
+    weights, without touching the gradients about to be applied: this rank's values.
     """
 
     recipe: Recipe
@@ -300,6 +331,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     engine_of: Callable[[], Any] = lambda: None
+    replay: Callable[[], Replay] | None = None
 
     @property
     def engine(self) -> Any:

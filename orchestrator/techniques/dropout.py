@@ -244,6 +244,11 @@ class DropoutSchedule(Technique):
 
     def on_step_begin(self, state: TrainState) -> None:
         self._apply_state(state)
+        cfg = self.cfg
+        if cfg.mode != "standard" and state.step == cfg.resolved_cutoff(state.total_steps) > 0:
+            # the phase boundary: the loss and the gradients change on purpose (late dropout
+            # raises the loss), so the spike guard restarts its statistics
+            state.mark_regime_change()
 
 
 SPEC = TechniqueSpec(catalog.DROPOUT, build=lambda cfg, recipe: DropoutSchedule(cfg))

@@ -5,6 +5,12 @@ Faults, each by step index (the 0-based optimizer step being run):
 * ``nan_at_step``: the loss of that step becomes NaN (so are its gradients).
 * ``spike_at_step`` + ``spike_steps`` + ``spike_factor``: the loss tensor is multiplied by
   the factor for ``spike_steps`` steps: the spike is real (gradients scale with it).
+* ``transient_spike_at_step``: the loss of that step's first pass (its micro-batches) is
+  multiplied by ``spike_factor``; a re-run of the step (the spike guard's replay) is clean,
+  like a bit flip on one pass of a bad GPU.
+* ``poison_samples: [start, end)``: every global batch holding one of these stream positions
+  has its loss multiplied by ``spike_factor`` each time it is drawn (replays and retries
+  included): bad data, a spike that reproduces.
 * ``grad_blowup_at_step`` + ``grad_factor``: the loss value is unchanged but its gradient is
   multiplied by the factor (an identity with a scaled backward), on every ZeRO stage.
 * ``kill_at_step`` on ``kill_rank``: ``kill_mode: exit`` ends the worker process at once
@@ -30,6 +36,7 @@ from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.fault_injection import FaultInjectionConfig
 from orchestrator.rundir import RunDir
 from orchestrator.techniques.base import (
+    BatchStream,
     Capability,
     Context,
     Decision,
@@ -39,7 +46,7 @@ from orchestrator.techniques.base import (
 )
 from orchestrator.techniques.registry import TechniqueSpec
 
-FAULTS = ("nan", "spike", "grad_blowup", "kill", "kill_in_checkpoint")
+FAULTS = ("nan", "spike", "transient_spike", "grad_blowup", "kill", "kill_in_checkpoint")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -60,7 +67,9 @@ class FaultInjection(Technique):
 
     name = "fault_injection"
     # fired faults stay fired across rollbacks
-    capabilities = frozenset({Capability.CONFIGURES, Capability.KEEPS_STATE_ON_ROLLBACK})
+    capabilities = frozenset(
+        {Capability.CONFIGURES, Capability.KEEPS_STATE_ON_ROLLBACK, Capability.SUPPLIES_DATA}
+    )
 
     def __init__(self, cfg: FaultInjectionConfig):
         self.cfg = cfg
@@ -71,6 +80,8 @@ class FaultInjection(Technique):
         self._loss_factor = 1.0  # for the current step
         self._grad_factor = 1.0
         self._spike_until = -1
+        self._transient_passes = 0  # forward passes the transient spike still corrupts
+        self._poisoned = False  # the micro-batch just drawn holds poisoned samples
 
     # -- helpers -----------------------------------------------------------------------------
     def _marker(self, fault: str) -> Path | None:
@@ -101,9 +112,16 @@ class FaultInjection(Technique):
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
-            if technique._loss_factor == 1.0 and technique._grad_factor == 1.0:
+            transient = technique._transient_passes > 0 and torch.is_grad_enabled()
+            plain = technique._loss_factor == 1.0 and technique._grad_factor == 1.0
+            if plain and not transient and not technique._poisoned:
                 return out
             loss = out if isinstance(out, torch.Tensor) else out.loss
+            if technique._poisoned:
+                loss = loss * technique.cfg.spike_factor
+            if transient:
+                technique._transient_passes -= 1
+                loss = loss * technique.cfg.spike_factor
             if technique._loss_factor != 1.0:
                 loss = loss * technique._loss_factor
             if technique._grad_factor != 1.0:
@@ -155,12 +173,23 @@ class FaultInjection(Technique):
             self._spike_until = step + cfg.spike_steps
         if step < self._spike_until:
             self._loss_factor *= cfg.spike_factor
+        if cfg.transient_spike_at_step == step and "transient_spike" not in self.fired:
+            self._fire("transient_spike", state, mark=state.rank == 0)
+            self._transient_passes = state.recipe.schedule.grad_accumulation
         if cfg.grad_blowup_at_step == step and "grad_blowup" not in self.fired:
             self._fire("grad_blowup", state, mark=state.rank == 0)
             self._grad_factor = cfg.grad_factor
 
+    def wrap_batches(self, batches: BatchStream, ctx: Context) -> BatchStream:
+        """With ``poison_samples``: the global batches holding them are poisoned."""
+        if self.cfg.poison_samples is None:
+            return batches
+        return _Poisoned(batches, self, ctx.recipe.global_batch_size)
+
     def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         self._loss_factor = self._grad_factor = 1.0
+        self._transient_passes = 0
+        self._poisoned = False
         return Decision()
 
     def on_rollback(self, state: TrainState, step: int) -> None:
@@ -173,6 +202,21 @@ class FaultInjection(Technique):
         if state:
             self.fired = list(dict.fromkeys([*self.fired, *state["fired"]]))
             self._spike_until = int(state["spike_until"])
+
+
+class _Poisoned:
+    """A batch stream whose global batches overlapping ``[start, end)`` are poisoned: while
+    one is drawn, the fault injection's forward scales the loss (every time it is drawn)."""
+
+    def __init__(self, inner: BatchStream, owner: FaultInjection, global_batch: int):
+        self.inner, self.owner, self.global_batch = inner, owner, global_batch
+
+    def micro_batch_at(self, cursor: int, micro: int) -> dict[str, Any]:
+        poison = self.owner.cfg.poison_samples
+        if poison is not None:
+            start, end = poison
+            self.owner._poisoned = cursor < end and start < cursor + self.global_batch
+        return self.inner.micro_batch_at(cursor, micro)
 
 
 SPEC = TechniqueSpec(catalog.FAULT_INJECTION, build=lambda cfg, recipe: FaultInjection(cfg))

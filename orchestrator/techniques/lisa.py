@@ -282,6 +282,8 @@ class Lisa(Technique):
         self._capture(self._engine())
         self._apply_requires_grad()
         state.request_rebuild()
+        if previous is not None:  # other layers train: the gradient norm is another quantity
+            state.mark_regime_change(("grad_norm",))
         self._switched = True
 
     def on_before_optimizer_step(self, state: TrainState) -> Decision:

@@ -27,18 +27,20 @@ spike and what was tried. The guard's counters are not rolled back
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from orchestrator.distributed import all_reduce_
+from orchestrator.distributed import all_gather_objects, all_reduce_
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.stability import StabilityConfig
 from orchestrator.techniques.base import (
     Capability,
     Context,
     Decision,
+    Replay,
     Setup,
     Technique,
     TrainState,
@@ -47,6 +49,8 @@ from orchestrator.techniques.indicators import IndicatorProbe
 from orchestrator.techniques.registry import TechniqueSpec
 
 MAD_TO_SIGMA = 1.4826
+SIGNALS = ("loss", "grad_norm")  # the statistics a regime change may restart
+MAX_SNAPSHOTS = 16  # checkpoints whose statistics a rollback can restore (older: re-arm)
 
 
 def robust_z(value: float, history: list[float]) -> float:
@@ -58,6 +62,10 @@ def robust_z(value: float, history: list[float]) -> float:
     if scale <= 1e-12 * max(1.0, abs(med)):
         scale = 1e-6 * max(1.0, abs(med))  # flat history: any real jump is a spike
     return (value - med) / scale
+
+
+def _log(value: float) -> float:
+    return math.log(max(value, 1e-30))
 
 
 def _pre_step_grad_norm(model: torch.nn.Module | None, world_size: int) -> float | None:
@@ -108,9 +116,17 @@ class SpikeGuard(Technique):
         self.probe = IndicatorProbe() if cfg.indicators_every else None
         self._told_unavailable = False
         self._model: torch.nn.Module | None = None
+        # the detector statistics as they were at each checkpoint (step -> histories): a
+        # rollback takes them back with the model, a resume gets them from the checkpoint
+        self.snapshots: dict[int, dict[str, list[float]]] = {}
+        self.transients: dict[int, int] = {}  # rank -> anomalies that did not reproduce
+        self.replays = 0
+        self._retry_step = -1  # the step whose batch is retried (a transient fault)
+        self._replay: Callable[[], Replay] | None = None
 
     def bind(self, ctx: Context) -> None:
         self._model = ctx.model
+        self._replay = ctx.replay
 
     def configure(self, setup: Setup) -> None:
         """Hook the indicator probe into the model and the base optimizer's ``step``."""
@@ -192,15 +208,21 @@ class SpikeGuard(Technique):
                         "loss": loss,
                         "threshold": cfg.max_loss_ratio,
                     }
-        if armed and grad is not None and math.isfinite(grad) and cfg.grad_norm_zscore:
-            z = robust_z(grad, self.grad_hist) if len(self.grad_hist) >= cfg.min_history else 0.0
+        if grad is not None and math.isfinite(grad) and cfg.grad_norm_zscore:
+            # in log space: gradient norms are heavy-tailed and multiplicative (a healthy step
+            # can be several times the median), a blow-up is orders of magnitude
+            z = (
+                robust_z(_log(grad), [_log(g) for g in self.grad_hist])
+                if len(self.grad_hist) >= cfg.min_history
+                else 0.0
+            )
             self._scores["spike/grad_z"] = z
-            if found is None and z > cfg.threshold:
+            if found is None and z > cfg.grad_threshold:
                 found = {
                     "detector": "grad_z",
                     "value": z,
                     "grad_norm": grad,
-                    "threshold": cfg.threshold,
+                    "threshold": cfg.grad_threshold,
                 }
         return found
 
@@ -221,8 +243,7 @@ class SpikeGuard(Technique):
 
     def on_before_optimizer_step(self, state: TrainState) -> Decision:
         if state.regime_change:  # e.g. a continual stage switch: the old statistics no longer apply
-            self.loss_hist, self.grad_hist = [], []
-            state.emit("detector_reset", reason="regime change")
+            self._reset(state, "regime change", state.regime_signals)
         self._scores = {}
         grad = (
             _pre_step_grad_norm(self._model, state.world_size)
@@ -234,8 +255,74 @@ class SpikeGuard(Technique):
         self._record_scores(state)
         if found is None:
             return Decision()
+        if self._replays(found):
+            reproduced, decision = self._confirm(state, found)
+            if not reproduced:
+                return decision
+            found = {**found, "replay": "reproduced"}
         self._anomaly(state, found)
         return Decision.skip_step(reason=found)
+
+    # -- confirmation by replay ----------------------------------------------------------------
+    def _replays(self, found: dict[str, Any]) -> bool:
+        """Whether this anomaly is re-run first: before a rollback (the streak reaches
+        ``patience`` with it) or always; detector signals only (not the indicators)."""
+        mode = self.cfg.replay
+        if mode == "off" or self._replay is None:
+            return False
+        return mode == "always" or self.streak + 1 >= self.cfg.patience
+
+    def _confirm(self, state: TrainState, found: dict[str, Any]) -> tuple[bool, Decision]:
+        """Re-run the step; (reproduced, the decision if it did not)."""
+        if self._replay is None:  # only called with a replay function bound
+            raise RuntimeError("spike guard: no replay function bound")
+        saved_scores = dict(self._scores)
+        local = self._replay()
+        self.replays += 1
+        sums = all_reduce_(torch.tensor([local.loss, local.grad_sq], dtype=torch.float64))
+        world = state.world_size
+        loss, grad = float(sums[0]) / world, math.sqrt(max(0.0, float(sums[1]) / world))
+        # the re-run's norm is of the averaged gradient, like the history's on every ZeRO stage
+        again = self._check(
+            loss, grad if self.cfg.grad_norm_zscore or self.cfg.detect_nan else None
+        )
+        self._scores = saved_scores
+        ranks = all_gather_objects([local.first_loss, local.loss, socket.gethostname()])
+        changed = [abs(a - b) / max(abs(b), 1e-12) for a, b, _ in ranks]
+        suspect = max(range(len(ranks)), key=changed.__getitem__) if max(changed) > 0 else None
+        step = state.step
+        result = {
+            "at_step": step,
+            "detector": found["detector"],
+            "first": {"loss": state.loss, "grad_norm": self._pending, "value": found["value"]},
+            "replayed": {"loss": loss, "grad_norm": grad, "value": (again or {}).get("value")},
+            "reproduced": again is not None,
+            "cause": "data" if again is not None else "transient",
+            "seconds": local.seconds,
+        }
+        state.record("spike/replay_s", local.seconds)
+        if again is not None:
+            state.emit("replay", **result)
+            return True, Decision()
+        rank = -1 if suspect is None else suspect
+        self.transients[rank] = self.transients.get(rank, 0) + 1
+        host = ranks[suspect][2] if suspect is not None else None
+        state.emit("spike", at_step=step, streak=self.streak + 1, **found, replay="not reproduced")
+        state.emit("replay", **result, rank=suspect, host=host, decision="retry")
+        self._retry_step = step
+        reason = {**found, "step": step, "replay": "not reproduced", "rank": suspect}
+        if self.transients[rank] < self.cfg.max_transient:
+            return False, Decision.retry_step(reason=reason)
+        where = f"rank {suspect} (host {host})" if suspect is not None else "an unknown rank"
+        message = (
+            f"spike guard: {self.transients[rank]} anomalies on {where} did not reproduce on "
+            f"replay (the last at step {step}: {found['detector']}={_fmt(found['value'])}), a "
+            "transient fault (a bad accelerator or silent data corruption), not the data. "
+            "Restart the job without that node (exclude it from the cluster, then "
+            "`regimen resume RUN_ID`), or raise stability.max_transient."
+        )
+        state.emit("bad_worker", rank=suspect, host=host, transient=self.transients[rank])
+        return False, Decision.stop(message, reason=reason)
 
     def _record_scores(self, state: TrainState) -> None:
         for name, value in self._scores.items():
@@ -254,6 +341,9 @@ class SpikeGuard(Technique):
 
     def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         step = state.step - 1  # the step just run
+        if step == self._retry_step:  # a transient fault: its batch runs again, nothing learnt
+            self._retry_step = -1
+            return Decision()
         anomalous = bool(self.anomaly_steps) and self.anomaly_steps[-1] == step
         if not anomalous and self._pending is None and self.cfg.grad_norm_zscore:
             # ZeRO-2: gradients were not visible before the step; check the engine's norm now.
@@ -322,7 +412,49 @@ class SpikeGuard(Technique):
         onset = self.onset[0] if self.onset is not None else step
         return self.trusted_bound(onset)
 
+    # -- the detector history follows the model -------------------------------------------------
+    def _reset(self, state: TrainState, reason: str, signals: Iterable[str] = SIGNALS) -> None:
+        """Forget the statistics of ``signals``: they re-arm after ``min_history`` steps."""
+        signals = sorted(set(signals) & set(SIGNALS))
+        if "loss" in signals:
+            self.loss_hist = []
+        if "grad_norm" in signals:
+            self.grad_hist = []
+        state.emit("detector_reset", reason=reason, signals=signals)
+
+    def _snapshot(self) -> dict[str, list[float]]:
+        return {"loss_hist": list(self.loss_hist), "grad_hist": list(self.grad_hist)}
+
+    def on_checkpoint_saved(self, state: TrainState, step: int, path: str) -> None:
+        """Keep the statistics of this checkpoint: a rollback to it restores them."""
+        self.snapshots[step] = self._snapshot()
+        for old in sorted(self.snapshots)[:-MAX_SNAPSHOTS]:
+            del self.snapshots[old]
+
+    def on_checkpoint_loaded(self, state: TrainState, step: int) -> None:
+        """A resume loaded the statistics of ``step`` with the guard's state: keep them too."""
+        self.snapshots[step] = self._snapshot()
+
+    def _restore_history(self, state: TrainState, step: int) -> None:
+        """The statistics of checkpoint ``step`` (or none: reset and re-arm)."""
+        self.snapshots = {s: h for s, h in self.snapshots.items() if s <= step}
+        saved = self.snapshots.get(step)
+        if saved is None:
+            self._reset(state, f"rollback to step {step}: its statistics were not kept")
+            return
+        self.loss_hist = list(saved["loss_hist"])
+        self.grad_hist = list(saved["grad_hist"])
+        state.emit(
+            "detector_restored",
+            to_step=step,
+            loss_history=len(self.loss_hist),
+            grad_history=len(self.grad_hist),
+        )
+
     def on_rollback(self, state: TrainState, step: int) -> None:
+        # The histories go back with the model: the abandoned timeline's later (smaller)
+        # losses and gradients would make the healthy steps after the restore look like spikes.
+        self._restore_history(state, step)
         record = self.rollbacks[-1] if self.rollbacks else None
         if record is not None and record.get("to_step") is None:
             record["to_step"] = step
@@ -367,6 +499,9 @@ class SpikeGuard(Technique):
             "cooldown_until": self.cooldown_until,
             "anomalies": self.anomalies,
             "warnings": _plain(self.warnings),
+            "snapshots": {str(k): _plain(v) for k, v in self.snapshots.items()},
+            "transients": {str(k): v for k, v in self.transients.items()},
+            "replays": self.replays,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,6 +517,12 @@ class SpikeGuard(Technique):
         self.cooldown_until = int(state["cooldown_until"])
         self.anomalies = int(state["anomalies"])
         self.warnings = [list(w) for w in state.get("warnings", [])]
+        self.snapshots = {
+            int(k): {n: [float(x) for x in v[n]] for n in ("loss_hist", "grad_hist")}
+            for k, v in state.get("snapshots", {}).items()
+        }
+        self.transients = {int(k): int(v) for k, v in state.get("transients", {}).items()}
+        self.replays = int(state.get("replays", 0))
 
 
 def _fmt(value: Any) -> str:

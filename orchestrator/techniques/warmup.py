@@ -25,6 +25,10 @@ class Warmup(Technique):
 
     def on_step_begin(self, state: TrainState) -> None:
         state.set_lr(scheduled_lr(self.cfg, self.peak_lr, state.step, state.total_steps))
+        if state.step == self.cfg.resolved_warmup(state.total_steps) > 0:
+            # the end of warmup: the fast early fall of the loss and gradient norm is over;
+            # detectors restart from the statistics of training at the peak LR
+            state.mark_regime_change()
 
 
 SPEC = TechniqueSpec(catalog.WARMUP, build=lambda cfg, recipe: Warmup(cfg, recipe.optimizer.lr))

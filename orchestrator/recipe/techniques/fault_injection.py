@@ -22,6 +22,14 @@ class FaultInjectionConfig(TechniqueConfig):
     spike_at_step: int | None = Field(None, ge=0)
     spike_steps: int = Field(1, ge=1)
     spike_factor: float = Field(100.0, gt=0.0)
+    transient_spike_at_step: int | None = Field(
+        None, ge=0, description="Loss x spike_factor on that step's first pass only: a re-run "
+        "of the step (spike guard replay) does not see it (a transient fault)."
+    )  # fmt: skip
+    poison_samples: tuple[int, int] | None = Field(
+        None, description="Stream positions [start, end): the loss of every global batch "
+        "holding one is x spike_factor whenever it is drawn (bad data: a spike that reproduces)."
+    )  # fmt: skip
     grad_blowup_at_step: int | None = Field(None, ge=0)
     grad_factor: float = Field(1e4, gt=0.0)
     kill_at_step: int | None = Field(None, ge=0)

@@ -22,7 +22,14 @@ class StabilityConfig(TechniqueConfig):
     threshold: float = Field(
         6.0, gt=0.0, description="Robust z-score (sigmas) that counts as a spike."
     )
-    min_history: int = Field(16, ge=2, description="Healthy steps seen before z-scores are armed.")
+    grad_threshold: float = Field(
+        12.0, gt=0.0, description="Robust z-score of the log gradient norm that counts as a "
+        "spike (healthy steps reach 9: gradient norms are heavy-tailed; x100 scores ~15)."
+    )  # fmt: skip
+    min_history: int = Field(
+        20, ge=2, description="Healthy steps seen (since the start, the end of warmup or a "
+        "regime change) before z-scores are armed."
+    )  # fmt: skip
     detect_nan: bool = True
     loss_zscore: bool = True
     grad_norm_zscore: bool = True
@@ -40,6 +47,16 @@ class StabilityConfig(TechniqueConfig):
     )
     reset_moments: bool = Field(False, description="Zero the optimizer moments on rollback.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks before the job fails.")
+    replay: Literal["off", "on_rollback", "always"] = Field(
+        "on_rollback", description="Re-run an anomalous step on the same batch from the same "
+        "weights before acting: reproduces = the data (skip it, roll back), not = a transient "
+        "fault (retry the batch, no rollback). on_rollback: only before a rollback; always: "
+        "every anomaly."
+    )  # fmt: skip
+    max_transient: int = Field(
+        3, ge=1, description="Non-reproducible anomalies on one rank before the job fails "
+        "asking for a restart without that node."
+    )  # fmt: skip
     indicators_every: int = Field(
         0, ge=0, description="Log leading indicators every N steps (update RMS, TEV, attention "
         "entropy); 0 = off."

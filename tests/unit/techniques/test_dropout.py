@@ -357,3 +357,21 @@ def test_a_new_model_is_a_new_first_build():
     tech.apply(0, 4)
     assert second.dropout_values() == [0.2] * 3 and second.drop_path == 0.2 * (0.3 / 4) / 0.3
     assert first.dropout_values() == [0.1] * 3  # the first model is no longer written
+
+
+@pytest.mark.parametrize("mode", ["early", "late"])
+def test_the_phase_boundary_is_a_regime_change_for_the_spike_guard(mode, tmp_path):
+    """The cut-off step (and no other) restarts the spike guard's statistics."""
+    from orchestrator.techniques.base import TrainState
+
+    schedule = DropoutSchedule(DropoutConfig(mode=mode, rate=0.1, cutoff_steps=3))
+    schedule.attach(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)))
+    state = TrainState(tiny_recipe(tmp_path), total_steps=8)
+    marked = []
+    for step in range(8):
+        state._begin_step()
+        state._update(step=step)
+        schedule.on_step_begin(state)
+        if state.regime_change:
+            marked.append(step)
+    assert marked == [3]

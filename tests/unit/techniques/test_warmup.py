@@ -58,3 +58,20 @@ def test_optimizer_uses_scheduled_lr_each_step(tmp_path, gloo_world):
 def test_warmup_longer_than_training_is_rejected(tmp_path):
     with pytest.raises(RecipeError, match="techniques.warmup.warmup_steps"):
         tiny_recipe(tmp_path, schedule={"steps": 5}, techniques={"warmup": {"warmup_steps": 5}})
+
+
+def test_the_end_of_warmup_restarts_the_spike_guards_statistics(tmp_path):
+    """Warmup marks a regime change at its last step + 1 only (loss and grad norm)."""
+    from orchestrator.techniques.base import TrainState
+    from orchestrator.techniques.warmup import Warmup
+
+    warm = Warmup(WarmupConfig(warmup_fraction=0.25), peak_lr=1.0)
+    state = TrainState(tiny_recipe(tmp_path), total_steps=16)
+    marked = []
+    for step in range(16):
+        state._begin_step()
+        state._update(step=step)
+        warm.on_step_begin(state)
+        if state.regime_change:
+            marked.append((step, sorted(state.regime_signals)))
+    assert marked == [(4, ["grad_norm", "loss"])]
