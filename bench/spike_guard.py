@@ -154,6 +154,7 @@ class Run:
     steps: int
     detections: list[tuple[int, str]] = field(default_factory=list)
     rollbacks: list[tuple[int, int]] = field(default_factory=list)  # (from_step, to_step)
+    rollback_requests: list[int] = field(default_factory=list)  # steps a rollback was decided
     losses: list[float] = field(default_factory=list)
     clipped: list[float] = field(default_factory=list)
     wall_s: float = 0.0
@@ -164,12 +165,17 @@ def _run(root: Path, kind: str, seed: int, steps: int, sections: dict[str, Any])
     import torch
 
     from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
+    from orchestrator.techniques.base import Action
 
     run_dir = root / f"{kind}-{seed}"
     recipe = _recipe(root, steps, seed, sections)
     out = Run(kind, seed, steps)
 
     class Losses(StepHook):
+        def after_decision(self, trainer: Any, decision: Any) -> None:
+            if decision.action == Action.ROLLBACK:  # also one that finds no checkpoint
+                out.rollback_requests.append(int(trainer.state.step))
+
         def after_step(self, trainer: Any, metrics: dict[str, float]) -> None:
             out.losses.append(float(metrics.get("loss", float("nan"))))
             if "update_clipping/clipped_fraction" in metrics:
@@ -258,9 +264,9 @@ def _clean(root: Path, seeds: int, steps: int) -> dict[str, Any]:
     rows = {}
     for kind in CLEAN:
         runs = [_run(root, kind, s, steps, _clean_sections(kind, steps)) for s in range(seeds)]
-        total = sum(r.steps for r in runs)
+        total = sum(len(r.losses) for r in runs)  # steps run (a failed run stops early)
         skips = sum(len(r.detections) for r in runs)
-        rollbacks = sum(len(r.rollbacks) for r in runs)
+        rollbacks = sum(len(r.rollback_requests) for r in runs)
         rows[kind] = {
             "steps": total,
             "false_skips": skips,
@@ -268,7 +274,7 @@ def _clean(root: Path, seeds: int, steps: int) -> dict[str, Any]:
             "skips_per_1k": 1000 * skips / total,
             "rollbacks_per_1k": 1000 * rollbacks / total,
             "detectors": sorted({d for r in runs for _, d in r.detections}),
-            "first_detection_steps": sorted({a for r in runs for a, _ in r.detections})[:8],
+            "detection_steps": sorted({a for r in runs for a, _ in r.detections})[:8],
             "failed": [r.failed for r in runs if r.failed],
             "wall_s": round(sum(r.wall_s for r in runs), 1),
         }
@@ -293,7 +299,7 @@ def _faulty(root: Path, seeds: int, steps: int, at: int) -> dict[str, Any]:
         window = (at, at + lasts + 4)
         caught, delays, lost, detectors = 0, [], [], set()
         false_hits: list[tuple[int, str]] = []
-        n_rollbacks = 0
+        n_rollbacks, failed = 0, []
         for seed in range(seeds):
             r = _run(root, kind, seed, steps, {"techniques": {"fault_injection": cfg}})
             inside = [(a, d) for a, d in r.detections if window[0] <= a < window[1]]
@@ -303,7 +309,8 @@ def _faulty(root: Path, seeds: int, steps: int, at: int) -> dict[str, Any]:
                 delays.append(min(a for a, _ in inside) - at)
                 detectors |= {d for _, d in inside}
             redone = sum(f - t for f, t in r.rollbacks if f >= at)
-            n_rollbacks += len(r.rollbacks)
+            n_rollbacks += len(r.rollback_requests)
+            failed += [r.failed] if r.failed else []
             lost.append(len(inside) + redone)
         rows[kind] = {
             "caught": caught,
@@ -314,6 +321,7 @@ def _faulty(root: Path, seeds: int, steps: int, at: int) -> dict[str, Any]:
             "false_outside_window": len(false_hits),
             "false_at": false_hits[:6],
             "rollbacks": n_rollbacks,
+            "failed": failed,
         }
         print(f"  fault {kind}: {rows[kind]}", flush=True)
     return rows

@@ -81,3 +81,27 @@ def test_zero_0_and_zero_2_clip_alike(tmp_path, gloo_world):
     for k in w0:
         torch.testing.assert_close(w0[k], w2[k], rtol=1e-4, atol=1e-5)
     assert any(not torch.allclose(w2[k], plain[k], rtol=1e-3, atol=1e-4) for k in w2)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_lisa_switches_clip_only_the_active_tensors(stage, tmp_path, gloo_world):
+    """LISA rebuilds the engine on every switch; each build's clipper holds the tensors that
+    optimizer holds (frozen layers have no state) and records every step."""
+    recipe = tiny_recipe(
+        tmp_path,
+        schedule={"steps": STEPS},
+        checkpoint={"every": 100},
+        techniques={"lisa": {"gamma": 1, "interval": 2}, "update_clipping": {"max_rms": 0.5}},
+        deepspeed={"zero_optimization": {"stage": stage}},
+    )
+    hook = Metrics()
+    trainer = Trainer(recipe, WorkerContext(run_dir=tmp_path / "lisa"), step_hooks=[hook])
+    trainer.run()
+    (tech,) = [t for t in trainer.techniques if t.name == "update_clipping"]
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    everything = list(trainer.model.parameters())
+    assert tech.clipper is not None
+    assert {id(p) for p in tech.clipper.tensors} == {id(p) for p in trainable}
+    assert len(trainable) < len(everything)  # frozen layers are not there
+    fractions = [r["update_clipping/clipped_fraction"] for r in hook.rows]
+    assert len(fractions) == STEPS and max(fractions) > 0  # max_rms 0.5: it clips

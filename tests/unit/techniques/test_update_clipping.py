@@ -57,7 +57,9 @@ def test_a_gradient_far_above_v_is_clipped_by_its_rms_and_nothing_else_changes(s
     def groups(params, lr0: float = LR):
         if split == 1:
             return [{"params": [params[0]], "lr": lr0}, {"params": params[1:], "lr": LR}]
-        return [{"params": [p], "lr": (lr0 if i == 0 else LR) * mults[i]} for i, p in enumerate(params)]
+        return [
+            {"params": [p], "lr": (lr0 if i == 0 else LR) * mults[i]} for i, p in enumerate(params)
+        ]
 
     g1 = _grads()
     g2 = [g1[0] * 50.0, g1[1] * 0.5, g1[2] * 0.5]
