@@ -13,7 +13,8 @@ defaults (whatever the checked-out code's defaults are) and checkpoints every 50
   x3, x10, x100 for one step and for three; a slow divergence (loss factor rising to 2 over 50
   steps); NaN gradients (the loss stays finite); a gradient blow-up x100 with no loss change;
   a corrupted batch (random tokens).
-* **Update clipping** (``techniques.update_clipping``), with and without, no spike guard:
+* **Update clipping** (``techniques.update_clipping``), with and without, no spike guard
+  (at most 150 steps a run):
   natural spikes at a high LR (3e-2, beta2 0.999, no warmup, no grad clip), counted post hoc
   (a step whose loss exceeds 1.3 x, a bump 1.1 x, the median of the 10 before it); and the
   loss jump (max of the 5 losses after / median before) after an injected x100 gradient,
@@ -25,8 +26,8 @@ detection delay (first detection step - fault step) and the steps lost (updates 
 plus steps redone after a rollback); the spike counts with and without update clipping.
 Detections of a faulty run outside the fault's window are counted as false too.
 
-    python bench/spike_guard.py            # 3 seeds, 200 steps a run (about 15 min here)
-    python bench/spike_guard.py --quick    # 1 seed, 120 steps (a few minutes)
+    python bench/spike_guard.py            # 3 seeds, 200 steps a run (about 6 min here)
+    python bench/spike_guard.py --quick    # 1 seed, 120 steps (about 1.5 min)
     python bench/spike_guard.py --only clean --json out.json
 """
 
