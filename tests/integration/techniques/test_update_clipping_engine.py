@@ -14,6 +14,7 @@ from conftest import tiny_recipe
 from orchestrator.engine.loop import StepHook, Trainer, WorkerContext
 from orchestrator.techniques.base import Capability, Setup, Technique
 from orchestrator.techniques.registry import build_techniques
+from orchestrator.techniques.update_clipping import UpdateClipper
 
 pytestmark = pytest.mark.integration
 
@@ -105,3 +106,44 @@ def test_lisa_switches_clip_only_the_active_tensors(stage, tmp_path, gloo_world)
     assert len(trainable) < len(everything)  # frozen layers are not there
     fractions = [r["update_clipping/clipped_fraction"] for r in hook.rows]
     assert len(fractions) == STEPS and max(fractions) > 0  # max_rms 0.5: it clips
+
+
+def _sgg_run(tmp_path: Path, stage: int, clip: bool) -> tuple[dict[str, torch.Tensor], list]:
+    techniques: dict[str, Any] = {"sgg": {"recluster_interval": 2, "scale_decay": 0.5}}
+    if clip:
+        techniques["update_clipping"] = {"max_rms": 0.5}
+    recipe = tiny_recipe(
+        tmp_path,
+        schedule={"steps": STEPS},
+        checkpoint={"every": 100},
+        techniques=techniques,
+        deepspeed={"zero_optimization": {"stage": stage}},
+    )
+    hook = Metrics()
+    trainer = Trainer(
+        recipe, WorkerContext(run_dir=tmp_path / f"sgg{stage}-{clip}"), step_hooks=[hook]
+    )
+    trainer.run()
+    weights = {k: v.detach().clone() for k, v in trainer.built.engine.module.state_dict().items()}
+    return weights, [r.get("update_clipping/clipped_fraction") for r in hook.rows]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_it_clips_sggs_own_steps(stage, tmp_path, gloo_world, monkeypatch):
+    """SGG steps its Adam groups itself (it never calls AdamW's step for them); clipping wraps
+    SGG's step, so it still acts on them. (SGG's factors apply a step later under ZeRO by
+    design, so stage 0 and stage 2 are compared each with its own unclipped run.)"""
+    stepped: list[int] = []
+    take = UpdateClipper.take_metrics
+
+    def spy(self: UpdateClipper) -> dict[str, float]:
+        stepped.append(self.stepped)  # tensors whose RMS was formed this step
+        return take(self)
+
+    monkeypatch.setattr(UpdateClipper, "take_metrics", spy)
+    clipped, fractions = _sgg_run(tmp_path, stage, clip=True)
+    plain, _ = _sgg_run(tmp_path, stage, clip=False)
+    assert len(fractions) == STEPS and max(fractions) > 0
+    n_tensors = len([p for p in clipped.values() if p.dtype.is_floating_point])
+    assert stepped == [n_tensors] * STEPS  # SGG's layers too, not only its plain groups
+    assert any(not torch.allclose(clipped[k], plain[k], rtol=1e-3, atol=1e-4) for k in plain)
