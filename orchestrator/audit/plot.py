@@ -1,12 +1,18 @@
 """Loss curves for audits (matplotlib, Agg backend: no display needed).
 
 One line per series (a segment of a lineage, or a run in a comparison); rollbacks,
-spikes, resumes, LISA switches and skipped data as markers. :func:`plot_curves`
+spikes, resumes, LISA switches and skipped data as markers. A spike's or rollback's
+marker names the detector that fired (``spike (loss_z)``, from the event's ``detector``
+or its ``reason``), in the legend and beside the marker. When a spike dwarfs the curve
+(max / median of the plotted values above :data:`LOG_RATIO`, all values positive) the
+value axis is logarithmic, so the rest of the curve stays readable. :func:`plot_curves`
 returns what it drew (:class:`PlotInfo`) so callers and tests can check it.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,9 @@ MARKERS: dict[str, tuple[str, str, str]] = {
     "skip_data": ("s", "orange", "skipped data"),
 }
 
+# max / median of the plotted values above which the value axis is logarithmic
+LOG_RATIO = 10.0
+
 
 @dataclass
 class Series:
@@ -34,12 +43,15 @@ class Series:
 
 @dataclass
 class PlotInfo:
-    """What was drawn: the file, its size, one label per line, marker counts by event kind."""
+    """What was drawn: the file, its size, one label per line, marker counts by event kind,
+    each marker's label (in event order) and the value axis scale (``linear`` or ``log``)."""
 
     path: str
     size_bytes: int
     lines: list[str]
     markers: dict[str, int] = field(default_factory=dict)
+    marker_labels: list[str] = field(default_factory=list)
+    yscale: str = "linear"
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``--json``."""
@@ -48,7 +60,31 @@ class PlotInfo:
             "size_bytes": self.size_bytes,
             "lines": self.lines,
             "markers": self.markers,
+            "marker_labels": self.marker_labels,
+            "yscale": self.yscale,
         }
+
+
+def value_scale(series: list[Series], ratio: float = LOG_RATIO) -> str:
+    """``log`` when the largest finite value exceeds ``ratio`` x the median and every value
+    is positive (a log axis cannot show the others), else ``linear``."""
+    values = [v for s in series for _, v in s.points if math.isfinite(v)]
+    if not values or min(values) <= 0:
+        return "linear"
+    return "log" if max(values) > ratio * statistics.median(values) else "linear"
+
+
+def detector_of(event: dict[str, Any]) -> str | None:
+    """The detector an event names: its own ``detector``, else its ``reason``'s (a rollback
+    carries the guard's record, whose own ``reason`` is the spike that started it)."""
+    found: Any = event
+    for _ in range(3):
+        if not isinstance(found, dict):
+            return None
+        if found.get("detector") is not None:
+            return str(found["detector"])
+        found = found.get("reason")
+    return None
 
 
 def _value_at(series: list[Series], step: int) -> float | None:
@@ -92,13 +128,20 @@ def plot_curves(
             steps, values = zip(*s.points, strict=True)
             ax.plot(steps, values, label=s.label, linewidth=1.4)
             lines.append(s.label)
+        yscale = value_scale(series)
+        ax.set_yscale(yscale)
         counts: dict[str, int] = {}
         labelled: set[str] = set()
+        marker_labels: list[str] = []
         for e in events or []:
             kind = str(e.get("kind"))
             if kind not in MARKERS:
                 continue
             marker, color, label = MARKERS[kind]
+            detector = detector_of(e) if kind in ("spike", "rollback") else None
+            if detector is not None:
+                label = f"{label} ({detector})"
+            marker_labels.append(label)
             step = int(e.get("at_step", e.get("from_step", e.get("step", 0))) or 0)
             if kind == "resume":
                 step = int(e.get("from_step", e.get("step", 0)) or 0)
@@ -113,6 +156,11 @@ def plot_curves(
                     label=None if label in labelled else label,
                 )  # fmt: skip
                 labelled.add(label)
+                if detector is not None and kind == "spike":
+                    ax.annotate(
+                        detector, (step, y), textcoords="offset points", xytext=(4, 6),
+                        fontsize=7, color=color,
+                    )  # fmt: skip
             counts[kind] = counts.get(kind, 0) + 1
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -126,4 +174,4 @@ def plot_curves(
             raise UsageError(f"--plot {out}: cannot write the figure: {exc}") from None
     finally:
         plt.close(fig)
-    return PlotInfo(str(out), out.stat().st_size, lines, counts)
+    return PlotInfo(str(out), out.stat().st_size, lines, counts, marker_labels, yscale)

@@ -26,6 +26,7 @@ from orchestrator.recipe.techniques import (
     lisa,
     sgg,
     stability,
+    update_clipping,
     warmup,
 )
 
@@ -130,6 +131,16 @@ SGG = TechniqueEntry(
     describe=sgg.describe,
     example={"recluster_interval": 2, "scale_decay": 0.5},
 )
+UPDATE_CLIPPING = TechniqueEntry(
+    name="update_clipping",
+    config=update_clipping.UpdateClippingConfig,
+    order=70,
+    summary="StableAdamW-style update clipping: a tensor's step size divided by "
+    "RMS(g^2 / v) when above 1.",
+    check=update_clipping.check,
+    describe=update_clipping.describe,
+    example={"max_rms": 0.5},
+)
 SPIKE_GUARD = TechniqueEntry(
     name="spike_guard",
     config=stability.StabilityConfig,
@@ -144,7 +155,7 @@ SPIKE_GUARD = TechniqueEntry(
 # Every technique, in run order (order, then name).
 CATALOG: tuple[TechniqueEntry[Any], ...] = tuple(
     sorted(
-        (FAULT_INJECTION, WARMUP, CONTINUAL, DROPOUT, LISA, SGG, SPIKE_GUARD),
+        (FAULT_INJECTION, WARMUP, CONTINUAL, DROPOUT, LISA, SGG, UPDATE_CLIPPING, SPIKE_GUARD),
         key=lambda e: (e.order, e.name),
     )
 )

@@ -13,6 +13,13 @@ Faults, each by step index (the 0-based optimizer step being run):
   included): bad data, a spike that reproduces.
 * ``grad_blowup_at_step`` + ``grad_factor``: the loss value is unchanged but its gradient is
   multiplied by the factor (an identity with a scaled backward), on every ZeRO stage.
+* ``nan_grad_at_step`` on ``nan_grad_rank``: that rank's gradients become NaN (a scaled
+  backward), the loss value stays finite (a faulty device: NaN in one rank's gradients only).
+* ``diverge_at_step`` + ``diverge_steps`` + ``diverge_factor``: a slow divergence; from that
+  step the loss tensor is multiplied by a factor rising linearly from 1 to
+  ``diverge_factor`` over ``diverge_steps`` steps, then held (until a rollback).
+* ``corrupt_batch_at_step``: that step's token ids (and the labels that are not ignored)
+  are replaced by uniform random tokens, seeded by the step (a corrupted batch).
 * ``kill_at_step`` on ``kill_rank``: ``kill_mode: exit`` ends the worker process at once
   (``os._exit``, like an OOM kill); ``raise`` raises an error in the worker.
 * ``kill_in_checkpoint_at_step``: ends the process on ``kill_rank`` while the checkpoint of
@@ -46,7 +53,17 @@ from orchestrator.techniques.base import (
 )
 from orchestrator.techniques.registry import TechniqueSpec
 
-FAULTS = ("nan", "spike", "transient_spike", "grad_blowup", "kill", "kill_in_checkpoint")
+FAULTS = (
+    "nan",
+    "spike",
+    "transient_spike",
+    "grad_blowup",
+    "nan_grad",
+    "diverge",
+    "corrupt_batch",
+    "kill",
+    "kill_in_checkpoint",
+)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -82,6 +99,8 @@ class FaultInjection(Technique):
         self._spike_until = -1
         self._transient_passes = 0  # forward passes the transient spike still corrupts
         self._poisoned = False  # the micro-batch just drawn holds poisoned samples
+        self._diverge_from = -1
+        self._corrupt_seed: int | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     def _marker(self, fault: str) -> Path | None:
@@ -111,6 +130,8 @@ class FaultInjection(Technique):
         original = model.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if technique._corrupt_seed is not None:
+                kwargs = _corrupted(model, kwargs, technique._corrupt_seed)
             out = original(*args, **kwargs)
             transient = technique._transient_passes > 0 and torch.is_grad_enabled()
             plain = technique._loss_factor == 1.0 and technique._grad_factor == 1.0
@@ -179,6 +200,20 @@ class FaultInjection(Technique):
         if cfg.grad_blowup_at_step == step and "grad_blowup" not in self.fired:
             self._fire("grad_blowup", state, mark=state.rank == 0)
             self._grad_factor = cfg.grad_factor
+        if cfg.nan_grad_at_step == step and "nan_grad" not in self.fired:
+            self._fire("nan_grad", state, mark=state.rank == 0)
+            if state.rank == cfg.nan_grad_rank:
+                self._grad_factor *= float("nan")
+        if cfg.diverge_at_step == step and "diverge" not in self.fired:
+            self._fire("diverge", state, mark=state.rank == 0)
+            self._diverge_from = step
+        if 0 <= self._diverge_from <= step:
+            ramp = min(1.0, (step - self._diverge_from + 1) / cfg.diverge_steps)
+            self._loss_factor *= 1.0 + (cfg.diverge_factor - 1.0) * ramp
+        self._corrupt_seed = None
+        if cfg.corrupt_batch_at_step == step and "corrupt_batch" not in self.fired:
+            self._fire("corrupt_batch", state, mark=state.rank == 0)
+            self._corrupt_seed = 1_000_003 * step + state.rank
 
     def wrap_batches(self, batches: BatchStream, ctx: Context) -> BatchStream:
         """With ``poison_samples``: the global batches holding them are poisoned."""
@@ -190,18 +225,41 @@ class FaultInjection(Technique):
         self._loss_factor = self._grad_factor = 1.0
         self._transient_passes = 0
         self._poisoned = False
+        self._corrupt_seed = None
         return Decision()
 
     def on_rollback(self, state: TrainState, step: int) -> None:
-        self._spike_until = -1  # the spike window belongs to the abandoned timeline
+        # the spike window and the divergence belong to the abandoned timeline
+        self._spike_until = self._diverge_from = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fired": list(self.fired), "spike_until": self._spike_until}
+        return {
+            "fired": list(self.fired),
+            "spike_until": self._spike_until,
+            "diverge_from": self._diverge_from,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.fired = list(dict.fromkeys([*self.fired, *state["fired"]]))
             self._spike_until = int(state["spike_until"])
+            self._diverge_from = int(state.get("diverge_from", -1))
+
+
+def _corrupted(model: torch.nn.Module, kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``kwargs`` with ``input_ids`` (and the labels that are not ignored, when they are the
+    tokens) replaced by uniform random tokens of the model's vocabulary."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return kwargs
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or int(ids.max()) + 1
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, int(vocab), ids.shape, generator=gen).to(ids.device, ids.dtype)
+    out = {**kwargs, "input_ids": noise}
+    labels = kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == ids.shape:
+        out["labels"] = torch.where(labels == -100, labels, noise)
+    return out
 
 
 class _Poisoned:

@@ -31,6 +31,7 @@ BUILDERS: dict[str, str] = {
     "dropout": "orchestrator.techniques.dropout:SPEC",
     "lisa": "orchestrator.techniques.lisa:SPEC",
     "sgg": "orchestrator.techniques.sgg:SPEC",
+    "update_clipping": "orchestrator.techniques.update_clipping:SPEC",
     "spike_guard": "orchestrator.techniques.spike_guard:SPEC",
 }
 

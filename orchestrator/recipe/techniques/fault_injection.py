@@ -32,6 +32,14 @@ class FaultInjectionConfig(TechniqueConfig):
     )  # fmt: skip
     grad_blowup_at_step: int | None = Field(None, ge=0)
     grad_factor: float = Field(1e4, gt=0.0)
+    nan_grad_at_step: int | None = Field(None, ge=0, description="NaN gradients, finite loss.")
+    nan_grad_rank: int = Field(0, ge=0, description="The one rank whose gradients become NaN.")
+    diverge_at_step: int | None = Field(None, ge=0, description="Start of a slow divergence.")
+    diverge_steps: int = Field(50, ge=1, description="Steps the loss factor ramps over.")
+    diverge_factor: float = Field(3.0, gt=1.0, description="Loss factor at the ramp's end.")
+    corrupt_batch_at_step: int | None = Field(
+        None, ge=0, description="That step's tokens replaced by uniform random ones."
+    )
     kill_at_step: int | None = Field(None, ge=0)
     kill_in_checkpoint_at_step: int | None = Field(None, ge=1)
     kill_rank: int = Field(0, ge=0)

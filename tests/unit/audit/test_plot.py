@@ -32,3 +32,39 @@ def test_one_line_per_series_and_markers(tmp_path: Path) -> None:
 def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         plot_curves([Series("a", [(1, 1.0)])], tmp_path / "nope" / "x.png")
+
+
+def test_a_spike_that_dwarfs_the_curve_gets_a_log_axis(tmp_path: Path) -> None:
+    smooth = [(s, 3.0 - 0.05 * s) for s in range(1, 40)]
+    info = plot_curves([Series("job", smooth)], tmp_path / "smooth.png")
+    assert info.yscale == "linear"
+    spiked = [(s, 300.0 if s == 20 else v) for s, v in smooth]  # x100 at step 20
+    info = plot_curves([Series("job", spiked)], tmp_path / "spiked.png")
+    assert info.yscale == "log"
+    assert info.to_json()["yscale"] == "log"
+    # a mild bump (x3) keeps the linear axis; values <= 0 cannot go on a log axis
+    mild = [(s, 9.0 if s == 20 else v) for s, v in smooth]
+    assert plot_curves([Series("job", mild)], tmp_path / "mild.png").yscale == "linear"
+    signed = [*spiked, (41, -1.0)]
+    assert plot_curves([Series("job", signed)], tmp_path / "signed.png").yscale == "linear"
+
+
+def test_markers_name_the_detector_that_fired(tmp_path: Path) -> None:
+    series = [Series("job", [(s, 3.0 - 0.1 * s) for s in range(1, 12)])]
+    events = [
+        {"kind": "spike", "step": 5, "at_step": 5, "detector": "grad_z", "value": 9.0},
+        {"kind": "spike", "step": 6, "at_step": 6, "detector": "loss_z", "value": 40.0},
+        {"kind": "spike", "step": 8, "at_step": 8, "detector": "nan"},
+        {"kind": "rollback", "step": 7, "from_step": 7, "to_step": 4,
+         "reason": {"onset_step": 6, "reason": {"detector": "loss_z"}}},
+        {"kind": "resume", "step": 9, "from_step": 9},
+    ]  # fmt: skip
+    info = plot_curves(series, tmp_path / "loss.png", events=events)
+    assert info.marker_labels == [
+        "spike (grad_z)",
+        "spike (loss_z)",
+        "spike (nan)",
+        "rollback (loss_z)",
+        "resume",
+    ]
+    assert info.markers == {"spike": 3, "rollback": 1, "resume": 1}

@@ -52,6 +52,23 @@ def test_spike_nan_and_grad_blowup_are_real(tmp_path, gloo_world):
     assert math.isnan(nan[2][0]) and not math.isnan(nan[1][0])
 
 
+def test_nan_gradients_divergence_and_corrupted_batches_are_real(tmp_path, gloo_world):
+    clean = _trace(_trainer(tmp_path, "clean", steps=5))
+    nan_grad = _trace(_trainer(tmp_path, "nan_grad", {"nan_grad_at_step": 1}, steps=3))
+    assert nan_grad[1][0] == pytest.approx(clean[1][0], rel=1e-6)  # the loss stays finite
+    assert math.isnan(nan_grad[1][1]) and not math.isnan(nan_grad[0][1])  # its gradient is NaN
+    faults = {"diverge_at_step": 1, "diverge_steps": 2, "diverge_factor": 3.0}
+    diverge = _trace(_trainer(tmp_path, "diverge", faults, steps=5))
+    assert diverge[0][0] == clean[0][0]
+    # the factor ramps 2, 3 then holds 3 (the weights drift apart, hence the tolerance)
+    ratios = [diverge[k][0] / clean[k][0] for k in (1, 2, 3, 4)]
+    assert ratios[0] == pytest.approx(2.0, rel=1e-5)
+    assert ratios[1:] == pytest.approx([3.0] * 3, rel=0.05)
+    corrupt = _trace(_trainer(tmp_path, "corrupt", {"corrupt_batch_at_step": 2}, steps=4))
+    assert corrupt[1][0] == clean[1][0]
+    assert abs(corrupt[2][0] - clean[2][0]) > 0.05  # other tokens, another loss
+
+
 def test_kill_fires_once_across_a_restart(tmp_path, gloo_world):
     faults = {"kill_at_step": 3, "kill_mode": "raise"}
     with pytest.raises(RuntimeError, match="fault injection: killed at step 3"):
