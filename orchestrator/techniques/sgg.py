@@ -189,6 +189,8 @@ class SGGOptimizer(torch.optim.Optimizer):
         self.finalize_in_step = finalize_in_step
         self._all_groups = inner.param_groups
         self._scale_maps: dict[int, torch.Tensor] = {}
+        # reclustered since the last finalize (ZeRO-3 empties the groups' params between steps)
+        self._pending_layers: dict[int, torch.Tensor] = {}
         self.last_stats: dict[str, float] | None = None
         self._stats_tensor: torch.Tensor | None = None
         for name in (
@@ -243,6 +245,7 @@ class SGGOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)
         self._all_groups = self.inner.param_groups
         self._scale_maps.clear()
+        self._pending_layers = {}
         for st in self.inner.state.values():  # torch casts every state tensor to the param's dtype
             if "sgg_labels" in st and st["sgg_labels"].dtype != torch.uint8:
                 st["sgg_labels"] = st["sgg_labels"].to(torch.uint8)
@@ -364,6 +367,7 @@ class SGGOptimizer(torch.optim.Optimizer):
             group["sgg_step"] += 1
         if group["sgg_step"] % self.cfg.recluster_interval == 0:
             self.recluster(p, moment, numel=group.get("sgg_numel"))
+            self._pending_layers[id(p)] = p
             group["sgg_pending"] = True
 
     def _whole_layer(
@@ -419,7 +423,9 @@ class SGGOptimizer(torch.optim.Optimizer):
         pending = [g for g in self._all_groups if g.get("sgg_pending")]
         if not pending:
             return None
-        layers = [p for g in pending for p in g["params"] if "sgg_mda" in self.inner.state[p]]
+        found = list(self._pending_layers.values()) or [p for g in pending for p in g["params"]]
+        self._pending_layers = {}
+        layers = [p for p in found if "sgg_mda" in self.inner.state.get(p, {})]
         if not layers:
             for g in pending:
                 g["sgg_pending"] = False
@@ -441,13 +447,7 @@ class SGGOptimizer(torch.optim.Optimizer):
         return self._record_stats()
 
     def _record_stats(self) -> dict[str, float]:
-        scales = [
-            self.inner.state[p]["sgg_scale"].float()
-            for g in self._all_groups
-            if g.get("sgg")
-            for p in g["params"]
-            if "sgg_scale" in self.inner.state[p]
-        ]
+        scales = [st["sgg_scale"].float() for st in self.inner.state.values() if "sgg_scale" in st]
         if not scales:
             return {}
         allf = torch.cat(scales)

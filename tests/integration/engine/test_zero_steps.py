@@ -63,14 +63,23 @@ class SplitInto(Technique):
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every parameter, ZeRO-1/2 fp32 master partition and client optimizer state tensor."""
     engine, opt = trainer.built.engine, trainer.built.optimizer
-    out = {f"param/{n}": p.detach().clone() for n, p in engine.module.named_parameters()}
-    for i, flat in enumerate(getattr(engine.optimizer, "single_partition_of_fp32_groups", [])):
+    out = {  # under ZeRO-3 a module parameter is a placeholder: its partition holds the values
+        f"param/{n}": getattr(p, "ds_tensor", p).detach().clone()
+        for n, p in engine.module.named_parameters()
+    }
+    zero = engine.optimizer
+    flats = getattr(zero, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    flats = flats or getattr(zero, "fp32_partitioned_groups_flat", [])  # ZeRO-3
+    names = {id(flat): f"fp32/{i}" for i, flat in enumerate(flats)}
+    for i, flat in enumerate(flats):
         out[f"fp32/{i}"] = flat.detach().clone()
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
-            for key, value in opt.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    out[f"state/{gi}/{pi}/{key}"] = value.detach().clone()
+            names.setdefault(id(p), f"{gi}/{pi}")
+    for p, st in opt.state.items():  # ZeRO-3 empties the groups' params between steps
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                out[f"state/{names[id(p)]}/{key}"] = value.detach().clone()
     return out
 
 
@@ -123,11 +132,15 @@ class UseSameData(StepHook):
             )
 
 
-def recipe_for(tmp_path: Path, stage: int, groups: str, workers: int = 1) -> Any:
-    """Tiny llama (4 layers); ``per_layer``: LISA and SGG on (SGG reclusters every step)."""
+def recipe_for(
+    tmp_path: Path, stage: int, groups: str, workers: int = 1, lisa: bool | None = None
+) -> Any:
+    """Tiny llama (4 layers); ``per_layer``: SGG on (reclustering every step), and LISA
+    below ZeRO-3 (which refuses it)."""
     techniques: dict[str, Any] = {"warmup": {"warmup_steps": 4}}
     if groups == "per_layer":
-        techniques["lisa"] = {"gamma": 2, "interval": 50}
+        if stage < 3 if lisa is None else lisa:
+            techniques["lisa"] = {"gamma": 2, "interval": 50}
         techniques["sgg"] = {"recluster_interval": 1, "scale_decay": 0.5}
     return tiny_recipe(
         tmp_path,
@@ -176,17 +189,19 @@ def check_skip(trainer: Trainer, watch: Watch, n_groups: int | None) -> None:
 def sgg_scales(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every SGG layer's K factors, by param group name."""
     (sgg,) = [t for t in trainer.techniques if t.name == "sgg"]
-    opt = sgg.wrapper
-    return {
-        g["name"]: opt.state[p]["sgg_scale"].clone()
-        for g in opt.param_groups
-        if g["sgg"]
-        for p in g["params"]
-    }
+    opt, zero = sgg.wrapper, trainer.built.engine.optimizer
+    pairs = [(g, p) for g in opt.param_groups for p in g["params"]]
+    if hasattr(zero, "sub_group_to_group_id"):  # ZeRO-3: the flat of each sub-group
+        groups = opt.param_groups
+        pairs = [
+            (groups[zero.sub_group_to_group_id[i]], flat)
+            for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
+        ]
+    return {g["name"]: opt.state[p]["sgg_scale"].clone() for g, p in pairs if g["sgg"]}
 
 
 @pytest.mark.parametrize("groups", ["one", "three", "per_layer"])
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_a_skipped_step_changes_nothing(stage, groups, tmp_path, gloo_world):
     recipe = recipe_for(tmp_path, stage, groups)
     watch = Watch(SKIP_AT)
@@ -200,25 +215,31 @@ def test_a_skipped_step_changes_nothing(stage, groups, tmp_path, gloo_world):
     check_skip(trainer, watch, {"one": 1, "three": 3}.get(groups))
 
 
-def _sgg_run(tmp_path: Path, stage: int) -> Trainer:
-    recipe = recipe_for(tmp_path, stage, "per_layer")
+def _sgg_run(tmp_path: Path, stage: int, lisa: bool = True) -> Trainer:
+    recipe = recipe_for(tmp_path, stage, "per_layer", lisa=lisa)
     trainer = Trainer(
         recipe,
-        WorkerContext(run_dir=tmp_path / f"run{stage}"),
+        WorkerContext(run_dir=tmp_path / f"run{stage}{lisa}"),
         techniques=techniques_for(recipe, "per_layer"),
     )
     trainer.run()
     return trainer
 
 
-def test_sgg_scales_are_the_same_at_zero_0_and_zero_2(tmp_path, gloo_world):
-    """Same gradients: one global D* per step, whatever the stage steps group by group."""
-    zero0, zero2 = _sgg_run(tmp_path, 0), _sgg_run(tmp_path, 2)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sgg_scales_are_the_same_at_zero_0_and_zero_2_3(stage, tmp_path, gloo_world):
+    """Same gradients: one global D* per step, whatever the stage steps group by group
+    (LISA on with ZeRO-2; ZeRO-3 refuses LISA, so both runs go without it there)."""
+    lisa = stage < 3
+    zero0, zero2 = _sgg_run(tmp_path, 0, lisa), _sgg_run(tmp_path, stage, lisa)
     a, b = sgg_scales(zero0), sgg_scales(zero2)
     assert a.keys() == b.keys() and len(a) >= 4
     assert not torch.allclose(torch.cat(list(a.values())), torch.ones(3 * len(a)))
+    # ZeRO-3 reduce-scatters the gradients in another order: equal up to the last bits,
+    # which the clustering and the EMA carry into the factors' fourth digit
+    rtol = 1e-5 if stage < 3 else 5e-3
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), (name, a[name], b[name])
+        assert torch.allclose(a[name], b[name], rtol=rtol, atol=1e-6), (name, a[name], b[name])
 
 
 _TWO_RANKS = """
