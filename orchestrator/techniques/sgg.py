@@ -29,9 +29,10 @@ layer ``l`` with momentum ``m`` (its ``N`` elements, flattened):
    NaN for an empty cluster).
 3. Global reference ``D* = median over all layers and clusters of D[l, k]``
    (lower median over the non-NaN values), once per optimizer step after every
-   layer has stepped. Every rank holds a slice of every layer and each layer's
-   ``D`` is computed on the whole (gathered) layer, so ``D*`` is the same on every
-   rank and the same as on one rank.
+   layer has stepped, over the ``D`` of every data-parallel rank (all-gathered).
+   Every rank holds a slice of every layer and computes each layer's ``D`` on the
+   whole (gathered) layer, so the ranks contribute identical copies, and ``D*`` is
+   the same on every rank and the same as on one rank.
 4. ``S[l, k] <- beta3 * S[l, k] + (1 - beta3) * clamp(D* / (D[l, k] + eps), lo, hi)``,
    ``S`` starting at 1; an empty cluster keeps its ``S``.
 
@@ -430,9 +431,12 @@ class SGGOptimizer(torch.optim.Optimizer):
             for g in pending:
                 g["sgg_pending"] = False
             return None
-        # every layer's D is computed on the whole layer on every rank: D* needs no collective
+        # Pooled over the data-parallel ranks. Each rank clusters whole layers, so under ZeRO
+        # the ranks contribute identical copies, and the lower median of k copies of a set is
+        # the set's own: D* is the one-rank D*, and the same on every rank.
         mdas = torch.cat([self.inner.state[p]["sgg_mda"].float() for p in layers])
-        d_star = lower_median(mdas)
+        pool = torch.cat(all_gather_tensor(mdas)) if self.partitioned else mdas
+        d_star = lower_median(pool)
         cfg = self.cfg
         for p in layers:
             st = self.inner.state[p]
