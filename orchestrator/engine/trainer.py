@@ -8,7 +8,7 @@ rolling back and stopping live in :mod:`.recovery`.
 One step (:meth:`Trainer.run_step`)::
 
     on_step_begin -> [engine rebuild] -> LR, data skip -> micro-batches (forward/backward)
-    -> loss all-reduced -> on_before_optimizer_step -> Decision agreed -> update or skip
+    -> loss all-reduced -> on_before_optimizer_step -> Decision agreed -> engine step or skip
     -> on_step_end -> recorded metrics reduced -> Decision agreed -> rollback / stop
 """
 
@@ -326,10 +326,7 @@ class Trainer:
         before = self._decide(
             Capability.DECIDES_BEFORE_STEP, [t.on_before_optimizer_step(state) for t in techniques]
         )
-        self.built.gate.skip_next = before.action >= Action.SKIP_STEP
-        engine.step()
-        skipped = self.built.gate.skip_next or before.action >= Action.SKIP_STEP
-        self.built.gate.skip_next = False
+        skipped = self.built.gate.engine_step(engine, skip=before.action >= Action.SKIP_STEP)
         self.loop.skipped_steps += int(skipped)
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")

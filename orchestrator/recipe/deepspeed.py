@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from orchestrator.recipe.schema import Recipe
 
 AUTO = "auto"
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 # DeepSpeedZeroConfig's fields and aliases (deepspeed 0.19; it forbids extra keys, so a typo
 # here would only fail at deepspeed.initialize on the workers, after Ray started).
 # tests/unit/recipe/test_hardening.py checks this list against the installed DeepSpeed.
@@ -376,8 +376,7 @@ def ds_config_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(
             (
                 "deepspeed.zero_optimization.stage",
-                f"stage {zero.get('stage')!r} is not supported: use 0, 1 or 2 "
-                "(ZeRO-3 re-partitions parameters, which Regimen's techniques cannot follow yet)",
+                f"stage {zero.get('stage')!r} is not a ZeRO stage: use 0, 1, 2 or 3",
             )
         )
     return problems

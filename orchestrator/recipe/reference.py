@@ -269,7 +269,15 @@ the recipe. Every key at every level Regimen checks (the top level, `zero_optimi
 with `offload_optimizer` / `offload_param`, `bf16`, `fp16`, `activation_checkpointing`,
 `flops_profiler`, `comms_logger`, `optimizer`) must be one DeepSpeed accepts: a typo such
 as `zreo_optimization:` is an error with a did-you-mean, never a silent ZeRO-0 run.
-ZeRO stages 0, 1 and 2 are supported.
+ZeRO stages 0, 1, 2 and 3 are supported. Under ZeRO-3 warmup, dropout, the spike guard
+(skips, rollbacks, stop), continual learning, SGG, checkpoints and resume work as at the
+other stages (the gradient norm is DeepSpeed's global norm of the step; the partitioned
+checkpoint is gathered with DeepSpeed's `zero_to_fp32`). Two things are refused at
+validation with the reason: `techniques.lisa` (each layer switch rebuilds the engine, and
+ZeRO-3 would re-partition parameters that are already partitioned: use stage 2, where
+LISA keeps optimizer state only for the active layers) and `stability.indicators_every`
+(the indicators read whole embedding rows and per-parameter optimizer slices, which ZeRO-3
+partitions away).
 
 - **`deepspeed: ds_config.json`** (or `.yaml`) reads the config from a file, relative to
   the file that names it; like `extends`, it must stay inside the recipe's directory or the

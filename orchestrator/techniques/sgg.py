@@ -7,7 +7,9 @@ and multiplies the learning rate of every element by its cluster's scale factor.
 Regimen's layer is one parameter tensor of two or more dimensions (a weight
 matrix or an embedding); ``configure`` gives each its own param group, so under
 DeepSpeed ZeRO-1/2 the optimizer's flat fp32 partition of a group is one layer
-(a contiguous slice of it when the data-parallel world is larger than one).
+(a contiguous slice of it when the data-parallel world is larger than one: then
+every rank gathers the layer's momentum at a recluster, clusters the whole layer
+exactly as one rank would, and keeps the labels of its own slice).
 Parameters of fewer dimensions (norm gains, biases) keep the plain optimizer.
 
 Every ``T`` optimizer steps (``t % T == 0``, ``t`` counted per layer), for each
@@ -26,8 +28,11 @@ layer ``l`` with momentum ``m`` (its ``N`` elements, flattened):
    ``D[l, k] = median_{i : label_i = k} |m_i - mean(m)|`` (torch's *lower* median;
    NaN for an empty cluster).
 3. Global reference ``D* = median over all layers and clusters of D[l, k]``
-   (lower median over the non-NaN values; all-gathered across data-parallel
-   ranks when ZeRO partitions the layers over several ranks).
+   (lower median over the non-NaN values), once per optimizer step after every
+   layer has stepped, over the ``D`` of every data-parallel rank (all-gathered).
+   Every rank holds a slice of every layer and computes each layer's ``D`` on the
+   whole (gathered) layer, so the ranks contribute identical copies, and ``D*`` is
+   the same on every rank and the same as on one rank.
 4. ``S[l, k] <- beta3 * S[l, k] + (1 - beta3) * clamp(D* / (D[l, k] + eps), lo, hi)``,
    ``S`` starting at 1; an empty cluster keeps its ``S``.
 
@@ -35,7 +40,8 @@ Between reclusters, AdamW's adaptive step of element ``i`` of layer ``l`` uses
 ``lr * S[l, label_i]``: ``p -= lr * S / bc1 * m / (sqrt(v / bc2) + eps)``; the
 decoupled weight decay ``p *= 1 - lr * wd`` keeps the scheduled LR. The new
 factors apply from the optimizer step after the recluster (ZeRO steps one group
-at a time, so the global median is known only once every layer has reclustered).
+at a time, so the global median is known only once every layer has reclustered:
+the technique finalizes in ``on_step_end``, after DeepSpeed's whole step).
 For optimizers other than Adam/AdamW the whole update (decay included) of each
 element is scaled: ``p <- p_old + S * (p_new - p_old)``.
 
@@ -54,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.distributed import all_gather_tensor
+from orchestrator.distributed import all_gather_tensor, world
 from orchestrator.recipe import catalog
 from orchestrator.recipe.techniques.sgg import SGGConfig
 from orchestrator.techniques.base import (
@@ -163,14 +169,29 @@ class SGGOptimizer(torch.optim.Optimizer):
     (the same arithmetic as torch's single-tensor AdamW, with the per-element
     factor divided into the denominator); any other optimizer is stepped as is and
     its update rescaled afterwards.
+
+    ``partitioned``: each param is this rank's slice of a layer (ZeRO-1/2 over several
+    ranks); a recluster gathers the layer. ``finalize_in_step``: a ``step()`` over all
+    param groups finalizes the factors itself (plain use); a caller that steps the
+    groups one call at a time (DeepSpeed ZeRO) passes False and calls :meth:`finalize`
+    once every group has stepped.
     """
 
-    def __init__(self, inner: torch.optim.Optimizer, cfg: SGGConfig, partitioned: bool = False):
+    def __init__(
+        self,
+        inner: torch.optim.Optimizer,
+        cfg: SGGConfig,
+        partitioned: bool = False,
+        finalize_in_step: bool = True,
+    ):
         self.inner = inner
         self.cfg = cfg
         self.partitioned = partitioned
+        self.finalize_in_step = finalize_in_step
         self._all_groups = inner.param_groups
         self._scale_maps: dict[int, torch.Tensor] = {}
+        # reclustered since the last finalize (ZeRO-3 empties the groups' params between steps)
+        self._pending_layers: dict[int, torch.Tensor] = {}
         self.last_stats: dict[str, float] | None = None
         self._stats_tensor: torch.Tensor | None = None
         for name in (
@@ -225,6 +246,7 @@ class SGGOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)
         self._all_groups = self.inner.param_groups
         self._scale_maps.clear()
+        self._pending_layers = {}
         for st in self.inner.state.values():  # torch casts every state tensor to the param's dtype
             if "sgg_labels" in st and st["sgg_labels"].dtype != torch.uint8:
                 st["sgg_labels"] = st["sgg_labels"].to(torch.uint8)
@@ -254,8 +276,6 @@ class SGGOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if any(g.get("sgg_pending") for g in self._all_groups):
-            self.finalize()
         groups = self.inner.param_groups
         fast = [g for g in groups if g["sgg"] and self._fast(g)]
         rest = [g for g in groups if not (g["sgg"] and self._fast(g))]
@@ -282,6 +302,8 @@ class SGGOptimizer(torch.optim.Optimizer):
                 if id(p) in snapshots:
                     p.copy_(torch.lerp(snapshots[id(p)], p, self._scale_map(p)))
                 self._after_update(g, p, self._moment(p))
+        if self.finalize_in_step and groups is self._all_groups:
+            self.finalize()  # every group stepped in this call
         return loss
 
     def _moment(self, p: torch.Tensor) -> torch.Tensor:
@@ -345,14 +367,37 @@ class SGGOptimizer(torch.optim.Optimizer):
         if p is group["params"][0]:
             group["sgg_step"] += 1
         if group["sgg_step"] % self.cfg.recluster_interval == 0:
-            self.recluster(p, moment)
+            self.recluster(p, moment, numel=group.get("sgg_numel"))
+            self._pending_layers[id(p)] = p
             group["sgg_pending"] = True
 
-    def recluster(self, p: torch.Tensor, moment: torch.Tensor) -> None:
-        """Steps 1 and 2 of the formula for one layer: centroids, uint8 labels, per-cluster MDA."""
+    def _whole_layer(
+        self, moment: torch.Tensor, numel: int | None
+    ) -> tuple[torch.Tensor, int, int]:
+        """The layer's momentum (fp32, flat, without ZeRO's padding), and where this rank's
+        slice starts in it and how long the slice is.
+
+        Partitioned (ZeRO-1/2, several ranks): rank ``r`` holds elements ``[r*n, (r+1)*n)``
+        of the padded flat layer, so the ranks' slices in rank order are the layer."""
+        local = moment.detach().flatten().float()
+        if self.partitioned:
+            full = torch.cat(all_gather_tensor(local))
+            start = world().rank * local.numel()
+        else:
+            full, start = local, 0
+        if numel is not None:
+            full = full[:numel]
+        return full, start, local.numel()
+
+    def recluster(self, p: torch.Tensor, moment: torch.Tensor, numel: int | None = None) -> None:
+        """Steps 1 and 2 of the formula for one layer: centroids, uint8 labels, per-cluster MDA.
+
+        ``numel``: the layer's size (its param group's ``sgg_numel``); ``p`` may be a padded
+        flat partition of it. The clustering always sees the whole layer; ``p`` keeps the
+        labels of its own elements (padding gets cluster 0)."""
         cfg, st = self.cfg, self.inner.state[p]
         k = cfg.clusters
-        m = moment.detach().flatten().float()
+        m, start, length = self._whole_layer(moment, numel)
         x = m.abs()
         if "sgg_centroids" not in st:
             st["sgg_centroids"] = initial_centroids(x, k).to(p.dtype)
@@ -368,7 +413,9 @@ class SGGOptimizer(torch.optim.Optimizer):
         )
         st["sgg_centroids"].copy_(centroids)
         st["sgg_counts"].copy_(counts)
-        st["sgg_labels"].copy_(labels)
+        mine = labels[start : start + length]
+        st["sgg_labels"].zero_()
+        st["sgg_labels"][: mine.numel()].copy_(mine)
         st["sgg_mda"] = cluster_mda(m, labels, k).to(p.dtype)
         self._scale_maps.pop(id(p), None)
 
@@ -377,11 +424,16 @@ class SGGOptimizer(torch.optim.Optimizer):
         pending = [g for g in self._all_groups if g.get("sgg_pending")]
         if not pending:
             return None
-        layers = [p for g in pending for p in g["params"] if "sgg_mda" in self.inner.state[p]]
+        found = list(self._pending_layers.values()) or [p for g in pending for p in g["params"]]
+        self._pending_layers = {}
+        layers = [p for p in found if "sgg_mda" in self.inner.state.get(p, {})]
         if not layers:
             for g in pending:
                 g["sgg_pending"] = False
             return None
+        # Pooled over the data-parallel ranks. Each rank clusters whole layers, so under ZeRO
+        # the ranks contribute identical copies, and the lower median of k copies of a set is
+        # the set's own: D* is the one-rank D*, and the same on every rank.
         mdas = torch.cat([self.inner.state[p]["sgg_mda"].float() for p in layers])
         pool = torch.cat(all_gather_tensor(mdas)) if self.partitioned else mdas
         d_star = lower_median(pool)
@@ -399,13 +451,7 @@ class SGGOptimizer(torch.optim.Optimizer):
         return self._record_stats()
 
     def _record_stats(self) -> dict[str, float]:
-        scales = [
-            self.inner.state[p]["sgg_scale"].float()
-            for g in self._all_groups
-            if g.get("sgg")
-            for p in g["params"]
-            if "sgg_scale" in self.inner.state[p]
-        ]
+        scales = [st["sgg_scale"].float() for st in self.inner.state.values() if "sgg_scale" in st]
         if not scales:
             return {}
         allf = torch.cat(scales)
@@ -428,7 +474,15 @@ def split_layers(setup: Setup, min_ndim: int) -> list[dict[str, Any]]:
         small = [p for p in group["params"] if p.dim() < min_ndim]
         for p in group["params"]:
             if p.dim() >= min_ndim:
-                groups.append({**keys, "params": [p], "name": names.get(id(p), base), "sgg": True})
+                groups.append(
+                    {
+                        **keys,
+                        "params": [p],
+                        "name": names.get(id(p), base),
+                        "sgg": True,
+                        "sgg_numel": p.numel(),
+                    }
+                )
         if small:
             groups.append({**keys, "params": small, "name": f"{base}/small", "sgg": False})
     return groups
@@ -452,12 +506,16 @@ class SGG(Technique):
         partitioned = self.zero_stage >= 1 and setup.world_size > 1
 
         def wrap(optimizer: torch.optim.Optimizer) -> SGGOptimizer:
-            self.wrapper = SGGOptimizer(optimizer, self.cfg, partitioned=partitioned)
+            # ZeRO-1/2 steps the groups one call at a time: finalized in on_step_end, once
+            self.wrapper = SGGOptimizer(
+                optimizer, self.cfg, partitioned=partitioned, finalize_in_step=False
+            )
             return self.wrapper
 
         setup.wrap_optimizer.append(wrap)
 
     def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
+        """The step's one finalize: every param group has stepped (any ZeRO stage)."""
         if self.wrapper is not None:
             for name, value in (self.wrapper.finalize() or {}).items():
                 state.record(name, value)

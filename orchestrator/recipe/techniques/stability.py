@@ -95,6 +95,16 @@ def check(cfg: StabilityConfig, recipe: Recipe) -> list[tuple[str, str]]:
                 "the spike guard rolls back to checkpoints: set checkpoint.every > 0 (e.g. 50)",
             )
         )
+    if cfg.indicators_every and recipe.zero_stage >= 3:
+        problems.append(
+            (
+                "stability.indicators_every",
+                "the leading indicators read whole embedding rows and each parameter's slice "
+                "of the optimizer state, which ZeRO-3 partitions away: set indicators_every: 0 "
+                "under ZeRO-3 (the spike detectors, skips and rollbacks work at every stage), "
+                "or use deepspeed.zero_optimization.stage 2",
+            )
+        )
     return problems
 
 

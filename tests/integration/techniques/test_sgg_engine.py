@@ -71,10 +71,10 @@ def test_clustering_sees_one_layer_at_a_time_under_zero(stage, tmp_path, gloo_wo
     seen: list[tuple[int, int]] = []
     original = SGGOptimizer.recluster
 
-    def spy(self, p, moment):
+    def spy(self, p, moment, **kwargs):
         groups = self.inner.param_groups
         seen.append((p.numel(), len(groups)))
-        return original(self, p, moment)
+        return original(self, p, moment, **kwargs)
 
     monkeypatch.setattr(SGGOptimizer, "recluster", spy)
     recipe = _recipe(tmp_path, stage)

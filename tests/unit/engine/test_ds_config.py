@@ -37,7 +37,7 @@ def test_contradictions_and_owned_blocks_are_reported(tmp_path):
                 "train_micro_batch_size_per_gpu": 16,
                 "optimizer": {"type": "Adam"},
                 "bf16": {"enabled": True},
-                "zero_optimization": {"stage": 3},
+                "zero_optimization": {"stage": 4},
             },
         )
     keys = {p.key for p in info.value.problems}
