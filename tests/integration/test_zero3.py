@@ -31,7 +31,8 @@ def _job(tmp_path: Path, faults: dict) -> object:
         stability=GUARD,
         techniques={
             "warmup": {"warmup_steps": 3},
-            "dropout": {"rate": 0.1, "cutoff_steps": 6},
+            # the cut-off after the spike: it marks a regime change (the guard re-arms from there)
+            "dropout": {"rate": 0.1, "cutoff_steps": 10},
             "fault_injection": faults,
         },
         resources={"workers": 2, "max_restarts": 1},
