@@ -469,6 +469,7 @@ class Trainer:
         last_metrics: dict[str, float] = {}
         every = recipe.checkpoint.every
         steps_this_run = 0
+        evaluated_at = -1
         while state.step < recipe.schedule.steps:
             last_metrics = self.run_step()
             steps_this_run += 1
@@ -477,6 +478,7 @@ class Trainer:
             due = recipe.schedule.eval_every and state.step % recipe.schedule.eval_every == 0
             if due and self.evaluate() is not None:
                 last_metrics.update(self.eval_results)
+                evaluated_at = state.step
             if state.step % recipe.schedule.log_every == 0:
                 self.reporter.log(state.step, last_metrics)
             if ctx.on_progress is not None and ctx.rank == 0:
@@ -487,7 +489,8 @@ class Trainer:
                 self.checkpoint()
             if ctx.stop_after_steps is not None and steps_this_run >= ctx.stop_after_steps:
                 return self._summary(last_metrics, None, finished=False)
-        eval_loss = self.evaluate()
+        # the last step's periodic eval already measured this model: one eval_loss point a step
+        eval_loss = self.evaluate() if evaluated_at != state.step else None
         final = self.checkpoint(final=True) if recipe.checkpoint.at_end else None
         state._begin_step()  # what techniques record at the end is logged at the last step
         for technique in self.techniques:

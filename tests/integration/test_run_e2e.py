@@ -64,6 +64,8 @@ def test_run_records_everything_in_mlflow(tmp_path):
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, 17))  # every step, once
     assert losses[-1].value < losses[0].value  # it learned something
+    evals = client.get_metric_history(run.info.run_id, "eval_loss")
+    assert sorted(m.step for m in evals) == [8, 16]  # eval_every 8; the end does not eval twice
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
     assert lrs[1] == pytest.approx(0.0025) and lrs[2] == pytest.approx(0.005)  # warmup 2 steps
     artifact = Path(client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path)))
