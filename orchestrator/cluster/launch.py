@@ -1,8 +1,10 @@
-"""Run one job as a Ray Train ``TorchTrainer`` whose workers run Regimen's training loop.
+"""Ray for one job: the embedded or connected Ray, the per-rank entry, the Ray Train launcher.
 
-The driver passes the resolved recipe as YAML text (not a pickle), the run
-directory and the MLflow run; each worker rebuilds the recipe and trains. A
-small ``ProgressBoard`` actor carries rank 0's progress back for the terminal.
+A job runs on Regimen's own warm worker group (:mod:`orchestrator.cluster.workers`, the
+default) or as a Ray Train ``TorchTrainer`` (``resources.launcher: ray_train``); both call
+:func:`run_rank` on every rank. The driver passes the resolved recipe as YAML text (not
+a pickle), the run directory and the MLflow run; each worker rebuilds the recipe and
+trains. A small ``ProgressBoard`` actor carries rank 0's progress back for the terminal.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _QUIET_ENV = {
     "OMP_NUM_THREADS": "1",
     "PYTHONWARNINGS": "ignore",
     # No DS_ACCELERATOR here: the driver (a KubeRay head, a laptop) may have no GPU while
-    # its workers do. Each worker picks its own (worker_accelerator, in _worker_entry).
+    # its workers do. Each worker picks its own (worker_accelerator, in run_rank).
     # A dead tracking server must not stall the sink for minutes (MLflow's default:
     # 7 retries x 120 s); the sink spools to disk and replays instead.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -110,14 +112,16 @@ class ProgressBoard:
         return getattr(self, "summary", None)
 
 
-def _worker_entry(config: dict[str, Any]) -> None:
-    """What every Ray Train worker runs."""
-    import ray.train
+def run_rank(config: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Train one job on this rank (``torch.distributed`` already set up): the one per-rank
+    entry of both launchers, a Ray Train worker (:func:`_worker_entry`) and a worker-group
+    actor (:mod:`orchestrator.cluster.workers`). Returns the loop's summary.
 
+    ``config`` is :meth:`JobSpec.worker_config` plus ``progress`` (the job's
+    :class:`ProgressBoard`, or None)."""
     from orchestrator.envrefs import resolve_env_refs
     from orchestrator.recipe.loader import load_recipe_text
 
-    context = ray.train.get_context()
     # ${env:NAME} references resolve here, from this worker's environment
     recipe = load_recipe_text(config["recipe_yaml"], name="recipe.yaml")
     _select_accelerator(worker_accelerator(recipe.resources, ray.get_gpu_ids()))
@@ -134,8 +138,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     ctx = WorkerContext(
         run_dir=Path(config["run_dir"]),
-        rank=context.get_world_rank(),
-        world_size=context.get_world_size(),
+        rank=rank,
+        world_size=world_size,
         tracking_uri=resolve_env_refs(config.get("tracking_uri")),
         run_id=config.get("run_id"),
         resume_step=config.get("resume_step"),
@@ -144,6 +148,15 @@ def _worker_entry(config: dict[str, Any]) -> None:
     summary = train(recipe, ctx)
     if board is not None and ctx.rank == 0:  # the job's result travels back as a value
         ray.get(board.finish.remote(summary))
+    return summary
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs (``resources.launcher: ray_train``)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    run_rank(config, context.get_world_rank(), context.get_world_size())
 
 
 def make_trainer(recipe: Recipe, worker_config: dict[str, Any], *, progress: Any = None) -> Any:

@@ -1,4 +1,4 @@
-"""The driver-side controller: one MLflow run per job, a Ray Train fit, a true final status.
+"""The driver-side controller: one MLflow run per job, its launch, a true final status.
 
 States of a job: PENDING -> RUNNING -> FINISHED | FAILED | KILLED. Whatever
 happens on the driver (success, a training error, Ctrl-C, SIGTERM), the MLflow
@@ -15,13 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.engine.remote import is_remote, run_storage_uri
 from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.jobspec import JobSpec, absolute_tracking_uri
 from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
+
+if TYPE_CHECKING:
+    from orchestrator.cluster.workers import WorkerPool
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -95,29 +98,52 @@ def run_job(
     *,
     on_progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    pool: WorkerPool | None = None,
 ) -> JobResult:
     """Train one job on the connected Ray cluster and end its MLflow run truthfully.
 
     A spec that continues a run (``spec.run_key``) trains in that run's directory under a
     new MLflow run that points back to it. Setting ``cancel`` (from another thread) ends
-    the run KILLED and returns a KILLED result.
+    the run KILLED and returns a KILLED result. On the worker-group launcher (the
+    default), the job's group comes from ``pool`` (a warm one when it holds one) and goes
+    back to it if the job finished cleanly; without a pool the group is shut down after.
     """
     from orchestrator.cluster.launch import ProgressBoard, make_trainer
+    from orchestrator.cluster.workers import WorkerGroup, WorkerJob
     from orchestrator.tracking.record import DriverHeartbeat, log_checkpoints
     from orchestrator.tracking.runs import end_run, log_summary
 
     recipe, tracking = spec.recipe, spec.recipe.tracking
-    new_run_id, run_dir = open_job_run(spec)
+    resources = recipe.resources
+    job: WorkerJob | None = None
+    if resources.launcher == "workers":
+        # the actors start (and import the engine) while the driver opens the MLflow run
+        group = pool.acquire(resources) if pool is not None else WorkerGroup(resources)
+        job = WorkerJob(resources, group, new_group=lambda: WorkerGroup(resources))
+    try:
+        new_run_id, run_dir = open_job_run(spec)
+    except BaseException:
+        if job is not None:
+            job.stop()
+        raise
     result = JobResult(variant=spec.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir))
     board = ProgressBoard.remote()  # type: ignore[attr-defined]
-    trainer = make_trainer(recipe, spec.worker_config(run_dir, new_run_id), progress=board)
+    config = spec.worker_config(run_dir, new_run_id)
     outcome: dict[str, BaseException | None] = {"error": None}
+    if job is not None:
+        start: Callable[[], Any] = lambda: job.run({**config, "progress": board})  # noqa: E731
+    else:
+        start = make_trainer(recipe, config, progress=board).fit
 
     def fit() -> None:
         try:
-            trainer.fit()
+            start()
         except BaseException as exc:
             outcome["error"] = exc
+
+    def stop_workers() -> None:
+        if job is not None:
+            job.stop()
 
     worker = threading.Thread(target=fit, name=f"fit-{spec.name}", daemon=True)
     heartbeat = DriverHeartbeat(tracking.uri, [new_run_id]).__enter__()
@@ -128,6 +154,7 @@ def run_job(
             if on_progress is not None:
                 on_progress(spec.name, _poll(board))
             if cancel is not None and cancel.is_set():
+                stop_workers()
                 end_run(tracking.uri, new_run_id, "KILLED", reason="sweep interrupted")
                 _fill_from_summary(result, _job_summary(board, run_dir))
                 result.status, result.error = "KILLED", "interrupted"
@@ -135,9 +162,11 @@ def run_job(
         if outcome["error"] is not None:
             raise outcome["error"]
     except KeyboardInterrupt:
+        stop_workers()
         end_run(tracking.uri, new_run_id, "KILLED", reason="interrupted (Ctrl-C or SIGTERM)")
         raise
     except Exception as exc:
+        stop_workers()
         result.status, result.error = "FAILED", _root_cause(exc)
         replay_leftover_metrics(tracking.uri, run_dir)
         log_checkpoints(tracking.uri, new_run_id, run_dir)
@@ -146,6 +175,13 @@ def run_job(
         return result
     finally:
         heartbeat.__exit__()
+    if job is not None:
+        if pool is not None:
+            pool.release(job.group)  # warm for the next variant
+        else:
+            job.group.shutdown()
+        if job.restarts:
+            result.extra["restarts"] = job.restarts
     replay_leftover_metrics(tracking.uri, run_dir)
     _fill_from_summary(result, _job_summary(board, run_dir))
     log_checkpoints(tracking.uri, new_run_id, run_dir)
@@ -233,19 +269,24 @@ def run_variants(
     address: str | None = None,
     on_progress: ProgressFn | None = None,
     max_concurrent: int | None = None,
+    pool: WorkerPool | None = None,
 ) -> list[JobResult]:
     """Run every variant under a parent MLflow run when there are several.
 
     Variants run concurrently, up to ``max_concurrent`` (the recipe's
-    ``sweep.max_concurrent``; default that field's default) at once, each its
-    own TorchTrainer in its own driver thread; Ray queues those that do not fit
-    yet. One variant failing does not stop the others; the parent run ends
-    FINISHED only if every variant did. Before anything starts, tokenizer and data
-    problems (orchestrator.data.preflight) and resources that can never fit the connected
-    cluster are refused (``UsageError``, ``ResourceFitError``: exit 2).
+    ``sweep.max_concurrent``; default that field's default) at once, each in its own
+    driver thread on a warm worker group from one :class:`WorkerPool` (a variant that
+    follows another of the same resources reuses its processes; ``launcher: ray_train``:
+    its own TorchTrainer); Ray queues those that do not fit yet. One variant failing does
+    not stop the others; the parent run ends FINISHED only if every variant did. Before
+    anything starts, tokenizer and data problems (orchestrator.data.preflight) and
+    resources that can never fit the connected cluster are refused (``UsageError``,
+    ``ResourceFitError``: exit 2). ``pool``: the caller's warm groups (left open); by
+    default a pool of this call's own, shut down at its end.
     """
     from orchestrator.cluster.fit import check_variants, cluster_nodes, jobs_at_once
     from orchestrator.cluster.launch import ensure_ray
+    from orchestrator.cluster.workers import WorkerPool
     from orchestrator.tracking.record import DriverHeartbeat, driver_tags
     from orchestrator.tracking.runs import end_run, open_run
 
@@ -266,7 +307,7 @@ def run_variants(
         return JobSpec.of(variant.name, variant.recipe, parent_run_id=parent_run_id, tags=job_tags)
 
     if len(variants) == 1:
-        return [run_job(spec_of(variants[0]), on_progress=on_progress)]
+        return [run_job(spec_of(variants[0]), on_progress=on_progress, pool=pool)]
     if max_concurrent is None:  # expanded variants carry no sweep section
         from orchestrator.recipe.schema import SweepConfig
 
@@ -288,19 +329,22 @@ def run_variants(
         | driver_tags(),
     )
     cancel = threading.Event()
+    warm = pool if pool is not None else WorkerPool()  # a group per slot and resource shape
 
     def one(variant: Variant) -> JobResult:
         if cancel.is_set():
             return JobResult(variant=variant.name, run_id="", status="KILLED", error="not started")
         try:
-            return run_job(spec_of(variant, parent), on_progress=on_progress, cancel=cancel)
+            return run_job(
+                spec_of(variant, parent), on_progress=on_progress, cancel=cancel, pool=warm
+            )
         except Exception as exc:  # e.g. MLflow refused to open the run: this variant only
             return JobResult(
                 variant=variant.name, run_id="", status="FAILED", error=_root_cause(exc)
             )
 
-    pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="variant")
-    futures = [pool.submit(one, v) for v in variants]
+    threads = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="variant")
+    futures = [threads.submit(one, v) for v in variants]
     heartbeat = DriverHeartbeat(tracking.uri, [parent]).__enter__()
     try:
         while not all(f.done() for f in futures):
@@ -310,12 +354,14 @@ def run_variants(
         for f in futures:
             f.cancel()
         futures_wait(futures, timeout=15)
-        pool.shutdown(wait=False, cancel_futures=True)
+        threads.shutdown(wait=False, cancel_futures=True)
         end_run(tracking.uri, parent, "KILLED", reason="interrupted")
         raise
     finally:
         heartbeat.__exit__()
-    pool.shutdown(wait=True)
+        if pool is None:
+            warm.shutdown()
+    threads.shutdown(wait=True)
     results = [f.result() for f in futures]
     failed = [r for r in results if r.status != "FINISHED"]
     end_run(

@@ -568,6 +568,18 @@ class Trainer:
 
 
 def train(recipe: Recipe, ctx: WorkerContext) -> dict[str, Any]:
-    """Run one job on this rank (the function every Ray Train worker calls)."""
+    """Run one job on this rank (the function every worker calls, ``cluster.launch.run_rank``).
+
+    The engine is released at the end, so a warm worker process that runs the next job
+    holds nothing of this one (its optimizer state, ZeRO hooks)."""
     RunDir(ctx.run_dir).create()
-    return Trainer(recipe, ctx).run()
+    trainer = Trainer(recipe, ctx)
+    try:
+        return trainer.run()
+    finally:
+        built = getattr(trainer, "built", None)
+        if built is not None:
+            release_engine(built.engine)
+            trainer.built = None  # type: ignore[assignment]
+        del trainer
+        gc.collect()

@@ -283,6 +283,12 @@ class ResourcesConfig(Section):
     threads_per_worker: PositiveInt | None = Field(
         None, description="torch intra-op threads per worker; default = cpus_per_worker."
     )
+    launcher: Literal["workers", "ray_train"] = Field(
+        "workers",
+        description="How a job's ranks start: `workers`, Regimen's own group of Ray actors "
+        "(one per rank, kept warm across a sweep's variants: process start and imports are "
+        "paid once per concurrency slot); `ray_train`, a Ray Train TorchTrainer per job.",
+    )
 
     @property
     def device(self) -> Literal["cuda", "cpu"]:
