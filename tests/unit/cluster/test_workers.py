@@ -195,4 +195,3 @@ def test_pool_keeps_clean_groups_per_key_and_frees_other_shapes(
     late = FakeGroup(two)
     pool.release(late)  # type: ignore[arg-type]
     assert not late.healthy
-
