@@ -158,22 +158,14 @@ class FailurePolicy:
 # -- the actors -----------------------------------------------------------------------------
 @ray.remote(max_restarts=0)
 class RankWorker:
-    """One rank's process. Its constructor picks DeepSpeed's accelerator (before DeepSpeed
-    is imported) and imports the engine (torch, DeepSpeed, transformers, MLflow), once
-    for every job it will run."""
+    """One rank's process. It picks DeepSpeed's accelerator at once (before DeepSpeed is
+    imported) and, in :meth:`setup`, imports the engine (torch, DeepSpeed, transformers,
+    MLflow) once for every job it will run."""
 
     def __init__(self, resources: Any) -> None:
         from orchestrator.cluster.launch import _select_accelerator, worker_accelerator
 
         _select_accelerator(worker_accelerator(resources, ray.get_gpu_ids()))
-        import orchestrator.engine.loop  # noqa: F401  (torch, DeepSpeed)
-
-        # what every job's first step would import otherwise: the model classes' base
-        # (transformers.modeling_utils, seconds) and rank 0's MLflow client
-        with contextlib.suppress(ImportError):  # vision-only installs have no transformers
-            import transformers.modeling_utils  # noqa: F401
-        with contextlib.suppress(ImportError):
-            import mlflow.tracking  # noqa: F401
         self.rank = -1
         self.world_size = 0
 
@@ -193,7 +185,9 @@ class RankWorker:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, env: dict[str, str], backend: str, cuda_index: int | None) -> None:
-        """Join the group's ``torch.distributed`` world (all ranks call this together)."""
+        """Import the engine and join the group's ``torch.distributed`` world (all ranks
+        call this together). The environment comes first: CUDA reads
+        ``CUDA_VISIBLE_DEVICES`` once, when something first touches it."""
         import datetime
         import os
 
@@ -201,6 +195,14 @@ class RankWorker:
         import torch
         import torch.distributed as dist
 
+        import orchestrator.engine.loop  # noqa: F401  (DeepSpeed)
+
+        # what every job's first step would import otherwise: the model classes' base
+        # (transformers.modeling_utils, seconds) and rank 0's MLflow client
+        with contextlib.suppress(ImportError):  # vision-only installs have no transformers
+            import transformers.modeling_utils  # noqa: F401
+        with contextlib.suppress(ImportError):
+            import mlflow.tracking  # noqa: F401
         if cuda_index is not None:
             torch.cuda.set_device(cuda_index)
         dist.init_process_group(
@@ -238,9 +240,9 @@ class RankWorker:
 class WorkerGroup:
     """One actor per rank in a placement group; runs one job at a time.
 
-    Creating it starts the actors (their imports run while the driver goes on, e.g.
-    opening the MLflow run); the first :meth:`run` waits for them and sets up the
-    process group. After a failure, or :meth:`shutdown`, the group is unusable.
+    Creating it starts the actors and, in a background thread, their imports and the
+    process group, while the driver goes on (opening the MLflow run); :meth:`run` waits
+    for that. After a failure, or :meth:`shutdown`, the group is unusable.
     """
 
     def __init__(self, resources: Any) -> None:
@@ -254,7 +256,6 @@ class WorkerGroup:
         workers = int(resources.workers)
         self._lock = threading.Lock()
         self._dead = False
-        self._ready = False
         self.pg = placement_group([dict(bundle)] * workers, strategy=resources.placement)
         custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
         self.actors = [
@@ -270,6 +271,11 @@ class WorkerGroup:
             for i in range(workers)
         ]
         self.pids: list[int] = []
+        self.ranks: list[int] = []
+        self._start_error: BaseException | None = None
+        # placement, imports and the process group proceed while the driver goes on
+        self._starting = threading.Thread(target=self._start, name="worker-group", daemon=True)
+        self._starting.start()
 
     @property
     def healthy(self) -> bool:
@@ -317,23 +323,30 @@ class WorkerGroup:
             error = Cancelled("the worker group was stopped")
         raise WorkerGroupError(f"rank {rank}: {type(error).__name__}: {error}", {rank: error})
 
+    def _start(self) -> None:
+        try:
+            described = self._call("describe", [()] * len(self.actors))
+            self.pids = [pid for _, _, pid in described]
+            slots = plan_ranks([(node, gpus) for node, gpus, _ in described], self.device)
+            head = next(i for i, s in enumerate(slots) if s.rank == 0)
+            addr, port = ray.get(self.actors[head].address.remote())
+            backend = "nccl" if self.device == "cuda" else "gloo"
+            world = len(self.actors)
+            self._call(
+                "setup",
+                [(rank_env(s, world, addr, port), backend, s.cuda_index) for s in slots],
+            )
+            self.ranks = [s.rank for s in slots]
+        except BaseException as exc:
+            self.shutdown()
+            self._start_error = exc
+
     def start(self) -> None:
-        """Wait for the actors (placement, imports) and set up ``torch.distributed``."""
-        if self._ready:
-            return
-        described = self._call("describe", [()] * len(self.actors))
-        self.pids = [pid for _, _, pid in described]
-        slots = plan_ranks([(node, gpus) for node, gpus, _ in described], self.device)
-        head = next(i for i, s in enumerate(slots) if s.rank == 0)
-        addr, port = ray.get(self.actors[head].address.remote())
-        backend = "nccl" if self.device == "cuda" else "gloo"
-        world = len(self.actors)
-        self._call(
-            "setup",
-            [(rank_env(s, world, addr, port), backend, s.cuda_index) for s in slots],
-        )
-        self.ranks = [s.rank for s in slots]
-        self._ready = True
+        """Wait until the actors are placed, have imported the engine and joined one
+        ``torch.distributed`` world; raise what stopped that (the group is then shut down)."""
+        self._starting.join()
+        if self._start_error is not None:
+            raise self._start_error
 
     def run(self, config: dict[str, Any]) -> dict[str, Any]:
         """Run one job (every rank calls ``run_rank``); rank 0's summary. Raises
