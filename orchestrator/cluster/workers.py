@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,14 @@ def rank_env(slot: RankSlot, world_size: int, master_addr: str, master_port: int
     if slot.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_devices
     return env
+
+
+def death_reason(text: str) -> str:
+    """One line of Ray's (multi-line) actor-death message: the Python error that killed
+    the actor when there is one (a constructor that raised), else the first line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (errors[-1] if errors else lines[0] if lines else "")[:500]
 
 
 def pool_key(resources: Any) -> PoolKey:
@@ -313,7 +322,7 @@ class WorkerGroup:
             return Cancelled("the worker group was stopped")
         return WorkerDied(
             f"rank {rank}'s worker process died (exited, killed for memory, or its node was "
-            f"lost): {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            f"lost): {death_reason(str(exc)) or type(exc).__name__}"
         )
 
     def _fail(self, rank: int, error: BaseException) -> None:

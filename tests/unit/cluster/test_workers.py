@@ -15,6 +15,7 @@ from orchestrator.cluster.workers import (
     WorkerGroupError,
     WorkerJob,
     WorkerPool,
+    death_reason,
     plan_ranks,
     pool_key,
     rank_env,
@@ -195,3 +196,15 @@ def test_pool_keeps_clean_groups_per_key_and_frees_other_shapes(
     late = FakeGroup(two)
     pool.release(late)  # type: ignore[arg-type]
     assert not late.healthy
+
+
+def test_death_reason_is_the_error_that_killed_the_actor_else_the_first_line() -> None:
+    created = (
+        "The actor died because of an error raised in its creation task, ActorID(ab)\n"
+        'Traceback (most recent call last):\n  File "x.py", line 3\n'
+        "orchestrator.errors.UsageError: Ray gave this worker no GPU\n"
+    )
+    assert death_reason(created) == "orchestrator.errors.UsageError: Ray gave this worker no GPU"
+    exited = "The actor died unexpectedly before finishing this task.\n\tclass_name: RankWorker"
+    assert death_reason(exited) == "The actor died unexpectedly before finishing this task."
+    assert death_reason("") == ""
