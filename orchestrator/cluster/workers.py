@@ -296,26 +296,47 @@ class WorkerGroup:
         return self._gather(refs)
 
     def _gather(self, refs: list[Any]) -> list[Any]:
-        """Every rank's answer; on the first failure, kill the group and raise it."""
-        from ray.exceptions import RayActorError, RayTaskError
-
-        index = {ref: rank for rank, ref in enumerate(refs)}
+        """Every actor's answer, in actor order; on the first failure, kill the group and
+        raise it (a peer's death, found within a moment, is named before the collective
+        errors it caused on the other ranks)."""
+        index = {ref: i for i, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
             for ref in done:
-                rank = index[ref]
-                try:
-                    results[rank] = ray.get(ref)
-                except RayTaskError as exc:
-                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    self._fail(rank, cause)
-                except RayActorError as exc:
-                    self._fail(rank, self._death(rank, exc))
+                error = self._outcome(ref, index[ref], results)
+                if error is not None:
+                    self._fail(*self._first_cause(index[ref], error, pending, index))
             if self._dead and pending:  # killed from another thread (cancel, Ctrl-C)
                 raise WorkerGroupError("the worker group was stopped", {-1: Cancelled("stopped")})
-        return [results[r] for r in range(len(refs))]
+        return [results[i] for i in range(len(refs))]
+
+    def _outcome(self, ref: Any, i: int, results: dict[int, Any]) -> BaseException | None:
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            results[i] = ray.get(ref)
+        except RayTaskError as exc:
+            return exc.cause if isinstance(exc.cause, BaseException) else exc
+        except RayActorError as exc:
+            return self._death(self._rank(i), exc)
+        return None
+
+    def _first_cause(
+        self, i: int, error: BaseException, pending: list[Any], index: dict[Any, int]
+    ) -> tuple[int, BaseException]:
+        if isinstance(error, WorkerDied) or not pending:
+            return self._rank(i), error
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=3.0)
+        for ref in done:
+            other = self._outcome(ref, index[ref], {})
+            if isinstance(other, WorkerDied):
+                return self._rank(index[ref]), other
+        return self._rank(i), error
+
+    def _rank(self, i: int) -> int:
+        return self.ranks[i] if i < len(self.ranks) else i
 
     def _death(self, rank: int, exc: BaseException) -> BaseException:
         if self._dead:  # we killed it ourselves
