@@ -134,7 +134,7 @@ def main() -> None:
     try:
         # MLflow's store migrations are paid once, before either arm (the startup helper's
         # subject); the first arm would otherwise carry them
-        _run(root / "warmup", args.launcher, 1, ["schedule.steps=2"], None)
+        _run(root / "warmup", args.launcher, 1, ["schedule.steps=4"], None)
         one = _run(root / "one", args.launcher, 1, [], None)
         pool = MeasuringPool()
         with driver_costs():
