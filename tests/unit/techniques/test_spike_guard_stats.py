@@ -193,7 +193,10 @@ def test_a_slow_divergence_is_caught_and_rolled_back_to_before_it_began(seed):
     assert at <= rollback < at + 25 and not any(acts[:at])
     record = guard.rollbacks[0]
     assert record["reason"]["detector"] == "loss_trend"
-    assert at - 15 <= record["onset_step"] <= at + 5 and record["to_step_at_most"] < record["onset_step"]
+    assert (
+        at - 15 <= record["onset_step"] <= at + 5
+        and record["to_step_at_most"] < record["onset_step"]
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
