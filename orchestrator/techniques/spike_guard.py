@@ -466,6 +466,8 @@ class SpikeGuard(Technique):
     def rollback_floor(self, step: int) -> int:
         """The earliest step a rollback decided at ``step`` may return to (checkpoint retention)."""
         onset = self.onset[0] if self.onset is not None else step
+        if self.trend_onset is not None:  # a trend building up may roll back to before it
+            onset = min(onset, int(self.trend_onset[0]))
         return self.trusted_bound(onset)
 
     # -- the detector history follows the model -------------------------------------------------

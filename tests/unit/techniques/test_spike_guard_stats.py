@@ -246,3 +246,10 @@ def test_spikes_of_x3_and_more_are_still_caught_on_their_step_and_nan_at_once(fa
     guard, state = _trend_guard(), _state([])
     acts = _run_steps(guard, state, [*_noisy(5, 3), float("nan")])
     assert acts == [0, 0, 0, 0, 0, 1]  # before min_history too
+
+
+def test_checkpoint_retention_keeps_what_a_building_trend_may_roll_back_to():
+    guard = _trend_guard()
+    assert guard.rollback_floor(100) == 98
+    guard.trend_onset = [80, 640]  # the CUSUM left 0 at step 80 and is still above 0
+    assert guard.rollback_floor(100) == 78
