@@ -56,6 +56,9 @@ from orchestrator.techniques.registry import TechniqueSpec
 MAD_TO_SIGMA = 1.4826
 SIGNALS = ("loss", "grad_norm")  # the statistics a regime change may restart
 MAX_SNAPSHOTS = 16  # checkpoints whose statistics a rollback can restore (older: re-arm)
+# least step-to-step noise of the log loss the trend assumes: a loss flat to 0.1 % a step
+# (full-batch, deterministic) must not turn a 0.05 % uptick into hundreds of sigmas
+TREND_MIN_SIGMA = 1e-3
 
 
 def robust_z(value: float, history: list[float], floor: float = 0.0) -> float:
@@ -255,7 +258,7 @@ class SpikeGuard(Technique):
         if self.trend_s <= 0.0 or self.trend_ref is None:  # a new baseline, before this step
             logs = [_log(v) for v in self.loss_hist]
             med = float(torch.tensor(logs[-cfg.trend_baseline :], dtype=torch.float64).median())
-            self.trend_ref = [med, max(noise_sigma(logs), 1e-6)]
+            self.trend_ref = [med, max(noise_sigma(logs), TREND_MIN_SIGMA)]
             self.trend_onset = [step, state.cursor]
         med, sigma = self.trend_ref
         self.trend_s = max(0.0, self.trend_s + (x - med) / sigma - cfg.trend_slack)
