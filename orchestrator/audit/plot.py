@@ -44,7 +44,8 @@ class Series:
 @dataclass
 class PlotInfo:
     """What was drawn: the file, its size, one label per line, marker counts by event kind,
-    each marker's label (in event order) and the value axis scale (``linear`` or ``log``)."""
+    each marker's label (in event order) and the value axis scale (``linear`` or ``log``);
+    ``marker_at``: each marker's ``(step, value)`` (value None: a vertical line)."""
 
     path: str
     size_bytes: int
@@ -52,6 +53,7 @@ class PlotInfo:
     markers: dict[str, int] = field(default_factory=dict)
     marker_labels: list[str] = field(default_factory=list)
     yscale: str = "linear"
+    marker_at: list[tuple[int, float | None]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``--json``."""
@@ -87,11 +89,13 @@ def detector_of(event: dict[str, Any]) -> str | None:
     return None
 
 
-def _value_at(series: list[Series], step: int) -> float | None:
+def _value_at(series: list[Series], step: int, highest: bool = False) -> float | None:
+    """The value at ``step``: the last series' (a redone step), or the highest (a spike: the
+    value the guard saw, not the redone step of the segment after the rollback)."""
     best: float | None = None
     for s in series:
         for st, v in s.points:
-            if st == step:
+            if st == step and (best is None or not highest or v > best):
                 best = v
     return best
 
@@ -106,7 +110,8 @@ def plot_curves(
 ) -> PlotInfo:
     """Draw ``series`` (one line each) with event markers into ``path`` (PNG, SVG, PDF...).
 
-    An event marks the curve at its step: ``spike`` at ``at_step``, ``rollback`` at
+    An event marks the curve at its step: ``spike`` at the logged step of ``at_step`` (the
+    index of the step run, logged as ``at_step + 1``) on the highest curve there, ``rollback`` at
     ``from_step`` with a dashed line back to ``to_step``, the others at ``step``.
     """
     try:
@@ -133,6 +138,7 @@ def plot_curves(
         counts: dict[str, int] = {}
         labelled: set[str] = set()
         marker_labels: list[str] = []
+        marker_at: list[tuple[int, float | None]] = []
         for e in events or []:
             kind = str(e.get("kind"))
             if kind not in MARKERS:
@@ -143,9 +149,12 @@ def plot_curves(
                 label = f"{label} ({detector})"
             marker_labels.append(label)
             step = int(e.get("at_step", e.get("from_step", e.get("step", 0))) or 0)
+            if kind == "spike" and e.get("at_step") is not None:
+                step += 1  # at_step is the index of the step run; the loop logs step i as i + 1
             if kind == "resume":
                 step = int(e.get("from_step", e.get("step", 0)) or 0)
-            y = _value_at(series, step)
+            y = _value_at(series, step, highest=kind == "spike")
+            marker_at.append((step, y))
             if kind == "rollback" and e.get("to_step") is not None:
                 ax.axvspan(int(e["to_step"]), step, color="red", alpha=0.08)
             if y is None:
@@ -174,4 +183,4 @@ def plot_curves(
             raise UsageError(f"--plot {out}: cannot write the figure: {exc}") from None
     finally:
         plt.close(fig)
-    return PlotInfo(str(out), out.stat().st_size, lines, counts, marker_labels, yscale)
+    return PlotInfo(str(out), out.stat().st_size, lines, counts, marker_labels, yscale, marker_at)

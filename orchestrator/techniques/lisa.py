@@ -180,6 +180,7 @@ class Lisa(Technique):
         self._carry: dict[str, Any] | None = None
         self._old_optimizer: weakref.ref[Any] | None = None
         self._switched = False
+        self._fresh_from = -1  # the step the active layers were switched in with fresh moments
 
     # -- active set -----------------------------------------------------------------------
     def _always_on(self, unit: str) -> bool:
@@ -284,12 +285,24 @@ class Lisa(Technique):
         state.request_rebuild()
         if previous is not None:  # other layers train: the gradient norm is another quantity
             state.mark_regime_change(("grad_norm",))
+            self._fresh_from = state.step  # their moments start at zero: re-warm their LR
         self._switched = True
 
     def on_before_optimizer_step(self, state: TrainState) -> Decision:
         if self._carry is not None:
             self._restore_carry(self._engine())
+        self._rewarm(state)
         return Decision()
+
+    def _rewarm(self, state: TrainState) -> None:
+        """Scale the fresh layers' LR (the loop set it for this step) while they re-warm."""
+        n, engine = min(self.cfg.rewarm_steps, self.cfg.interval - 1), self._engine()
+        done = state.step - self._fresh_from
+        if n == 0 or self._fresh_from < 0 or done >= n or engine is None:
+            return
+        factor = (done + 1) / (n + 1)
+        for group in engine.optimizer.param_groups[self._n_always_groups :]:  # the layers' groups
+            group["lr"] = group["lr"] * factor
 
     def on_step_end(self, state: TrainState, metrics: Mapping[str, float]) -> Decision:
         engine = self._engine()
@@ -375,6 +388,7 @@ class Lisa(Technique):
             "interval": self.interval,
             "active": list(self.active) if self.active is not None else None,
             "seed": self.seed,
+            "fresh_from": self._fresh_from,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -383,6 +397,7 @@ class Lisa(Technique):
         before = self.active
         self.interval = int(state["interval"])
         self.active = None if state.get("active") is None else [int(i) for i in state["active"]]
+        self._fresh_from = int(state.get("fresh_from", -1))
         self._carry = None
         if self._state is not None and self._model is not None and self.active != before:
             # a rollback in place: rebuild for the restored set before DeepSpeed loads the shards

@@ -7,6 +7,11 @@ before the optimizer step (so a bad step can be skipped: no update, no moment ch
 * ``loss_z`` / ``grad_z``: a one-sided robust z-score over a rolling window of healthy
   steps, ``(x - median) / (1.4826 * MAD)``; armed once ``min_history`` values exist.
 * ``loss_ratio`` (optional): ``loss / median > max_loss_ratio``.
+* ``loss_trend``: a slow divergence, a one-sided CUSUM of the log loss of healthy steps
+  against the median of the ``trend_baseline`` steps before it began (frozen while the sum
+  is above 0), in sigmas of the step-to-step noise, less ``trend_slack`` a step; above
+  ``trend_threshold`` it asks for a rollback at once (skipping one step cannot undo a trend),
+  to a checkpoint before the sum left 0.
 
 The gradient norm is measured before the update from ``p.grad`` (sqrt of the mean over
 ranks of each rank's squared norm: the global norm under ZeRO-0, a consistent proxy
@@ -51,14 +56,18 @@ from orchestrator.techniques.registry import TechniqueSpec
 MAD_TO_SIGMA = 1.4826
 SIGNALS = ("loss", "grad_norm")  # the statistics a regime change may restart
 MAX_SNAPSHOTS = 16  # checkpoints whose statistics a rollback can restore (older: re-arm)
+# least step-to-step noise of the log loss the trend assumes: a loss flat to 0.1 % a step
+# (full-batch, deterministic) must not turn a 0.05 % uptick into hundreds of sigmas
+TREND_MIN_SIGMA = 1e-3
 
 
-def robust_z(value: float, history: list[float]) -> float:
-    """One-sided robust z-score of ``value`` against ``history`` (median / MAD)."""
+def robust_z(value: float, history: list[float], floor: float = 0.0) -> float:
+    """One-sided robust z-score of ``value`` against ``history`` (median / MAD); the scale
+    is at least ``floor``."""
     t = torch.tensor(history, dtype=torch.float64)
     med = float(t.median())
     mad = float((t - med).abs().median())
-    scale = MAD_TO_SIGMA * mad
+    scale = max(MAD_TO_SIGMA * mad, floor)
     if scale <= 1e-12 * max(1.0, abs(med)):
         scale = 1e-6 * max(1.0, abs(med))  # flat history: any real jump is a spike
     return (value - med) / scale
@@ -66,6 +75,13 @@ def robust_z(value: float, history: list[float]) -> float:
 
 def _log(value: float) -> float:
     return math.log(max(value, 1e-30))
+
+
+def noise_sigma(history: list[float]) -> float:
+    """Step-to-step noise of a series, blind to its (slow) trend: 1.4826 x the median
+    absolute first difference, over sqrt(2) (a difference holds two steps' noise)."""
+    t = torch.tensor(history, dtype=torch.float64)
+    return MAD_TO_SIGMA * float((t[1:] - t[:-1]).abs().median()) / math.sqrt(2.0)
 
 
 def _pre_step_grad_norm(model: torch.nn.Module | None, world_size: int) -> float | None:
@@ -123,6 +139,11 @@ class SpikeGuard(Technique):
         self.replays = 0
         self._retry_step = -1  # the step whose batch is retried (a transient fault)
         self._replay: Callable[[], Replay] | None = None
+        # the slow-divergence CUSUM: its sum, its frozen baseline [median, sigma] of the log
+        # loss, and [step, cursor] where the sum left 0 (the trend's onset)
+        self.trend_s = 0.0
+        self.trend_ref: list[float] | None = None
+        self.trend_onset: list[int] | None = None
 
     def bind(self, ctx: Context) -> None:
         self._model = ctx.model
@@ -212,7 +233,7 @@ class SpikeGuard(Technique):
             # in log space: gradient norms are heavy-tailed and multiplicative (a healthy step
             # can be several times the median), a blow-up is orders of magnitude
             z = (
-                robust_z(_log(grad), [_log(g) for g in self.grad_hist])
+                robust_z(_log(grad), [_log(g) for g in self.grad_hist], cfg.grad_scale_floor)
                 if len(self.grad_hist) >= cfg.min_history
                 else 0.0
             )
@@ -225,6 +246,36 @@ class SpikeGuard(Technique):
                     "threshold": cfg.grad_threshold,
                 }
         return found
+
+    def _trend(self, state: TrainState, step: int) -> dict[str, Any] | None:
+        """Add a healthy step's log loss to the CUSUM; a finding once it crosses the threshold."""
+        cfg = self.cfg
+        if cfg.trend_threshold is None or not math.isfinite(state.loss):
+            return None
+        if len(self.loss_hist) < cfg.min_history:
+            return None
+        x = _log(state.loss)
+        if self.trend_s <= 0.0 or self.trend_ref is None:  # a new baseline, before this step
+            logs = [_log(v) for v in self.loss_hist]
+            med = float(torch.tensor(logs[-cfg.trend_baseline :], dtype=torch.float64).median())
+            self.trend_ref = [med, max(noise_sigma(logs), TREND_MIN_SIGMA)]
+            self.trend_onset = [step, state.cursor]
+        med, sigma = self.trend_ref
+        self.trend_s = max(0.0, self.trend_s + (x - med) / sigma - cfg.trend_slack)
+        state.record("spike/loss_trend", self.trend_s)
+        if self.trend_s <= 0.0:
+            self.trend_onset = None
+            return None
+        if self.trend_s <= cfg.trend_threshold:
+            return None
+        return {
+            "detector": "loss_trend",
+            "value": self.trend_s,
+            "loss": state.loss,
+            "baseline_loss": math.exp(med),
+            "onset_step": self.trend_onset[0] if self.trend_onset else step,
+            "threshold": cfg.trend_threshold,
+        }
 
     def _record_healthy(self, loss: float, grad: float | None) -> None:
         self.loss_hist = [*self.loss_hist, loss][-self.cfg.window :]
@@ -360,6 +411,14 @@ class SpikeGuard(Technique):
                 anomalous = True
         state.record("spike/rollbacks", float(len(self.rollbacks)))
         if not anomalous:
+            trend = self._trend(state, step)
+            if trend is not None:  # a slow divergence: skipping a step cannot undo it
+                onset = self.trend_onset or [step, state.cursor]
+                self.streak, self.onset = 0, [int(onset[0]), int(onset[1])]
+                self.reason = {**trend, "step": int(onset[0])}
+                self._anomaly(state, trend, step)
+                self.trend_s, self.trend_ref, self.trend_onset = 0.0, None, None
+                return self._escalate(state)
             self.streak, self.onset = 0, None
             self._record_healthy(
                 state.loss, self._pending if self._pending is not None else state.grad_norm
@@ -410,6 +469,8 @@ class SpikeGuard(Technique):
     def rollback_floor(self, step: int) -> int:
         """The earliest step a rollback decided at ``step`` may return to (checkpoint retention)."""
         onset = self.onset[0] if self.onset is not None else step
+        if self.trend_onset is not None:  # a trend building up may roll back to before it
+            onset = min(onset, int(self.trend_onset[0]))
         return self.trusted_bound(onset)
 
     # -- the detector history follows the model -------------------------------------------------
@@ -418,12 +479,29 @@ class SpikeGuard(Technique):
         signals = sorted(set(signals) & set(SIGNALS))
         if "loss" in signals:
             self.loss_hist = []
+            self.trend_s, self.trend_ref, self.trend_onset = 0.0, None, None
         if "grad_norm" in signals:
             self.grad_hist = []
         state.emit("detector_reset", reason=reason, signals=signals)
 
+    def _trend_state(self) -> list[float]:
+        """The CUSUM as a flat list: [sum, median, sigma, onset step, onset cursor] (-1 = none)."""
+        ref = self.trend_ref or [0.0, 0.0]
+        onset = self.trend_onset or [-1, -1]
+        return [self.trend_s, float(ref[0]), float(ref[1]), float(onset[0]), float(onset[1])]
+
+    def _set_trend(self, flat: list[float] | None) -> None:
+        s, med, sigma, o_step, o_cursor = flat if flat else [0.0, 0.0, 0.0, -1.0, -1.0]
+        self.trend_s = float(s)
+        self.trend_ref = [float(med), float(sigma)] if sigma > 0 else None
+        self.trend_onset = [int(o_step), int(o_cursor)] if o_step >= 0 else None
+
     def _snapshot(self) -> dict[str, list[float]]:
-        return {"loss_hist": list(self.loss_hist), "grad_hist": list(self.grad_hist)}
+        return {
+            "loss_hist": list(self.loss_hist),
+            "grad_hist": list(self.grad_hist),
+            "trend": self._trend_state(),
+        }
 
     def on_checkpoint_saved(self, state: TrainState, step: int, path: str) -> None:
         """Keep the statistics of this checkpoint: a rollback to it restores them."""
@@ -444,6 +522,7 @@ class SpikeGuard(Technique):
             return
         self.loss_hist = list(saved["loss_hist"])
         self.grad_hist = list(saved["grad_hist"])
+        self._set_trend(saved.get("trend"))
         state.emit(
             "detector_restored",
             to_step=step,
@@ -502,6 +581,7 @@ class SpikeGuard(Technique):
             "snapshots": {str(k): _plain(v) for k, v in self.snapshots.items()},
             "transients": {str(k): v for k, v in self.transients.items()},
             "replays": self.replays,
+            "trend": self._trend_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -518,9 +598,12 @@ class SpikeGuard(Technique):
         self.anomalies = int(state["anomalies"])
         self.warnings = [list(w) for w in state.get("warnings", [])]
         self.snapshots = {
-            int(k): {n: [float(x) for x in v[n]] for n in ("loss_hist", "grad_hist")}
+            int(k): {
+                n: [float(x) for x in v[n]] for n in ("loss_hist", "grad_hist", "trend") if n in v
+            }
             for k, v in state.get("snapshots", {}).items()
         }
+        self._set_trend(state.get("trend"))
         self.transients = {int(k): int(v) for k, v in state.get("transients", {}).items()}
         self.replays = int(state.get("replays", 0))
 

@@ -37,6 +37,13 @@ class LisaConfig(TechniqueConfig):
         None,
         description="Dotted path of the layer ModuleList, e.g. 'model.layers'; default: detected.",
     )
+    rewarm_steps: int = Field(
+        3,
+        ge=0,
+        description="After a switch to other layers, ramp their LR over this many steps "
+        "(1/(n+1), 2/(n+1), ...; at most interval - 1): their AdamW moments start at zero, so "
+        "the first update is lr x sign(g) on every element, which spiked the loss at a high LR.",
+    )
     keep_always_on_state: bool = Field(
         True,
         description="Carry the always-on params' moments (and ZeRO fp32 master) across switches.",

@@ -26,6 +26,23 @@ class StabilityConfig(TechniqueConfig):
         12.0, gt=0.0, description="Robust z-score of the log gradient norm that counts as a "
         "spike (healthy steps reach 9: gradient norms are heavy-tailed; x100 scores ~15)."
     )  # fmt: skip
+    grad_scale_floor: float = Field(
+        0.25, ge=0.0, description="Least robust sigma of the log gradient norm: with the "
+        "threshold 12, a norm must be > e^3 = 20x the median to be a spike however narrow "
+        "the window (healthy hard batches reach 10x late in training; x100 scores >= 18)."
+    )  # fmt: skip
+    trend_threshold: float | None = Field(
+        20.0, gt=0.0, description="Slow-divergence detector: one-sided CUSUM of the log loss "
+        "(robust sigmas above the pre-trend baseline, less trend_slack a step) that asks for "
+        "a rollback; null = off."
+    )  # fmt: skip
+    trend_slack: float = Field(
+        0.5, ge=0.0, description="Sigmas a step the CUSUM forgives (its drift allowance)."
+    )
+    trend_baseline: int = Field(
+        32, ge=2, description="Healthy steps whose median log loss is the trend's baseline "
+        "(frozen while the CUSUM is above 0)."
+    )  # fmt: skip
     min_history: int = Field(
         20, ge=2, description="Healthy steps seen (since the start, the end of warmup or a "
         "regime change) before z-scores are armed."

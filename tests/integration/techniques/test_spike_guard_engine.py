@@ -216,3 +216,21 @@ def test_async_checkpoints_roll_back_to_the_same_weights_as_sync(tmp_path, gloo_
         assert trainer.store.pending is None
         runs[mode] = _weights(trainer)
     assert all(torch.equal(runs[False][k], runs[True][k]) for k in runs[False])
+
+
+def test_a_slow_divergence_is_rolled_back_by_the_trend_detector(tmp_path, gloo_world):
+    """The loss factor rising x1 -> x3 over 20 steps from step 20: the z-scores see each step
+    close to the last; the trend's CUSUM asks for a rollback at once (no skip first), to a
+    checkpoint before its onset, and the run finishes (the fault holds until a rollback)."""
+    cfg = {**GUARD, "window": 32, "min_history": 8, "patience": 2}
+    faults = {"diverge_at_step": 20, "diverge_steps": 20, "diverge_factor": 3.0}
+    recipe = _recipe(tmp_path, steps=36, stability=cfg, faults=faults)
+    summary = Trainer(recipe, WorkerContext(run_dir=tmp_path / "diverge")).run()
+    (rollback,) = _kinds(summary, "rollback")
+    assert rollback["reason"]["reason"]["detector"] == "loss_trend"
+    onset = rollback["reason"]["onset_step"]
+    assert 14 <= onset <= 24 and rollback["to_step"] < onset <= rollback["from_step"] - 1
+    assert rollback["from_step"] <= 20 + 15
+    trend = [e for e in _kinds(summary, "spike") if e["detector"] == "loss_trend"]
+    assert len(trend) == 1 and trend[0]["onset_step"] == onset
+    assert summary["steps"] == 36 and math.isfinite(summary["final_loss"])

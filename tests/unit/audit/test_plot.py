@@ -68,3 +68,13 @@ def test_markers_name_the_detector_that_fired(tmp_path: Path) -> None:
         "resume",
     ]
     assert info.markers == {"spike": 3, "rollback": 1, "resume": 1}
+
+
+def test_a_spike_marker_sits_on_the_spiked_value_not_the_redone_step(tmp_path: Path) -> None:
+    """The guard's ``at_step`` is the index of the step run (logged as at_step + 1); after a
+    rollback the next segment logs that step again, healthy: the marker goes on the spike."""
+    job = [(s, 300.0 if s == 41 else 3.0) for s in range(1, 43)]
+    seg = [(s, 2.9) for s in range(33, 60)]
+    events = [{"kind": "spike", "step": 41, "at_step": 40, "detector": "loss_z"}]
+    info = plot_curves([Series("job", job), Series("seg1", seg)], tmp_path / "p.png", events=events)
+    assert info.marker_at == [(41, 300.0)]

@@ -77,3 +77,48 @@ def test_plan_shows_the_switches(tmp_path):
     assert info["switch_steps"] == [2, 4, 6, 8]
     cfg = LisaConfig(gamma=2, interval=2)
     assert info["active_from_step"][2] == sample_layers(cfg, LAYERS, 0, 1)
+
+
+def _rewarm_lrs(interval: int, rewarm: int, steps: range) -> list[list[float]]:
+    """The LR of [the always-on group, a layer group] on each step after a switch at 10."""
+    from types import SimpleNamespace
+
+    from orchestrator.techniques.lisa import Lisa
+
+    lisa = Lisa(LisaConfig(gamma=1, interval=interval, rewarm_steps=rewarm), seed=0)
+    groups = [{"lr": 1.0}, {"lr": 1.0}]
+    lisa._ctx = SimpleNamespace(
+        engine=SimpleNamespace(optimizer=SimpleNamespace(param_groups=groups))
+    )  # type: ignore[assignment]
+    lisa._n_always_groups, lisa._fresh_from = 1, 10
+    out = []
+    for step in steps:
+        for g in groups:  # the loop sets the scheduled LR each step
+            g["lr"] = 1.0
+        lisa._rewarm(SimpleNamespace(step=step))  # type: ignore[arg-type]
+        out.append([g["lr"] for g in groups])
+    return out
+
+
+def test_layers_switched_in_rewarm_their_lr_the_always_on_parts_do_not():
+    """Fresh AdamW moments make the first update lr x sign(g) on every element of the new
+    layers: at a high LR that spiked the loss 1.7x (bench/spike_guard, LISA every 5 steps)."""
+    assert _rewarm_lrs(20, 3, range(10, 15)) == [
+        [1.0, 0.25],
+        [1.0, 0.5],
+        [1.0, 0.75],
+        [1.0, 1.0],
+        [1.0, 1.0],
+    ]
+    assert _rewarm_lrs(2, 3, range(10, 12)) == [[1.0, 0.5], [1.0, 1.0]]  # at most interval - 1
+    assert _rewarm_lrs(20, 0, range(10, 12)) == [[1.0, 1.0], [1.0, 1.0]]  # off
+
+
+def test_the_rewarm_position_travels_with_the_checkpoint():
+    from orchestrator.techniques.lisa import Lisa
+
+    lisa = Lisa(LisaConfig(gamma=1, interval=5), seed=0)
+    lisa.interval, lisa.active, lisa._fresh_from = 2, [1], 10
+    resumed = Lisa(LisaConfig(gamma=1, interval=5), seed=0)
+    resumed.load_state_dict(lisa.state_dict())
+    assert resumed._fresh_from == 10
