@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_hf import LOAD_AND_GENERATE, build_tiny_hf
+from tiny_hf import IDS, build_tiny_hf, fresh_process_load, load_hf, logits_of, trained
 
 from conftest import free_port, tiny_recipe
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[3]
-IDS = [5, 17, 42, 99, 200, 3, 256, 7]
 
 _TWO_RANKS = textwrap.dedent(
     """
@@ -98,15 +97,28 @@ def _run(tmp_path: Path, stage: int, storage: str) -> tuple[Any, dict[str, Any],
     return recipe, {**json.loads((out / "summary.json").read_text()), "run_id": run_id}, out
 
 
-def _fresh_load(path: Path, tmp_path: Path) -> tuple[torch.Tensor, str]:
-    out = tmp_path / f"fresh-{path.name}.pt"
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_GENERATE, str(path), json.dumps(IDS), str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("GENERATED "))
-    return torch.load(out, weights_only=True), json.loads(line.removeprefix("GENERATED "))
+def test_export_loads_in_a_fresh_process_and_generates(tmp_path: Path) -> None:
+    """export_model's directory, loaded in a new interpreter as a user would, holds the
+    exported (trained) weights and generates; its record covers every file."""
+    from orchestrator.engine.checkpoint.io import sha256_file
+    from orchestrator.engine.export import EXPORT_RECORD, export_model
+
+    tiny_dir = build_tiny_hf(tmp_path / "pretrained")
+    model = trained(tiny_dir)
+    out = export_model(model, tmp_path / "export", str(tiny_dir), record={"step": 7})
+    assert out == tmp_path / "export"
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    wanted = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"}
+    assert wanted | {EXPORT_RECORD} <= names
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    assert record["step"] == 7 and set(record["files"]) == names - {EXPORT_RECORD}
+    for rel, want in record["files"].items():
+        assert sha256_file(out / rel) == (want["sha256"], want["bytes"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    logits, text = fresh_process_load(out, tmp_path)
+    assert torch.equal(logits, logits_of(model))  # the trained weights, not the pretrained ones
+    assert not torch.equal(logits, logits_of(load_hf(tiny_dir)))
+    assert text.startswith("def add") and len(text) > len("def add")
 
 
 def _cli(*args: str) -> int:
@@ -133,7 +145,7 @@ def test_two_rank_run_exports_the_trained_model(tmp_path: Path, stage: int) -> N
 
     # the final model, loaded in a fresh process, is the trained engine (fp32, two ranks)
     engine_logits = torch.load(out / "engine_logits.pt", weights_only=True)
-    logits, text = _fresh_load(path, tmp_path)
+    logits, text = fresh_process_load(path, tmp_path)
     torch.testing.assert_close(logits, engine_logits, rtol=0, atol=0)
     assert text.startswith("def add")
     if stage == 1:  # mirrored like checkpoints, its record last

@@ -4,6 +4,7 @@ report contents, tables, reconcile of a run whose driver process is gone."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,11 @@ def _dead_pid() -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     tmp = tmp_path_factory.mktemp("audit")
+    shutil.copy(mlflow_template_db, tmp / "mlflow.db")  # migrated once per session
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     runs: dict[str, Any] = {"uri": uri, "tmp": tmp}
