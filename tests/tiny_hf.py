@@ -130,3 +130,16 @@ def fresh_process_load(path: Path, tmp_path: Path) -> tuple[Any, str]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("GENERATED "))
     return torch.load(out, weights_only=True), json.loads(line.removeprefix("GENERATED "))
+
+
+def load_logged_model(tracking_uri: str, model_id: str) -> Any:
+    """The transformers pipeline MLflow loads from the logged model ``model_id`` (the global
+    tracking URI set for the call and put back after it)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.transformers.load_model(f"models:/{model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -6,34 +6,34 @@ the storage mirror still holds it); the model is in MLflow, linked to the run.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tiny_hf import IDS, build_tiny_hf, fresh_process_load, load_hf, logits_of, trained
+from tiny_hf import (
+    IDS,
+    build_tiny_hf,
+    fresh_process_load,
+    load_hf,
+    load_logged_model,
+    logits_of,
+    trained,
+)
+from two_ranks import run_two_ranks
 
-from conftest import free_port, tiny_recipe
+from conftest import tiny_recipe
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[3]
 
-_TWO_RANKS = textwrap.dedent(
-    """
-    import json, os, sys
-    import torch, torch.distributed as dist, torch.multiprocessing as mp
+_TWO_RANKS = """
+    import json
+    import torch
     from pathlib import Path
 
-    def worker(rank, port, recipe_file, run_dir, uri, run_id, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-        dist.init_process_group("gloo", rank=rank, world_size=2)
+    def worker(rank, recipe_file, run_dir, uri, run_id, out):
         from orchestrator.engine.trainer import StepHook, Trainer, WorkerContext
         from orchestrator.recipe.loader import load_recipe_text
 
@@ -56,13 +56,7 @@ _TWO_RANKS = textwrap.dedent(
             torch.save(logits, f"{out}/engine_logits.pt")
             Path(f"{out}/summary.json").write_text(json.dumps(summary["export"]))
         dist.barrier()
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        mp.spawn(worker, args=tuple(sys.argv[1:]), nprocs=2)
-        print("ALL OK")
     """
-)
 
 
 def _run(tmp_path: Path, stage: int, storage: str) -> tuple[Any, dict[str, Any], Path]:
@@ -84,16 +78,12 @@ def _run(tmp_path: Path, stage: int, storage: str) -> tuple[Any, dict[str, Any],
     run_id, run_dir = open_job_run(spec)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(spec.recipe_yaml)
-    script, out = tmp_path / "two_ranks.py", tmp_path / "out"
-    script.write_text(_TWO_RANKS)
+    out = tmp_path / "out"
     out.mkdir()
-    args = [str(free_port()), str(recipe_file), str(run_dir), recipe.tracking.uri, run_id, str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "IDS": json.dumps(IDS)}
-    proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
-        env=env, cwd=tmp_path,
+    run_two_ranks(
+        tmp_path / "two_ranks.py", _TWO_RANKS, recipe_file, run_dir, recipe.tracking.uri, run_id,
+        out, env={"IDS": json.dumps(IDS)}, cwd=tmp_path, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0 and "ALL OK" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
     return recipe, {**json.loads((out / "summary.json").read_text()), "run_id": run_id}, out
 
 
@@ -178,12 +168,7 @@ def test_two_rank_run_exports_the_trained_model(tmp_path: Path, stage: int) -> N
     assert [(o.model_id, o.step) for o in outputs] == [(exported["model_id"], 4)]
     logged = client.get_logged_model(exported["model_id"])
     assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        pipe = mlflow.transformers.load_model(f"models:/{exported['model_id']}")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    pipe = load_logged_model(uri, exported["model_id"])
     pipe.model.eval()
     with torch.no_grad():
         from_mlflow = pipe.model(input_ids=torch.tensor([IDS])).logits

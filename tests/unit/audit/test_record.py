@@ -17,9 +17,7 @@ from orchestrator.tracking.record import (
 from orchestrator.tracking.runs import open_run
 
 
-def test_worker_record_logs_dataset_ds_config_and_hardware(
-    tmp_path: Path, mlflow_uri: str
-) -> None:
+def test_worker_record_logs_dataset_ds_config_and_hardware(tmp_path: Path, mlflow_uri: str) -> None:
     from mlflow import MlflowClient
 
     uri = mlflow_uri

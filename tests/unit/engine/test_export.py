@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_hf import IDS, build_tiny_hf, load_hf, logits_of, trained
+from tiny_hf import IDS, build_tiny_hf, load_hf, load_logged_model, logits_of, trained
 
 from orchestrator.engine.export import (
     EXPORT_RECORD,
@@ -111,7 +111,6 @@ def test_a_checkpoint_without_model_states_is_refused(tmp_path: Path) -> None:
 def test_the_logged_model_loads_back_from_mlflow(
     tmp_path: Path, tiny_dir: Path, mlflow_uri: str
 ) -> None:
-    import mlflow
     from mlflow.entities import LoggedModelStatus
 
     from orchestrator.tracking.client import mlflow_client
@@ -131,12 +130,7 @@ def test_the_logged_model_loads_back_from_mlflow(
     outputs = client.get_run(run_id).outputs.model_outputs
     assert [(o.model_id, o.step) for o in outputs] == [(model_id, 4)]
     assert secret not in json.dumps({**logged.params, **logged.tags})
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_uri)
-    try:
-        pipe = mlflow.transformers.load_model(f"models:/{model_id}")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    pipe = load_logged_model(mlflow_uri, model_id)
     assert torch.equal(logits_of(pipe.model), logits_of(load_hf(out)))
     text = pipe("def add", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith("def add")
