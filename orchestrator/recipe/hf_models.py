@@ -181,10 +181,11 @@ def model_problems(recipe: Recipe) -> list[tuple[str, str]]:
             out.append(("model.architecture", why))
         else:
             out += config_problems(model.architecture, model.config)
-    if model.kind == "hf_pretrained" and model.config and model.path and table_applies():
-        # model.config overrides keys of the saved config.json: the keys of its model type
-        if (saved := saved_model_type(model.path)) is not None:
-            out += config_problems(saved, model.config)
+    # hf_pretrained: model.config overrides keys of the saved config.json (its model type's)
+    pretrained = model.kind == "hf_pretrained" and model.path and model.config
+    saved = saved_model_type(model.path) if pretrained and model.path else None
+    if saved is not None and table_applies():
+        out += config_problems(saved, model.config)
     needer = needs_attention_probs(recipe)
     if hf and needer and model.attn_implementation not in (None, "eager"):
         out.append(
