@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import TINY_RECIPE, tiny_recipe
+from conftest import TINY_RECIPE, cli_exit, tiny_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -24,18 +24,15 @@ def _pretrained(tiny_pretrained: Path, config: dict[str, Any]) -> dict[str, Any]
 def test_a_typo_in_a_pretrained_override_is_refused_at_its_line(
     tmp_path: Path, tiny_pretrained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from orchestrator.cli import main
-
     body = {**TINY_RECIPE, "model": _pretrained(tiny_pretrained, {"attention_dropuot": 0.25})}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if "dropuot" in ln)
-    with pytest.raises(SystemExit) as exit_:
-        main(["validate", str(path)])
-    assert exit_.value.code == 2
+    code, _, err = cli_exit(capsys, "validate", str(path))
+    assert code == 2
     assert (
         f"{path}:{line}: model.config.attention_dropuot: unknown key for LlamaConfig; "
-        "did you mean 'attention_dropout'?" in capsys.readouterr().err
+        "did you mean 'attention_dropout'?" in err
     )
 
 

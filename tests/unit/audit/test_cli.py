@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port
-from orchestrator.cli import main
+from conftest import cli_exit, free_port
 from orchestrator.tracking.record import DRIVER_PID, driver_tags, log_checkpoints
 from orchestrator.tracking.runs import end_run, log_event, log_summary, open_run
 
@@ -21,10 +20,7 @@ RECIPE = "name: t\noptimizer: {name: adamw, lr: LR}\nschedule: {steps: 12}\n"
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main(["audit", *args])
-    captured = capsys.readouterr()
-    return int(exit_.value.code or 0), captured.out, captured.err
+    return cli_exit(capsys, "audit", *args)
 
 
 def _dead_pid() -> str:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from text_kit import build_tokenizer, chat_records, write_jsonl
 
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, cli_exit
 from orchestrator.cli import main
 from orchestrator.control import controller
 from orchestrator.errors import UsageError
@@ -40,9 +40,8 @@ def recipe_file(tmp_path: Path, tokenizer: Path | None, vocab: int = 512, **data
 
 
 def exit_of(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    return int(exit_.value.code or 0), capsys.readouterr().err
+    code, _, err = cli_exit(capsys, *args)
+    return code, err
 
 
 def test_a_good_recipe_validates(tmp_path, capsys, tokenizers):

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import cli_exit
 from orchestrator.errors import RecipeError
 from orchestrator.recipe import hf_models
 from orchestrator.recipe.hf_models import attention_implementation
@@ -104,15 +105,12 @@ def test_the_issue_example_and_a_wrong_type_are_both_reported_at_their_lines(tmp
 
 
 def test_the_cli_exits_2_on_an_unknown_key(tmp_path, capsys):
-    from orchestrator.cli import main
-
     path = _write(tmp_path, {"architecture": "llama", "config": {"vcoab_size": 256}})
-    with pytest.raises(SystemExit) as exit_:
-        main(["validate", str(path)])
-    assert exit_.value.code == 2
+    code, _, err = cli_exit(capsys, "validate", str(path))
+    assert code == 2
     assert (
         f"{path}:{_line_of(path, 'vcoab_size')}: model.config.vcoab_size: unknown key for "
-        "LlamaConfig; did you mean 'vocab_size'?" in capsys.readouterr().err
+        "LlamaConfig; did you mean 'vocab_size'?" in err
     )
 
 
@@ -233,8 +231,6 @@ def _saved_model(tmp_path: Path, model_type: str = "llama") -> Path:
 def test_a_pretrained_models_config_override_typo_is_located(tmp_path, capsys):
     """kind hf_pretrained: model.config overrides the saved config.json, so its keys are
     checked against the config class of the saved model_type (gpt2 here, not llama)."""
-    from orchestrator.cli import main
-
     model = {"kind": "hf_pretrained", "path": str(_saved_model(tmp_path, "gpt2")),
              "config": {"atn_pdrop": 0.2, "resid_pdrop": "0.1"}}  # fmt: skip
     path = _write(tmp_path, model)
@@ -246,10 +242,8 @@ def test_a_pretrained_models_config_override_typo_is_located(tmp_path, capsys):
         "'0.1': give a float",
     ]
     assert _problems(path) == expected
-    with pytest.raises(SystemExit) as exit_:
-        main(["validate", str(path)])
-    assert exit_.value.code == 2
-    assert expected[0] in capsys.readouterr().err
+    code, _, err = cli_exit(capsys, "validate", str(path))
+    assert code == 2 and expected[0] in err
 
 
 def test_a_pretrained_models_valid_override_passes(tmp_path):
