@@ -98,6 +98,16 @@ def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.5) -> A
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def cli_exit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`regimen ARGV` in this process: its exit code, stdout and stderr."""
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    captured = capsys.readouterr()
+    return int(exit_.value.code or 0), captured.out, captured.err
+
+
 def tiny_recipe(tmp_path: Path, replace: dict[str, Any] | None = None, **sections: Any) -> Any:
     """A validated tiny Recipe; keyword sections are deep-merged over the defaults, the
     sections in ``replace`` (say, another model and its data) replace them whole."""

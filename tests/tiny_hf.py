@@ -6,7 +6,12 @@ alphabet makes every id below 256 a token, so byte-token data (``stdlib_bytes``)
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -76,3 +81,65 @@ gen = pipeline("text-generation", model=model, tokenizer=tok)
 text = gen("def add", max_new_tokens=8, do_sample=False)[0]["generated_text"]
 print("GENERATED", json.dumps(text))
 """
+
+# Token ids whose logits the export tests compare (all inside the tiny models' vocabularies).
+IDS = [5, 17, 42, 99, 200, 3, 256, 7]
+
+
+def load_hf(path: Path) -> Any:
+    """The causal LM saved at ``path``, in fp32, from local files only."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32
+    )
+
+
+def logits_of(model: Any, ids: list[int] = IDS) -> Any:
+    """``model``'s logits for ``ids`` in eval mode, without gradients."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+def trained(path: Path) -> Any:
+    """The model at ``path`` with its weights moved, as if trained (an export must carry
+    the change)."""
+    import torch
+
+    model = load_hf(path)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def fresh_process_load(path: Path, tmp_path: Path) -> tuple[Any, str]:
+    """Logits of IDS and a generated text from ``path``, loaded in a new interpreter."""
+    import torch
+
+    out = tmp_path / f"fresh-{path.name}.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_GENERATE, str(path), json.dumps(IDS), str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("GENERATED "))
+    return torch.load(out, weights_only=True), json.loads(line.removeprefix("GENERATED "))
+
+
+def load_logged_model(tracking_uri: str, model_id: str) -> Any:
+    """The transformers pipeline MLflow loads from the logged model ``model_id`` (the global
+    tracking URI set for the call and put back after it)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.transformers.load_model(f"models:/{model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -8,6 +8,7 @@ after a rollback is moving the cursor.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from dataclasses import dataclass
@@ -25,9 +26,16 @@ if TYPE_CHECKING:
 
 def stdlib_sources() -> list[Path]:
     """The Python standard library's own ``.py`` files, in a stable order (tests excluded)."""
+    return list(_stdlib_sources())
+
+
+@functools.cache
+def _stdlib_sources() -> tuple[Path, ...]:
+    # The walk takes over a second and the standard library does not change under a running
+    # process: one walk per process serves every build_data call (tests build dozens).
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(
-        p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts[0].lower()
+    return tuple(
+        sorted(p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts[0].lower())
     )
 
 

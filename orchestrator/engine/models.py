@@ -43,8 +43,14 @@ def _build_hf(cfg: ModelConfig, attn: str) -> torch.nn.Module:
     dtype = _DTYPES[cfg.dtype]
     if cfg.kind == "hf_pretrained":
         try:
+            config = transformers.AutoConfig.from_pretrained(str(cfg.path), local_files_only=True)
+            _override(config, cfg.config)
             model: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(
-                str(cfg.path), local_files_only=True, dtype=dtype, attn_implementation=attn
+                str(cfg.path),
+                config=config,
+                local_files_only=True,
+                dtype=dtype,
+                attn_implementation=attn,
             )
         except OSError as exc:
             raise UsageError(
@@ -66,22 +72,42 @@ def hf_config(model_type: str, values: dict[str, Any]) -> Any:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from orchestrator.engine.hf_table import config_keys
-    from orchestrator.recipe.hf_models import check_config
-
     if model_type not in CONFIG_MAPPING:
         raise UsageError(
             f"model.architecture: '{model_type}' is not a model type of transformers "
             f"{transformers.__version__}"
         )
-    cls = CONFIG_MAPPING[model_type]
-    if problems := check_config(cls.__name__, config_keys(cls), values):
-        raise UsageError("; ".join(f"{key}: {message}" for key, message in problems))
+    _check_live(CONFIG_MAPPING[model_type], values)
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
     except Exception as exc:  # strict dataclass validation (a wrong value type) and the like
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        raise UsageError(f"model.config: {' '.join(lines[-2:])}") from None
+        raise _config_error(exc) from None
+
+
+def _override(config: Any, values: dict[str, Any]) -> None:
+    """Set `model.config`'s ``values`` on the saved ``config`` of a pretrained model, each
+    key checked against its live config class first."""
+    _check_live(type(config), values)
+    try:
+        config.update(values)
+    except Exception as exc:  # strict dataclass validation (a value out of range) and the like
+        raise _config_error(exc) from None
+
+
+def _config_error(exc: Exception) -> UsageError:
+    """A transformers config's refusal of a `model.config` value, in one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return UsageError(f"model.config: {' '.join(lines[-2:])}")
+
+
+def _check_live(cls: type, values: dict[str, Any]) -> None:
+    """Raise a UsageError naming every key of ``values`` (`model.config`) that the live
+    config class ``cls`` does not take, or takes with another type."""
+    from orchestrator.engine.hf_table import config_keys
+    from orchestrator.recipe.hf_models import check_config
+
+    if problems := check_config(cls.__name__, config_keys(cls), values):
+        raise UsageError("; ".join(f"{key}: {message}" for key, message in problems))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

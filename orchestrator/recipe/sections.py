@@ -40,7 +40,9 @@ class ModelConfig(Section):
     `kind: builtin` builds Regimen's small classifiers, `architecture: vit | mlp`, sized by
     `config` (see orchestrator/engine/vision.py); its `task` defaults to classification.
     For `hf_config`, `architecture` is any transformers model type with a causal-LM class
-    and `config` is checked against its config class (:mod:`orchestrator.recipe.hf_models`).
+    and `config` is checked against its config class (:mod:`orchestrator.recipe.hf_models`);
+    for `hf_pretrained`, `config` overrides keys of the saved config.json, checked against
+    the config class of its `model_type`.
     """
 
     kind: Literal["hf_config", "hf_pretrained", "factory", "builtin"] = "hf_config"
@@ -53,7 +55,9 @@ class ModelConfig(Section):
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Config fields (hidden_size, num_hidden_layers, ...), checked against the "
-        "architecture's config class: unknown keys and wrong value types are errors.",
+        "architecture's config class: unknown keys and wrong value types are errors. "
+        "kind=hf_pretrained: overrides of the saved config.json (attention_dropout, ...), "
+        "checked against the config class of its model_type.",
     )
     attn_implementation: (
         Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None

@@ -9,13 +9,12 @@ code.
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fresh_python import FreshPythons
 
 PACKAGE = Path(__file__).resolve().parents[2] / "orchestrator"
 
@@ -134,23 +133,31 @@ def test_the_recipe_layer_never_imports_heavy_libraries() -> None:
     assert not heavy, "the recipe layer must stay light (no torch):\n" + "\n".join(heavy)
 
 
-@pytest.mark.parametrize(
-    "package, forbidden",
-    [
-        ("orchestrator.recipe.loader", ("orchestrator.techniques", "orchestrator.engine", *HEAVY)),
-        ("orchestrator.recipe.plan", ("orchestrator.techniques", "orchestrator.engine", "torch")),
-        ("orchestrator.engine.loop", ("orchestrator.control", "orchestrator.cluster", "ray")),
-        ("orchestrator.tracking.sink", ("orchestrator.engine", "orchestrator.control", "torch")),
-    ],
-)
+IMPORTED_ALONE = [
+    ("orchestrator.recipe.loader", ("orchestrator.techniques", "orchestrator.engine", *HEAVY)),
+    ("orchestrator.recipe.plan", ("orchestrator.techniques", "orchestrator.engine", "torch")),
+    ("orchestrator.engine.loop", ("orchestrator.control", "orchestrator.cluster", "ray")),
+    ("orchestrator.tracking.sink", ("orchestrator.engine", "orchestrator.control", "torch")),
+]
+
+
+@pytest.fixture(scope="module")
+def imported_alone() -> Iterator[FreshPythons]:
+    """For each IMPORTED_ALONE package, a fresh interpreter that imports just it and prints
+    its sys.modules (all started at once)."""
+    pythons = FreshPythons()
+    for package, _ in IMPORTED_ALONE:
+        code = f"import json, sys; import {package}; print(json.dumps(sorted(sys.modules)))"
+        pythons.start(package, code)
+    yield pythons
+    pythons.close()
+
+
+@pytest.mark.parametrize("package, forbidden", IMPORTED_ALONE)
 def test_a_package_imported_alone_pulls_in_nothing_above_it(
-    package: str, forbidden: tuple[str, ...]
+    package: str, forbidden: tuple[str, ...], imported_alone: FreshPythons
 ) -> None:
     """Imported first, in a fresh interpreter: what it loads, not what its source says."""
-    code = f"import json, sys; import {package}; print(json.dumps(sorted(sys.modules)))"
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = imported_alone.result(package)
     bad = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert not bad, f"importing {package} alone loaded {bad[:12]}"

@@ -6,35 +6,34 @@ the storage mirror still holds it); the model is in MLflow, linked to the run.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tiny_hf import LOAD_AND_GENERATE, build_tiny_hf
+from tiny_hf import (
+    IDS,
+    build_tiny_hf,
+    fresh_process_load,
+    load_hf,
+    load_logged_model,
+    logits_of,
+    trained,
+)
+from two_ranks import run_two_ranks
 
-from conftest import free_port, tiny_recipe
+from conftest import tiny_recipe
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[3]
-IDS = [5, 17, 42, 99, 200, 3, 256, 7]
 
-_TWO_RANKS = textwrap.dedent(
-    """
-    import json, os, sys
-    import torch, torch.distributed as dist, torch.multiprocessing as mp
+_TWO_RANKS = """
+    import json
+    import torch
     from pathlib import Path
 
-    def worker(rank, port, recipe_file, run_dir, uri, run_id, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-        dist.init_process_group("gloo", rank=rank, world_size=2)
+    def worker(rank, recipe_file, run_dir, uri, run_id, out):
         from orchestrator.engine.trainer import StepHook, Trainer, WorkerContext
         from orchestrator.recipe.loader import load_recipe_text
 
@@ -57,13 +56,7 @@ _TWO_RANKS = textwrap.dedent(
             torch.save(logits, f"{out}/engine_logits.pt")
             Path(f"{out}/summary.json").write_text(json.dumps(summary["export"]))
         dist.barrier()
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        mp.spawn(worker, args=tuple(sys.argv[1:]), nprocs=2)
-        print("ALL OK")
     """
-)
 
 
 def _run(tmp_path: Path, stage: int, storage: str) -> tuple[Any, dict[str, Any], Path]:
@@ -85,28 +78,37 @@ def _run(tmp_path: Path, stage: int, storage: str) -> tuple[Any, dict[str, Any],
     run_id, run_dir = open_job_run(spec)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(spec.recipe_yaml)
-    script, out = tmp_path / "two_ranks.py", tmp_path / "out"
-    script.write_text(_TWO_RANKS)
+    out = tmp_path / "out"
     out.mkdir()
-    args = [str(free_port()), str(recipe_file), str(run_dir), recipe.tracking.uri, run_id, str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "IDS": json.dumps(IDS)}
-    proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
-        env=env, cwd=tmp_path,
+    run_two_ranks(
+        tmp_path / "two_ranks.py", _TWO_RANKS, recipe_file, run_dir, recipe.tracking.uri, run_id,
+        out, env={"IDS": json.dumps(IDS)}, cwd=tmp_path, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0 and "ALL OK" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
     return recipe, {**json.loads((out / "summary.json").read_text()), "run_id": run_id}, out
 
 
-def _fresh_load(path: Path, tmp_path: Path) -> tuple[torch.Tensor, str]:
-    out = tmp_path / f"fresh-{path.name}.pt"
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_GENERATE, str(path), json.dumps(IDS), str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("GENERATED "))
-    return torch.load(out, weights_only=True), json.loads(line.removeprefix("GENERATED "))
+def test_export_loads_in_a_fresh_process_and_generates(tmp_path: Path) -> None:
+    """export_model's directory, loaded in a new interpreter as a user would, holds the
+    exported (trained) weights and generates; its record covers every file."""
+    from orchestrator.engine.checkpoint.io import sha256_file
+    from orchestrator.engine.export import EXPORT_RECORD, export_model
+
+    tiny_dir = build_tiny_hf(tmp_path / "pretrained")
+    model = trained(tiny_dir)
+    out = export_model(model, tmp_path / "export", str(tiny_dir), record={"step": 7})
+    assert out == tmp_path / "export"
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    wanted = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"}
+    assert wanted | {EXPORT_RECORD} <= names
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    assert record["step"] == 7 and set(record["files"]) == names - {EXPORT_RECORD}
+    for rel, want in record["files"].items():
+        assert sha256_file(out / rel) == (want["sha256"], want["bytes"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    logits, text = fresh_process_load(out, tmp_path)
+    assert torch.equal(logits, logits_of(model))  # the trained weights, not the pretrained ones
+    assert not torch.equal(logits, logits_of(load_hf(tiny_dir)))
+    assert text.startswith("def add") and len(text) > len("def add")
 
 
 def _cli(*args: str) -> int:
@@ -133,7 +135,7 @@ def test_two_rank_run_exports_the_trained_model(tmp_path: Path, stage: int) -> N
 
     # the final model, loaded in a fresh process, is the trained engine (fp32, two ranks)
     engine_logits = torch.load(out / "engine_logits.pt", weights_only=True)
-    logits, text = _fresh_load(path, tmp_path)
+    logits, text = fresh_process_load(path, tmp_path)
     torch.testing.assert_close(logits, engine_logits, rtol=0, atol=0)
     assert text.startswith("def add")
     if stage == 1:  # mirrored like checkpoints, its record last
@@ -166,12 +168,7 @@ def test_two_rank_run_exports_the_trained_model(tmp_path: Path, stage: int) -> N
     assert [(o.model_id, o.step) for o in outputs] == [(exported["model_id"], 4)]
     logged = client.get_logged_model(exported["model_id"])
     assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        pipe = mlflow.transformers.load_model(f"models:/{exported['model_id']}")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    pipe = load_logged_model(uri, exported["model_id"])
     pipe.model.eval()
     with torch.no_grad():
         from_mlflow = pipe.model(input_ids=torch.tensor([IDS])).logits

@@ -7,15 +7,12 @@ and SGG on) in processes of its own."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from two_ranks import run_two_ranks
 
 from conftest import tiny_recipe
 from orchestrator.data import BatchSource
@@ -243,18 +240,13 @@ def test_sgg_scales_are_the_same_at_zero_0_and_zero_2_3(stage, tmp_path, gloo_wo
 
 
 _TWO_RANKS = """
-import os, sys, socket
-import torch, torch.distributed as dist, torch.multiprocessing as mp
-sys.path[:0] = [{repo!r}, {tests!r}, {here!r}]
+import torch
 from pathlib import Path
 from test_zero_steps import (Watch, UseSameData, SKIP_AT, check_skip, recipe_for,
                              techniques_for, sgg_scales, snapshot)
 from orchestrator.engine.loop import Trainer, WorkerContext
 
-def worker(r, port, root):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                      WORLD_SIZE="2", LOCAL_RANK=str(r), DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", rank=r, world_size=2)
+def worker(r, root):
     root = Path(root)
     recipe = recipe_for(root, 2, "per_layer", workers=2)
     watch = Watch(SKIP_AT)
@@ -264,16 +256,9 @@ def worker(r, port, root):
     trainer.run()
     check_skip(trainer, watch, None)
     if r == 0:
-        params = {{k: v for k, v in snapshot(trainer).items() if k.startswith("param/")}}
-        torch.save({{"scales": sgg_scales(trainer), "params": params}}, root / "rank0.pt")
-    print(f"rank{{r}} skip ok", flush=True)
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, sys.argv[1]), nprocs=2)
-    print("ALL OK")
+        params = {k: v for k, v in snapshot(trainer).items() if k.startswith("param/")}
+        torch.save({"scales": sgg_scales(trainer), "params": params}, root / "rank0.pt")
+    print(f"rank{r} skip ok", flush=True)
 """
 
 
@@ -281,16 +266,10 @@ def test_two_ranks_zero_2_skip_and_sgg_agree_with_one_rank(tmp_path, gloo_world)
     """ZeRO-2 over two gloo ranks with LISA and SGG: the skip holds on each rank, and with
     the same gradients the SGG factors (clustered on whole layers) and the weights are the
     one-rank run's."""
-    script = tmp_path / "two_ranks.py"
-    here, tests = str(Path(__file__).parent), str(REPO / "tests")
-    script.write_text(textwrap.dedent(_TWO_RANKS.format(repo=str(REPO), tests=tests, here=here)))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "ALL OK" in proc.stdout, out[-4000:]
+    here, tests = Path(__file__).parent, REPO / "tests"
+    out = run_two_ranks(
+        tmp_path / "two_ranks.py", _TWO_RANKS, tmp_path / "two", paths=(tests, here)
+    )
     assert "rank0 skip ok" in out and "rank1 skip ok" in out
     two = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
     recipe = recipe_for(tmp_path, 2, "per_layer")

@@ -4,6 +4,7 @@ report contents, tables, reconcile of a run whose driver process is gone."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port
-from orchestrator.cli import main
+from conftest import cli_exit, free_port
 from orchestrator.tracking.record import DRIVER_PID, driver_tags, log_checkpoints
 from orchestrator.tracking.runs import end_run, log_event, log_summary, open_run
 
@@ -20,10 +20,7 @@ RECIPE = "name: t\noptimizer: {name: adamw, lr: LR}\nschedule: {steps: 12}\n"
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main(["audit", *args])
-    captured = capsys.readouterr()
-    return int(exit_.value.code or 0), captured.out, captured.err
+    return cli_exit(capsys, "audit", *args)
 
 
 def _dead_pid() -> str:
@@ -33,10 +30,11 @@ def _dead_pid() -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def store(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     tmp = tmp_path_factory.mktemp("audit")
+    shutil.copy(mlflow_template_db, tmp / "mlflow.db")  # migrated once per session
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     runs: dict[str, Any] = {"uri": uri, "tmp": tmp}

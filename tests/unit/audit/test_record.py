@@ -17,10 +17,10 @@ from orchestrator.tracking.record import (
 from orchestrator.tracking.runs import open_run
 
 
-def test_worker_record_logs_dataset_ds_config_and_hardware(tmp_path: Path) -> None:
+def test_worker_record_logs_dataset_ds_config_and_hardware(tmp_path: Path, mlflow_uri: str) -> None:
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_uri
     rid = open_run(uri, "e", "r")
     fp = "ab" * 32
     recipe = {"data": {"kind": "stdlib_bytes", "seq_len": 32}, "model": {"kind": "hf_config"}}

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +16,6 @@ from orchestrator.engine.checkpoint import CheckpointStore, atomic_write_bytes, 
 from orchestrator.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def dist_world() -> Iterator[None]:
-    """A one-process gloo group, initialised once per process and never torn down."""
-    import torch.distributed as dist
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-        )
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
 
 
 def make_engine(stage: int = 1, seed: int = 0) -> Any:
@@ -85,7 +61,7 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 @pytest.fixture
-def engine(dist_world: None) -> Any:
+def engine(gloo_world: None) -> Any:
     e = make_engine(stage=1)
     train_step(e, seed=1)
     return e
@@ -133,7 +109,7 @@ def test_manifest_covers_every_file(engine: Any, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_round_trip_restores_weights_and_optimizer(
-    dist_world: None, tmp_path: Path, stage: int
+    gloo_world: None, tmp_path: Path, stage: int
 ) -> None:
     engine = make_engine(stage=stage)
     train_step(engine, seed=1)
@@ -308,7 +284,7 @@ def _records(info: Any) -> dict[str, dict[str, bytes]]:
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_async_save_is_byte_identical_to_sync_and_loads(
-    dist_world: None, tmp_path: Path, stage: int
+    gloo_world: None, tmp_path: Path, stage: int
 ) -> None:
     engine = make_engine(stage=stage)
     train_step(engine, seed=1)

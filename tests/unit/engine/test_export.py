@@ -1,20 +1,17 @@
-"""The model taken home: export_model / export_checkpoint write a Hugging Face directory that
-loads in a fresh process, atomically; ZeRO-3 gathers; the logged model loads from MLflow."""
+"""The model taken home: export_model / export_checkpoint write a Hugging Face directory,
+atomically; ZeRO-3 gathers; the logged model loads from MLflow. (That an export loads in a
+fresh process: tests/integration/engine/test_export_processes.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tiny_hf import LOAD_AND_GENERATE, build_tiny_hf
+from tiny_hf import IDS, build_tiny_hf, load_hf, load_logged_model, logits_of, trained
 
-from orchestrator.engine.checkpoint.io import sha256_file
 from orchestrator.engine.export import (
     EXPORT_RECORD,
     checkpoint_state_dict,
@@ -23,67 +20,10 @@ from orchestrator.engine.export import (
 )
 from orchestrator.errors import CheckpointError
 
-IDS = [5, 17, 42, 99, 200, 3, 256, 7]
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_hf(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def _load(path: Path) -> Any:
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=torch.float32
-    )
-
-
-def _logits(model: Any, ids: list[int] = IDS) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits
-
-
-def _trained(tiny_dir: Path) -> Any:
-    """The tiny model with its weights moved, as if trained (export must carry the change)."""
-    model = _load(tiny_dir)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def fresh_process_load(path: Path, tmp_path: Path) -> tuple[torch.Tensor, str]:
-    """Logits of IDS and a generated text from ``path``, loaded in a new interpreter."""
-    out = tmp_path / f"logits-{path.name}.pt"
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_GENERATE, str(path), json.dumps(IDS), str(out)],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("GENERATED "))
-    return torch.load(out, weights_only=True), json.loads(line.removeprefix("GENERATED "))
-
-
-def test_export_loads_in_a_fresh_process_and_generates(tmp_path: Path, tiny_dir: Path) -> None:
-    model = _trained(tiny_dir)
-    out = export_model(model, tmp_path / "export", str(tiny_dir), record={"step": 7})
-    assert out == tmp_path / "export"
-    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    wanted = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"}
-    assert wanted | {EXPORT_RECORD} <= names
-    record = json.loads((out / EXPORT_RECORD).read_text())
-    assert record["step"] == 7 and set(record["files"]) == names - {EXPORT_RECORD}
-    for rel, want in record["files"].items():
-        assert sha256_file(out / rel) == (want["sha256"], want["bytes"])
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    logits, text = fresh_process_load(out, tmp_path)
-    assert torch.equal(logits, _logits(model))  # the trained weights, not the pretrained ones
-    assert not torch.equal(logits, _logits(_load(tiny_dir)))
-    assert text.startswith("def add") and len(text) > len("def add")
 
 
 def test_a_failed_export_leaves_the_previous_one_whole(
@@ -91,7 +31,7 @@ def test_a_failed_export_leaves_the_previous_one_whole(
 ) -> None:
     import transformers
 
-    out = export_model(_load(tiny_dir), tmp_path / "export", str(tiny_dir), record={"step": 1})
+    out = export_model(load_hf(tiny_dir), tmp_path / "export", str(tiny_dir), record={"step": 1})
     before = (out / EXPORT_RECORD).read_text()
 
     def broken(*args: Any, **kwargs: Any) -> Any:
@@ -99,11 +39,11 @@ def test_a_failed_export_leaves_the_previous_one_whole(
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
     with pytest.raises(OSError, match="disk on fire"):
-        export_model(_trained(tiny_dir), out, str(tiny_dir), record={"step": 2})
+        export_model(trained(tiny_dir), out, str(tiny_dir), record={"step": 2})
     assert (out / EXPORT_RECORD).read_text() == before  # the old export, untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     monkeypatch.undo()
-    export_model(_trained(tiny_dir), out, str(tiny_dir), record={"step": 2})  # replaces it
+    export_model(trained(tiny_dir), out, str(tiny_dir), record={"step": 2})  # replaces it
     assert json.loads((out / EXPORT_RECORD).read_text())["step"] == 2
 
 
@@ -116,7 +56,7 @@ def test_tokenizer_dir_follows_the_model_section(tmp_path: Path) -> None:
 
 
 def test_without_a_tokenizer_the_model_is_exported_alone(tmp_path: Path, tiny_dir: Path) -> None:
-    out = export_model(_load(tiny_dir), tmp_path / "export", None)
+    out = export_model(load_hf(tiny_dir), tmp_path / "export", None)
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
 
 
@@ -129,7 +69,7 @@ def test_zero3_gathers_and_its_checkpoint_consolidates(tmp_path: Path, tiny_dir:
     from conftest import tiny_recipe
     from orchestrator.engine.checkpoint import CheckpointStore
 
-    model = _load(tiny_dir)
+    model = load_hf(tiny_dir)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
@@ -142,10 +82,10 @@ def test_zero3_gathers_and_its_checkpoint_consolidates(tmp_path: Path, tiny_dir:
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
     assert all(p.numel() == 0 for p in engine.module.parameters())  # partitioned away
-    expected = _logits(engine)
+    expected = logits_of(engine)
     live = export_model(engine, tmp_path / "live", str(tiny_dir))
-    assert torch.equal(_logits(_load(live)), expected)
-    assert not torch.equal(_logits(_load(tiny_dir)), expected)  # it trained
+    assert torch.equal(logits_of(load_hf(live)), expected)
+    assert not torch.equal(logits_of(load_hf(tiny_dir)), expected)  # it trained
 
     store = CheckpointStore(tmp_path / "ckpt", keep=0)
     info = store.save(engine, 1, {"step": 1})
@@ -155,7 +95,7 @@ def test_zero3_gathers_and_its_checkpoint_consolidates(tmp_path: Path, tiny_dir:
         tmp_path, replace={"model": {"kind": "hf_pretrained", "path": str(tiny_dir)}}
     )
     out = export_checkpoint(recipe, info, tmp_path / "from-ckpt")
-    assert torch.equal(_logits(_load(out)), expected)
+    assert torch.equal(logits_of(load_hf(out)), expected)
     assert json.loads((out / EXPORT_RECORD).read_text())["step"] == 1
     assert (out / "tokenizer.json").is_file()  # model.path's tokenizer came along
 
@@ -171,14 +111,13 @@ def test_a_checkpoint_without_model_states_is_refused(tmp_path: Path) -> None:
 def test_the_logged_model_loads_back_from_mlflow(
     tmp_path: Path, tiny_dir: Path, mlflow_uri: str
 ) -> None:
-    import mlflow
     from mlflow.entities import LoggedModelStatus
 
     from orchestrator.tracking.client import mlflow_client
     from orchestrator.tracking.model import log_hf_model
     from orchestrator.tracking.runs import open_run
 
-    out = export_model(_trained(tiny_dir), tmp_path / "export", str(tiny_dir))
+    out = export_model(trained(tiny_dir), tmp_path / "export", str(tiny_dir))
     secret = "hunter2-s3cr3t"
     run_id = open_run(
         mlflow_uri, "exp", "tiny", recipe={"tracking": {"password": secret}, "seed": 0}
@@ -191,13 +130,8 @@ def test_the_logged_model_loads_back_from_mlflow(
     outputs = client.get_run(run_id).outputs.model_outputs
     assert [(o.model_id, o.step) for o in outputs] == [(model_id, 4)]
     assert secret not in json.dumps({**logged.params, **logged.tags})
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_uri)
-    try:
-        pipe = mlflow.transformers.load_model(f"models:/{model_id}")
-    finally:
-        mlflow.set_tracking_uri(previous)
-    assert torch.equal(_logits(pipe.model), _logits(_load(out)))
+    pipe = load_logged_model(mlflow_uri, model_id)
+    assert torch.equal(logits_of(pipe.model), logits_of(load_hf(out)))
     text = pipe("def add", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith("def add")
 
@@ -211,11 +145,11 @@ def test_without_a_tokenizer_mlflow_holds_the_directory(
     from orchestrator.tracking.model import log_hf_model
     from orchestrator.tracking.runs import open_run
 
-    out = export_model(_load(tiny_dir), tmp_path / "export", None)
+    out = export_model(load_hf(tiny_dir), tmp_path / "export", None)
     run_id = open_run(mlflow_uri, "exp", "bytes")
     model_id = log_hf_model(mlflow_uri, run_id, out, step=2)
     logged = mlflow_client(mlflow_uri).get_logged_model(model_id)
     where = mlflow.artifacts.download_artifacts(logged.artifact_location, dst_path=tmp_path / "d")
     got = Path(where)
     assert (got / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    assert torch.equal(_logits(_load(got)), _logits(_load(out)))
+    assert torch.equal(logits_of(load_hf(got)), logits_of(load_hf(out)))

@@ -37,6 +37,30 @@ def test_pretrained_loads_a_local_directory(tmp_path):
     assert all(torch.equal(ref[k], p) for k, p in loaded.named_parameters())
 
 
+def test_pretrained_config_overrides_take_effect_and_typos_are_refused(tmp_path):
+    """kind hf_pretrained: model.config overrides keys of the saved config.json, checked
+    against the live config class (also where the recipe check's table does not apply)."""
+    saved = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+    saved.save_pretrained(tmp_path / "m")
+    path = str(tmp_path / "m")
+    loaded = build_model(
+        ModelConfig(kind="hf_pretrained", path=path, config={"attention_dropout": 0.25}), seed=0
+    )
+    assert loaded.config.attention_dropout == 0.25
+    assert loaded.model.layers[0].self_attn.attention_dropout == 0.25  # what forward reads
+    ref = dict(saved.named_parameters())
+    assert all(torch.equal(ref[k], p) for k, p in loaded.named_parameters())  # still loaded
+    with pytest.raises(
+        UsageError,
+        match="model.config.attention_dropuot: unknown key for LlamaConfig; "
+        "did you mean 'attention_dropout'",
+    ):
+        build_model(
+            ModelConfig(kind="hf_pretrained", path=path, config={"attention_dropuot": 0.25}),
+            seed=0,
+        )
+
+
 def test_pretrained_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="model.path"):
         build_model(ModelConfig(kind="hf_pretrained", path=str(tmp_path / "nope")), seed=0)

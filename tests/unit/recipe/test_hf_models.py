@@ -5,12 +5,14 @@ dtype against the rest of the recipe."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from conftest import cli_exit
 from orchestrator.errors import RecipeError
 from orchestrator.recipe import hf_models
 from orchestrator.recipe.hf_models import attention_implementation
@@ -103,15 +105,12 @@ def test_the_issue_example_and_a_wrong_type_are_both_reported_at_their_lines(tmp
 
 
 def test_the_cli_exits_2_on_an_unknown_key(tmp_path, capsys):
-    from orchestrator.cli import main
-
     path = _write(tmp_path, {"architecture": "llama", "config": {"vcoab_size": 256}})
-    with pytest.raises(SystemExit) as exit_:
-        main(["validate", str(path)])
-    assert exit_.value.code == 2
+    code, _, err = cli_exit(capsys, "validate", str(path))
+    assert code == 2
     assert (
         f"{path}:{_line_of(path, 'vcoab_size')}: model.config.vcoab_size: unknown key for "
-        "LlamaConfig; did you mean 'vocab_size'?" in capsys.readouterr().err
+        "LlamaConfig; did you mean 'vocab_size'?" in err
     )
 
 
@@ -218,3 +217,49 @@ def test_lisa_knows_the_default_depth_of_any_architecture(tmp_path):
     path = _write(tmp_path, {"architecture": "qwen3"}, techniques={"lisa": {"gamma": 40}})
     (line,) = _problems(path)
     assert "techniques.lisa.gamma: 40 is more than the model's 32 layers" in line
+
+
+def _saved_model(tmp_path: Path, model_type: str = "llama") -> Path:
+    """A model directory as far as the recipe check reads it: its config.json."""
+    model_dir = tmp_path / "pretrained"
+    model_dir.mkdir(exist_ok=True)
+    saved = {"model_type": model_type, "vocab_size": 300, "hidden_size": 32}
+    (model_dir / "config.json").write_text(json.dumps(saved))
+    return model_dir
+
+
+def test_a_pretrained_models_config_override_typo_is_located(tmp_path, capsys):
+    """kind hf_pretrained: model.config overrides the saved config.json, so its keys are
+    checked against the config class of the saved model_type (gpt2 here, not llama)."""
+    model = {"kind": "hf_pretrained", "path": str(_saved_model(tmp_path, "gpt2")),
+             "config": {"atn_pdrop": 0.2, "resid_pdrop": "0.1"}}  # fmt: skip
+    path = _write(tmp_path, model)
+    line = _line_of(path, "atn_pdrop")
+    expected = [
+        f"{path}:{line}: model.config.atn_pdrop: unknown key for GPT2Config; "
+        "did you mean 'attn_pdrop'?",
+        f"{path}:{line + 1}: model.config.resid_pdrop: GPT2Config expects float or int, got str "
+        "'0.1': give a float",
+    ]
+    assert _problems(path) == expected
+    code, _, err = cli_exit(capsys, "validate", str(path))
+    assert code == 2 and expected[0] in err
+
+
+def test_a_pretrained_models_valid_override_passes(tmp_path):
+    model = {"kind": "hf_pretrained", "path": str(_saved_model(tmp_path)),
+             "config": {"attention_dropout": 0.25, "rope_theta": 500000.0}}  # fmt: skip
+    recipe = load_recipe(_write(tmp_path, model)).recipe
+    assert recipe.model.config == {"attention_dropout": 0.25, "rope_theta": 500000.0}
+
+
+def test_a_pretrained_path_without_a_config_is_left_to_the_path_checks(tmp_path):
+    """No config.json to read (yet): no model type to check against, and no second report
+    of the path (the preflight and the model build name model.path)."""
+    model = {"kind": "hf_pretrained", "path": str(tmp_path / "not-yet"),
+             "config": {"attention_dropuot": 0.25}}  # fmt: skip
+    load_recipe(_write(tmp_path, model))
+    (tmp_path / "not-yet").mkdir()
+    (tmp_path / "not-yet" / "config.json").write_text("{not json")
+    load_recipe(_write(tmp_path, model))
+    assert hf_models.saved_model_type(str(tmp_path / "not-yet")) is None

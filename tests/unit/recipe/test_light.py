@@ -7,14 +7,13 @@ imports torch, the techniques, the engine or the continual package.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from fresh_python import FreshPythons, run_fresh
 
 from orchestrator.recipe.catalog import CATALOG
 from orchestrator.recipe.hf_models import default_layers, model_types
@@ -56,20 +55,6 @@ print(json.dumps(bad))
 """
 
 
-def _python(code: str, *args: str) -> list[str]:
-    """Run ``code`` in a fresh interpreter; its last stdout line parsed as JSON."""
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def every_technique(tmp_path: Path) -> Path:
     """quickstart.yaml with every catalog entry's conformance example turned on."""
     data: dict[str, Any] = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
@@ -95,18 +80,22 @@ def test_every_technique_recipe_turns_every_technique_on(tmp_path: Path) -> None
     assert [e.name for e, _ in enabled(recipe)] == [e.name for e in CATALOG]
 
 
-@pytest.mark.parametrize(
-    "first",
-    [
-        "orchestrator.techniques.registry",
-        "orchestrator.techniques.base",
-        "orchestrator.techniques.continual.technique",
-        "orchestrator.techniques.warmup",
-    ],
-)
-def test_importing_the_training_side_first_changes_nothing(first: str, tmp_path: Path) -> None:
-    """The old schema came out empty when the technique catalog was imported first."""
-    code = f"""
+TRAINING_SIDE = [
+    "orchestrator.techniques.registry",
+    "orchestrator.techniques.base",
+    "orchestrator.techniques.continual.technique",
+    "orchestrator.techniques.warmup",
+]
+
+
+@pytest.fixture(scope="module")
+def training_side_first(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FreshPythons]:
+    """For each TRAINING_SIDE module, a fresh interpreter that imports it first, then loads
+    quickstart.yaml and the every-technique recipe (all started at once)."""
+    every = str(every_technique(tmp_path_factory.mktemp("every")))
+    pythons = FreshPythons()
+    for first in TRAINING_SIDE:
+        code = f"""
 import json, sys
 import {first}
 from orchestrator.recipe.loader import load_recipe
@@ -116,7 +105,17 @@ for path in sys.argv[1:]:
     names.append([e.name for e, _ in enabled(load_recipe(path).recipe)])
 print(json.dumps(names))
 """
-    names = _python(code, str(REPO / "recipes" / "quickstart.yaml"), str(every_technique(tmp_path)))
+        pythons.start(first, code, str(REPO / "recipes" / "quickstart.yaml"), every)
+    yield pythons
+    pythons.close()
+
+
+@pytest.mark.parametrize("first", TRAINING_SIDE)
+def test_importing_the_training_side_first_changes_nothing(
+    first: str, training_side_first: FreshPythons
+) -> None:
+    """The old schema came out empty when the technique catalog was imported first."""
+    names = training_side_first.result(first)
     assert names == [["warmup"], [e.name for e in CATALOG]]
 
 
@@ -127,7 +126,7 @@ def test_recipe_modules_import_no_torch_and_no_worker_side() -> None:
         "for m in pkgutil.walk_packages(pkg.__path__, 'orchestrator.recipe.'):\n"
         "    importlib.import_module(m.name)\n" + _loaded(FORBIDDEN)
     )
-    assert _python(code) == []
+    assert run_fresh(code) == []
 
 
 def test_regimen_validate_and_plan_import_no_torch(tmp_path: Path) -> None:
@@ -146,7 +145,7 @@ def test_regimen_validate_and_plan_import_no_torch(tmp_path: Path) -> None:
     )
     files = [*RECIPE_FILES, every_technique(tmp_path)]
     argv = [f"validate|{p}" for p in files] + [f"plan|{REPO / 'recipes' / 'quickstart.yaml'}"]
-    assert _python(code, *argv) == []
+    assert run_fresh(code, *argv) == []
 
 
 def test_catalog_entries_are_the_schema_sections() -> None:
