@@ -127,14 +127,12 @@ def run(
         raise typer.Exit(1)
 
 
-def _library_log(verbose: bool, command: str, imports: tuple[str, ...] | None = None) -> Any:
+def _library_log(verbose: bool, command: str) -> Any:
     """The libraries' log lines into a capture file (and, ``verbose``, the terminal) while
     ``command`` runs (orchestrator.screen)."""
-    from orchestrator.screen import CONFIGURED_AT_IMPORT, LibraryLog
+    from orchestrator.screen import LibraryLog
 
-    return LibraryLog(
-        verbose=verbose, title=f"regimen {command}", imports=imports or CONFIGURED_AT_IMPORT
-    )
+    return LibraryLog(verbose=verbose, title=f"regimen {command}")
 
 
 def _status_line(r: Any, continues: str | None = None) -> None:
@@ -291,7 +289,7 @@ def export(
     """Write a committed checkpoint of a run as a Hugging Face directory (save_pretrained)."""
     from orchestrator.control.export import export_run
 
-    with _library_log(verbose, "export", imports=("mlflow", "transformers")) as chatter:
+    with _library_log(verbose, "export") as chatter:
         got = export_run(
             run_id, out_dir, tracking_uri=tracking_uri, step=step,
             on_progress=lambda line: err.print(f"export: {line}"),

@@ -59,9 +59,10 @@ LIBRARY_LOGGERS = (
     "filelock",
     "py.warnings",  # warnings.warn, with logging.captureWarnings
 )
-# Libraries that install their own handlers when imported: imported before the takeover,
-# so that a later import does not put a terminal handler back.
-CONFIGURED_AT_IMPORT = ("ray", "mlflow")
+# Libraries that *replace* their loggers' handlers when imported (``logger.handlers = [...]``):
+# imported before the takeover. Those that add one (``addHandler``: Ray, DeepSpeed,
+# transformers) may be imported at any time (see _Routed).
+CONFIGURED_AT_IMPORT = ("mlflow",)
 CAPTURE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -69,6 +70,25 @@ CAPTURE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class _Saved:
     handlers: list[logging.Handler]
     propagate: bool
+
+
+class _Routed(list):  # type: ignore[type-arg]
+    """A taken-over logger's handler list. A handler a library adds while the command
+    runs (``Logger.addHandler`` appends here: DeepSpeed's stdout handler, created on its
+    import, Ray's on its) is held back, not used, unless ``verbose``; it is the
+    library's again once the command ends."""
+
+    def __init__(self, handlers: list[logging.Handler], verbose: bool) -> None:
+        super().__init__(handlers)
+        self.verbose = verbose
+        self.held: list[logging.Handler] = []
+
+    def append(self, handler: logging.Handler) -> None:
+        """Hold a library's new handler back (use it too when verbose)."""
+        self.held.append(handler)
+        if self.verbose:  # the library's own now stands in for the root's
+            self[:] = [h for h in self if not isinstance(h, _TerminalHandler)]
+            super().append(handler)
 
 
 class LibraryLog:
@@ -116,7 +136,7 @@ class LibraryLog:
             handlers: list[logging.Handler] = [self._handler]
             if self.verbose:  # as without Regimen: their own handlers, or the root's
                 handlers += logger.handlers or [_TerminalHandler(self.stream, CAPTURE_FORMAT)]
-            logger.handlers = handlers
+            logger.handlers = _Routed(handlers, self.verbose)
             logger.propagate = False
         logging.captureWarnings(True)
         self._own = _TerminalHandler(self.stream, "warning: %(message)s")
@@ -133,7 +153,8 @@ class LibraryLog:
         logging.captureWarnings(False)
         for logger_name, saved in self._saved.items():
             logger = logging.getLogger(logger_name)
-            logger.handlers, logger.propagate = saved.handlers, saved.propagate
+            held = logger.handlers.held if isinstance(logger.handlers, _Routed) else []
+            logger.handlers, logger.propagate = saved.handlers + held, saved.propagate
         self._saved.clear()
         if self._own is not None:
             logging.getLogger("orchestrator").removeHandler(self._own)
