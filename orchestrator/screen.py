@@ -154,7 +154,9 @@ class LibraryLog:
         for logger_name, saved in self._saved.items():
             logger = logging.getLogger(logger_name)
             held = logger.handlers.held if isinstance(logger.handlers, _Routed) else []
-            logger.handlers, logger.propagate = saved.handlers + held, saved.propagate
+            # a library configured during the command keeps what it set (no propagation)
+            logger.handlers = saved.handlers + held
+            logger.propagate = saved.propagate and not held
         self._saved.clear()
         if self._own is not None:
             logging.getLogger("orchestrator").removeHandler(self._own)

@@ -242,3 +242,32 @@ def test_a_handler_a_library_adds_during_the_command_is_held_back(capsys, verbos
     assert "Setting accelerator" not in shown.err  # verbose: the library's own, not twice
     assert logger.handlers == [*before, added]  # the library's once the command ends
     logger.removeHandler(added)
+
+
+def test_a_sweep_ends_with_its_parent_and_one_line_per_variant(
+    monkeypatch, capsys, recipe, tmp_path
+):
+    dirs = [RunDir(tmp_path / "runs" / r).create() for r in ("r1", "r2")]
+
+    def fake(variants: Any, **_: Any) -> list[JobResult]:
+        _chatter()
+        return [
+            JobResult(
+                variant=f"tiny-{i}",
+                run_id=d.name,
+                status="FINISHED",
+                run_dir=str(d.root),
+                checkpoint=str(d.checkpoints / "step-8"),
+                parent_run_id="p0",
+            )  # fmt: skip
+            for i, d in enumerate(dirs)
+        ]
+
+    monkeypatch.setattr(controller, "run_variants", fake)
+    code, out, err = _main(capsys, "run", recipe, "--json")
+    assert code == 0 and '"parent_run_id": "p0"' in out  # --json: a field added, no more
+    assert "  sweep       parent run p0 (2 variants)\n" in err
+    assert "  compare     regimen audit --compare r1 r2\n" in err
+    assert f"  tiny-0  FINISHED run r1  checkpoint {dirs[0].checkpoints / 'step-8'}\n" in err
+    assert all(RAY_LINE in d.driver_log.read_text() for d in dirs)  # each variant's run dir
+    assert RAY_LINE not in err
