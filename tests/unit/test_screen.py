@@ -259,7 +259,7 @@ def test_a_sweep_ends_with_its_parent_and_one_line_per_variant(
                 run_dir=str(d.root),
                 checkpoint=str(d.checkpoints / "step-8"),
                 parent_run_id="p0",
-            )  # fmt: skip
+            )
             for i, d in enumerate(dirs)
         ]
 
