@@ -35,6 +35,14 @@ OverridesArg = Annotated[
     typer.Argument(help="Overrides such as optimizer.lr=3e-4.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Show Ray's, MLflow's, ... log lines too (always in the run's logs/driver.log).",
+    ),
+]
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Any:
@@ -94,27 +102,66 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address; default: an embedded local Ray.")
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train a recipe (every sweep variant) on Ray; MLflow records everything."""
     from orchestrator.control.controller import run_variants
+    from orchestrator.recipe.jobspec import absolute_tracking_uri
 
     loaded, variants = _load(recipe, overrides)
-    with _Progress(enabled=not as_json and sys.stderr.isatty()) as progress:
-        results = run_variants(
-            variants, recipe_name=loaded.recipe.name, address=address, on_progress=progress.update,
-            max_concurrent=loaded.recipe.sweep.max_concurrent if loaded.recipe.sweep else None,
-        )  # fmt: skip
+    with _library_log(verbose, "run") as chatter:
+        with _Progress(enabled=not as_json and sys.stderr.isatty()) as progress:
+            results = run_variants(
+                variants, recipe_name=loaded.recipe.name, address=address,
+                on_progress=progress.update,
+                max_concurrent=loaded.recipe.sweep.max_concurrent if loaded.recipe.sweep else None,
+            )  # fmt: skip
+        logs = chatter.keep_in(r.run_dir for r in results)
     for r in results:
-        style = "green" if r.status == "FINISHED" else "red"
-        err.print(
-            f"[{style}]{r.status}[/] {r.variant}: steps={r.steps} loss={_fmt(r.final_loss)} "
-            f"rollbacks={r.rollbacks} run={r.run_id}" + (f"\n  error: {r.error}" if r.error else "")
-        )
+        _status_line(r)
+    _closing(results, absolute_tracking_uri(variants[0].recipe.tracking.uri), logs, chatter)
     if as_json:
         summary = results[0].to_json() if len(results) == 1 else _sweep_summary(results)
         print(json.dumps(summary, default=str))
     if any(r.status != "FINISHED" for r in results):
         raise typer.Exit(1)
+
+
+def _library_log(verbose: bool, command: str) -> Any:
+    """The libraries' log lines into a capture file (and, ``verbose``, the terminal) while
+    ``command`` runs (orchestrator.screen)."""
+    from orchestrator.screen import LibraryLog
+
+    return LibraryLog(verbose=verbose, title=f"regimen {command}")
+
+
+def _status_line(r: Any, continues: str | None = None) -> None:
+    style = "green" if r.status == "FINISHED" else "red"
+    err.print(
+        f"[{style}]{r.status}[/] {r.variant}: steps={r.steps} loss={_fmt(r.final_loss)} "
+        f"rollbacks={r.rollbacks} run={r.run_id}"
+        + (f" (continues {continues})" if continues else "")
+        + (f"\n  error: {r.error}" if r.error else ""),
+        soft_wrap=True,
+    )
+
+
+def _closing(results: list[Any], tracking_uri: str, logs: list[Path], chatter: Any) -> None:
+    """The last lines: where to look at what ran (orchestrator.screen.closing_lines)."""
+    import dataclasses
+
+    from orchestrator.recipe.jobspec import absolute_tracking_uri
+    from orchestrator.screen import Job, closing_lines
+
+    by_dir = {str(p.parents[1]): str(p) for p in logs}  # <run dir>/logs/driver.log
+    jobs = [
+        dataclasses.replace(j, logs=[by_dir[j.run_dir]] if j.run_dir in by_dir else [])
+        for j in map(Job.of, results)
+    ]
+    default = absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    leftover = str(chatter.path) if chatter.path and not logs else None
+    for line in closing_lines(jobs, tracking_uri, default_uri=default, log_file=leftover):
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _fmt(value: float | None) -> str:
@@ -130,6 +177,7 @@ def _sweep_summary(results: list[Any]) -> dict[str, Any]:
         "final_loss": None,
         "rollbacks": sum(r.rollbacks for r in results),
         "checkpoint": None,
+        "parent_run_id": next((r.parent_run_id for r in results if r.parent_run_id), None),
         "variants": [r.to_json() for r in results],
     }
 
@@ -175,17 +223,16 @@ TrackingOpt = Annotated[
 
 
 def _continue(
-    run_id: str, tracking_uri: str, as_json: bool, address: str | None, **kw: Any
+    run_id: str, tracking_uri: str, as_json: bool, address: str | None, verbose: bool, **kw: Any
 ) -> None:
     from orchestrator.control.resume import continue_run
+    from orchestrator.recipe.jobspec import absolute_tracking_uri
 
-    r = continue_run(run_id, tracking_uri=tracking_uri, address=address, **kw)
-    style = "green" if r.status == "FINISHED" else "red"
-    err.print(
-        f"[{style}]{r.status}[/] {r.variant}: steps={r.steps} loss={_fmt(r.final_loss)} "
-        f"rollbacks={r.rollbacks} run={r.run_id} (continues {run_id})"
-        + (f"\n  error: {r.error}" if r.error else "")
-    )
+    with _library_log(verbose, "rollback" if kw else "resume") as chatter:
+        r = continue_run(run_id, tracking_uri=tracking_uri, address=address, **kw)
+        logs = chatter.keep_in([r.run_dir])
+    _status_line(r, continues=run_id)
+    _closing([r], absolute_tracking_uri(tracking_uri), logs, chatter)
     if as_json:
         print(json.dumps({**r.to_json(), "parent_run_id": run_id}, default=str))
     if r.status != "FINISHED":
@@ -198,9 +245,10 @@ def resume(
     tracking_uri: TrackingOpt = "sqlite:///mlflow.db",
     as_json: JsonOpt = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Continue a stopped, failed or killed run from its last committed checkpoint (new run)."""
-    _continue(run_id, tracking_uri, as_json, address)
+    _continue(run_id, tracking_uri, as_json, address, verbose)
 
 
 @app.command()
@@ -216,11 +264,12 @@ def rollback(
     tracking_uri: TrackingOpt = "sqlite:///mlflow.db",
     as_json: JsonOpt = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Start a new segment of a run from the checkpoint at or before --to-step."""
     _continue(
-        run_id, tracking_uri, as_json, address, to_step=to_step, skip_batches=skip_batches,
-        lr_scale=lr_scale,
+        run_id, tracking_uri, as_json, address, verbose, to_step=to_step,
+        skip_batches=skip_batches, lr_scale=lr_scale,
     )  # fmt: skip
 
 
@@ -235,15 +284,22 @@ def export(
     ] = None,
     tracking_uri: TrackingOpt = "sqlite:///mlflow.db",
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Write a committed checkpoint of a run as a Hugging Face directory (save_pretrained)."""
     from orchestrator.control.export import export_run
 
-    got = export_run(
-        run_id, out_dir, tracking_uri=tracking_uri, step=step,
-        on_progress=lambda line: err.print(f"export: {line}"),
-    )  # fmt: skip
+    with _library_log(verbose, "export") as chatter:
+        got = export_run(
+            run_id, out_dir, tracking_uri=tracking_uri, step=step,
+            on_progress=lambda line: err.print(f"export: {line}"),
+        )  # fmt: skip
+        logs = chatter.keep_in([got.get("run_dir")])
     err.print(f"[green]exported[/] run {run_id} step {got['step']} to {got['path']}")
+    if logs or chatter.path:
+        err.print(
+            f"  logs        {logs[0] if logs else chatter.path}", markup=False, soft_wrap=True
+        )
     if as_json:
         print(json.dumps(got))
 

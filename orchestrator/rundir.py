@@ -12,6 +12,8 @@ directory, ``<checkpoint.storage or local_dir>/<run id>/``::
     stopped.json               a STOP verdict; a Ray Train restart must not retry it
     segment.json               a manual rollback's skip ranges / LR scale for the workers
     export/                    the final model as a Hugging Face directory (save_pretrained)
+    logs/driver.log            the driver's library log: Ray, MLflow, ... (orchestrator.screen),
+                               one section per command that ran the job (run, resume, ...)
 
 Object storage mirrors ``checkpoints``, ``abandoned`` and ``export`` under the same names.
 Records are written with :func:`atomic_write_json` (temp file, fsync, rename, fsync of the
@@ -38,6 +40,8 @@ SUMMARY = "summary.json"
 STOPPED = "stopped.json"
 SEGMENT = "segment.json"
 EXPORT = "export"
+LOGS = "logs"
+DRIVER_LOG = "driver.log"
 METRICS_SPOOL_SUFFIX = ".metrics.jsonl"  # a metric sink's spool: <run id> + this
 
 
@@ -193,6 +197,17 @@ class RunDir:
         return self.root / EXPORT
 
     @property
+    def logs(self) -> Path:
+        """Log files of the job."""
+        return self.root / LOGS
+
+    @property
+    def driver_log(self) -> Path:
+        """What Ray, MLflow and the other libraries logged on the driver (the terminal
+        shows Regimen's own lines; ``--verbose`` shows these too)."""
+        return self.logs / DRIVER_LOG
+
+    @property
     def faults(self) -> Path:
         """Fault-injection markers (``<fault>.fired``)."""
         return self.root / FAULTS
@@ -248,8 +263,10 @@ class RunDir:
 __all__ = [
     "ABANDONED",
     "CHECKPOINTS",
+    "DRIVER_LOG",
     "EXPORT",
     "FAULTS",
+    "LOGS",
     "METRICS_SPOOL_SUFFIX",
     "RAY",
     "SEGMENT",

@@ -61,10 +61,16 @@ def submit(
         list[str] | None, typer.Option("--pip", help="pip requirement for the job (repeatable).")
     ] = None,
     as_json: JsonOpt = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="The job's `regimen run` shows Ray's, MLflow's, ... lines too."
+        ),
+    ] = False,
 ) -> None:
     """Submit a recipe to a Ray cluster (Ray Jobs); print the job id and the MLflow run."""
     job_id, variants, warnings = jobs.submit(
-        address, recipe, overrides, py_modules=py_module, pip=pip
+        address, recipe, overrides, py_modules=py_module, pip=pip, verbose=verbose
     )
     for w in warnings:
         err.print(f"[yellow]warning:[/] {w}")

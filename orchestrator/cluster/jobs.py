@@ -251,9 +251,14 @@ def submit(
     py_modules: list[str] | None = None,
     pip: list[str] | None = None,
     entrypoint_num_cpus: float = 0.1,
+    verbose: bool = False,
 ) -> tuple[str, Any, list[str]]:
-    """Submit the recipe as a Ray job; returns (job id, variants, warnings)."""
-    shipment, variants, warnings = prepare(recipe_path, overrides, py_modules=py_modules, pip=pip)
+    """Submit the recipe as a Ray job; returns (job id, variants, warnings). ``verbose``:
+    the job's ``regimen run --verbose`` (Ray's and MLflow's lines in the job's log too)."""
+    shipment, variants, warnings = prepare(
+        recipe_path, overrides, py_modules=py_modules, pip=pip,
+        entrypoint_extra="--verbose" if verbose else "",
+    )  # fmt: skip
     c = client(address)
     recipe = variants[0].recipe
     metadata = {

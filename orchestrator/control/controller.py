@@ -43,6 +43,7 @@ class JobResult:
     checkpoint: str | None = None
     run_dir: str | None = None
     error: str | None = None
+    parent_run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -126,7 +127,10 @@ def run_job(
         if job is not None:
             job.stop()
         raise
-    result = JobResult(variant=spec.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir))
+    result = JobResult(
+        variant=spec.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir),
+        parent_run_id=spec.parent_run_id,
+    )  # fmt: skip
     board = ProgressBoard.remote()  # type: ignore[attr-defined]
     config = spec.worker_config(run_dir, new_run_id)
     outcome: dict[str, BaseException | None] = {"error": None}

@@ -28,9 +28,9 @@ def export_run(
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export run ``run_id``'s checkpoint at ``step`` (default: its newest) to ``out_dir``;
-    ``{"run_id", "step", "checkpoint", "path"}``. UsageError (exit 2) for an unknown run, a
-    model that is not a Hugging Face one, no committed checkpoint at ``step``, or an
-    ``out_dir`` that exists and is not an empty directory."""
+    ``{"run_id", "step", "checkpoint", "path", "run_dir"}``. UsageError (exit 2) for an
+    unknown run, a model that is not a Hugging Face one, no committed checkpoint at
+    ``step``, or an ``out_dir`` that exists and is not an empty directory."""
     from orchestrator.control.resume import locate_run
     from orchestrator.engine.checkpoint import CheckpointStore
     from orchestrator.engine.export import HF_KINDS, export_checkpoint, exportable
@@ -60,4 +60,10 @@ def export_run(
     store.verify(info)
     store.scan_pickles(info)
     path = export_checkpoint(found.recipe, info, out, on_progress=say, record={"run_id": run_id})
-    return {"run_id": run_id, "step": info.step, "checkpoint": str(info.path), "path": str(path)}
+    return {
+        "run_id": run_id,
+        "step": info.step,
+        "checkpoint": str(info.path),
+        "path": str(path),
+        "run_dir": str(found.run_dir),
+    }

@@ -34,6 +34,7 @@ RANKS = {
     "errors": 5,  # the one error hierarchy, under everything
     "distributed": 10,
     "rundir": 10,
+    "screen": 65,  # the terminal: library log routing, closing lines (for cli; over rundir)
     "envrefs": 10,  # ${env:NAME} references: resolved by recipe, kept by tracking's redaction
     "factories": 10,
     "": 10,  # orchestrator/__init__.py

@@ -181,3 +181,19 @@ def test_job_listings_on_sqlite_take_turns_and_all_land(mlflow_uri):
             t.join(timeout=120)
     assert listed == [[run.info.run_id]] * 24
     assert watch.calls >= 2 * 24 and 1 < watch.most <= SQLITE_TURNS
+
+
+@pytest.mark.parametrize(("verbose", "tail"), [(False, "--json"), (True, "--json --verbose")])
+def test_submit_verbose_makes_the_jobs_regimen_run_verbose(monkeypatch, verbose, tail):
+    """The job's own `regimen run` is quiet (its log keeps Ray's, MLflow's lines) unless
+    `regimen submit --verbose`."""
+    sent: dict[str, str] = {}
+
+    class FakeClient:
+        def submit_job(self, *, entrypoint: str, **_: object) -> str:
+            sent["entrypoint"] = entrypoint
+            return "job-1"
+
+    monkeypatch.setattr(jobs, "client", lambda address: FakeClient())
+    assert jobs.submit("http://head:8265", TINY, verbose=verbose)[0] == "job-1"
+    assert sent["entrypoint"].endswith(f"regimen run recipe.yaml --address auto {tail}")
