@@ -57,6 +57,20 @@ def world() -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), backend=str(dist.get_backend()))
 
 
+def join_world(backend: str, rank: int, world_size: int, timeout_minutes: float = 30) -> None:
+    """Join the default process group from the ``env://`` rendezvous (``MASTER_ADDR``,
+    ``MASTER_PORT`` set by the launcher); every rank of the world calls this together."""
+    import datetime
+
+    dist.init_process_group(
+        backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
 def forced() -> bool:
     """Whether collectives run even at world size 1 (:func:`force_collectives` or the env)."""
     return _forced_depth > 0 or os.environ.get(FORCE_ENV, "") not in ("", "0")

@@ -197,12 +197,10 @@ class RankWorker:
         """Import the engine and join the group's ``torch.distributed`` world (all ranks
         call this together). The environment comes first: CUDA reads
         ``CUDA_VISIBLE_DEVICES`` once, when something first touches it."""
-        import datetime
         import os
 
         os.environ.update(env)
         import torch
-        import torch.distributed as dist
 
         import orchestrator.engine.loop  # noqa: F401  (DeepSpeed)
 
@@ -214,13 +212,9 @@ class RankWorker:
             import mlflow.tracking  # noqa: F401
         if cuda_index is not None:
             torch.cuda.set_device(cuda_index)
-        dist.init_process_group(
-            backend,
-            init_method="env://",
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            timeout=datetime.timedelta(minutes=30),
-        )
+        from orchestrator.distributed import join_world
+
+        join_world(backend, int(env["RANK"]), int(env["WORLD_SIZE"]))
         self.rank, self.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
 
     def run(self, config: dict[str, Any]) -> dict[str, Any]:
