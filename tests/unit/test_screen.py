@@ -157,6 +157,9 @@ def test_closing_lines_of_one_job_and_of_a_sweep():
 @pytest.fixture
 def recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.chdir(tmp_path)
+    # the closing lines name --tracking-uri unless the store is audit's default; an earlier
+    # test's mlflow.set_tracking_uri may have left MLFLOW_TRACKING_URI set in os.environ
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**TINY_RECIPE, "tracking": {"uri": "sqlite:///mlflow.db"}}))
     return str(path)
