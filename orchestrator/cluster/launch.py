@@ -110,6 +110,14 @@ class ProgressBoard:
         return getattr(self, "summary", None)
 
 
+def worker_node_id(rank: int) -> str:
+    """This worker's name in MLflow's system metrics: its rank and its Ray node (the first
+    8 hex digits of the node id), e.g. ``rank1-1a2b3c4d``."""
+    from orchestrator.tracking.system import node_id_of
+
+    return node_id_of(rank, ray.get_runtime_context().get_node_id()[:8])
+
+
 def _worker_entry(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     import ray.train
@@ -140,6 +148,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
         run_id=config.get("run_id"),
         resume_step=config.get("resume_step"),
         on_progress=report,
+        node_id=worker_node_id(context.get_world_rank()),
     )
     summary = train(recipe, ctx)
     if board is not None and ctx.rank == 0:  # the job's result travels back as a value
