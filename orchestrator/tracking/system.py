@@ -76,12 +76,20 @@ class SystemMetrics:
 
     def stop(self) -> None:
         """Stop sampling, join the monitor's thread, log what it sampled since its last
-        report. Idempotent; never raises."""
+        report. Idempotent; never raises.
+
+        The last samples are logged only when the monitor was still running: one that
+        ended on its own found the run no longer RUNNING or MLflow unreachable, and
+        another call would only wait out the HTTP timeouts at the end of the job."""
         monitor, self.monitor = self.monitor, None
         if monitor is None:
             return
+        thread = getattr(monitor, "_process", None)  # MLflow's sampling thread
+        running = thread is not None and thread.is_alive()
         with contextlib.suppress(Exception):
             monitor.finish()  # joins its thread (it wakes at once) and flushes its batch
+        if not running:
+            return
         with contextlib.suppress(Exception):
             pending = monitor.aggregate_metrics()
             if pending:

@@ -61,3 +61,19 @@ def test_mlflow_info_lines_stay_quiet_and_a_missing_run_never_raises(mlflow_uri:
     time.sleep(0.3)  # its thread finds no such run and ends
     system.stop()
     assert not _monitor_threads()
+
+
+def test_a_monitor_ends_by_itself_with_its_run_and_logs_nothing_after(mlflow_uri: str) -> None:
+    run_id = open_run(mlflow_uri, "system", "ended")
+    client = mlflow.MlflowClient(mlflow_uri)
+    system = SystemMetrics.start(mlflow_uri, run_id, "rank0", interval_s=0.1)
+    assert system is not None
+    time.sleep(0.5)
+    client.set_terminated(run_id, "KILLED")
+    time.sleep(0.5)  # it sees the run ended at its next sample and stops
+    assert not _monitor_threads()
+    key = "system/rank0/cpu_utilization_percentage"
+    logged = len(client.get_metric_history(run_id, key))
+    system.stop()
+    assert len(client.get_metric_history(run_id, key)) == logged
+    assert client.get_run(run_id).info.status == "KILLED"
