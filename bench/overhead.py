@@ -8,9 +8,13 @@ the measured window) under Ray Train. The median step time over steps
 [warm, steps) is compared.
 
     python bench/overhead.py [--steps 120] [--warm 20] [--rounds 3]
+                             [--system-metrics SECONDS] [--arms bare,loop,regimen,system]
 
-Each round runs the three arms one after the other; the figure per arm is the
-median over rounds of its median step time.
+Each round runs the arms one after the other; the figure per arm is the
+median over rounds of its median step time. The `regimen` arm runs with MLflow's system
+metrics off (`tracking.system_metrics=false`); `--system-metrics S` adds the `system` arm,
+`regimen run` with every worker sampling its machine every S seconds, and prints its ratio
+to the `regimen` arm: the per-step cost of system metrics.
 """
 
 from __future__ import annotations
@@ -154,6 +158,18 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the arms")
     parser.add_argument(
+        "--system-metrics",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="add the arm `regimen run` with system metrics sampled every SECONDS",
+    )
+    parser.add_argument(
+        "--arms",
+        default="bare,loop,regimen,system",
+        help="comma-separated arms to run (system only with --system-metrics)",
+    )
+    parser.add_argument(
         "--override",
         action="append",
         default=[],
@@ -169,29 +185,49 @@ def main() -> None:
     recipe["tracking"]["uri"] = f"sqlite:///{workdir}/mlflow.db"
     path = workdir / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    arms: dict[str, list[float]] = {"bare": [], "loop": [], "regimen": []}
-    counts: dict[str, int] = {}
-    for _ in range(args.rounds):  # alternate the arms so drifting machine load hits all three
-        regimen_arm = functools.partial(run_regimen, overrides=tuple(args.override))
-        for name, runner in (("bare", run_bare), ("loop", run_loop), ("regimen", regimen_arm)):
-            times = runner(path, workdir)[args.warm :]
+    off = (*args.override, "tracking.system_metrics=false")
+    on = (
+        *args.override,
+        "tracking.system_metrics=true",
+        f"tracking.system_metrics_interval_s={args.system_metrics}",
+    )
+    runners = {
+        "bare": run_bare,
+        "loop": run_loop,
+        "regimen": functools.partial(run_regimen, overrides=off),
+        "system": functools.partial(run_regimen, overrides=on),
+    }
+    chosen = [a for a in args.arms.split(",") if a != "system" or args.system_metrics]
+    unknown = set(chosen) - set(runners)
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}: choose from {sorted(runners)}")
+    arms: dict[str, list[float]] = {name: [] for name in chosen}
+    counts: dict[str, int] = {name: 0 for name in chosen}
+    for _ in range(args.rounds):  # alternate the arms so drifting machine load hits them all
+        for name in chosen:
+            times = runners[name](path, workdir)[args.warm :]
             arms[name].append(statistics.median(times))
-            counts[name] = counts.get(name, 0) + len(times)
-    b, lo, r = (statistics.median(arms[k]) for k in ("bare", "loop", "regimen"))
-    bare, loop, ours = ([0] * counts[k] for k in ("bare", "loop", "regimen"))
-    print(f"per-round medians (s): {arms}")
+            counts[name] += len(times)
+    med = {name: statistics.median(values) for name, values in arms.items()}
+    base = med.get("bare")
+    labels = {
+        "bare": "bare DeepSpeed (2 ranks, gloo)",
+        "loop": "Regimen loop, no Ray, no MLflow (2 ranks, gloo)",
+        "regimen": f"regimen run (Ray Train, 2 workers, MLflow) {' '.join(args.override)}",
+        "system": f"regimen run + system metrics every {args.system_metrics} s",
+    }
+    print(f"per-round medians (s): {arms}  load average: {os.getloadavg()}")
     print("| runner | median step (ms) | vs bare | steps measured |\n|---|---|---|---|")
-    print(f"| bare DeepSpeed (2 ranks, gloo) | {b * 1e3:.1f} | 1.000 | {len(bare)} |")
-    print(
-        f"| Regimen loop, no Ray, no MLflow (2 ranks, gloo) | {lo * 1e3:.1f} | {lo / b:.3f} "
-        f"| {len(loop)} |"
-    )
-    print(
-        f"| regimen run (Ray Train, 2 workers, MLflow) {' '.join(args.override)} "
-        f"| {r * 1e3:.1f} | {r / b:.3f} "
-        f"| {len(ours)} |"
-    )
-    print(f"\nratio regimen/bare = {r / b:.3f}  (target <= 1.05)")
+    for name in chosen:
+        ratio = f"{med[name] / base:.3f}" if base else "-"
+        print(f"| {labels[name]} | {med[name] * 1e3:.1f} | {ratio} | {counts[name]} |")
+    if base and "regimen" in med:
+        print(f"\nratio regimen/bare = {med['regimen'] / base:.3f}  (target <= 1.05)")
+    if "system" in med and "regimen" in med:
+        print(
+            f"ratio system metrics on/off = {med['system'] / med['regimen']:.3f}  "
+            f"(per-step cost of sampling every {args.system_metrics} s)"
+        )
 
 
 if __name__ == "__main__":

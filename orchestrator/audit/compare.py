@@ -44,10 +44,12 @@ def recipe_diff(recipes: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str,
 
 
 def metric_keys(views: list[RunView], limit: int = 20) -> list[str]:
-    """The metrics to show: summary ones first, then the others any run has (up to ``limit``)."""
+    """The metrics to show: summary ones first, then the others any run has (up to ``limit``);
+    not the spike guard's internals, nor the machines' ``system/…`` metrics (one set per
+    worker: the MLflow UI's System metrics tab shows them)."""
     have = {k for v in views for k in v.metrics}
     first = [k for k in SUMMARY_METRICS if k in have]
-    rest = sorted(k for k in have - set(first) if not k.startswith("spike/"))
+    rest = sorted(k for k in have - set(first) if not k.startswith(("spike/", "system/")))
     return (first + rest)[:limit]
 
 

@@ -112,6 +112,14 @@ class ProgressBoard:
         return getattr(self, "summary", None)
 
 
+def worker_node_id(rank: int) -> str:
+    """This worker's name in MLflow's system metrics: its rank and its Ray node (the first
+    8 hex digits of the node id), e.g. ``rank1-1a2b3c4d``."""
+    from orchestrator.tracking.system import node_id_of
+
+    return node_id_of(rank, ray.get_runtime_context().get_node_id()[:8])
+
+
 def run_rank(config: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """Train one job on this rank (``torch.distributed`` already set up): the one per-rank
     entry of both launchers, a Ray Train worker (:func:`_worker_entry`) and a worker-group
@@ -144,6 +152,7 @@ def run_rank(config: dict[str, Any], rank: int, world_size: int) -> dict[str, An
         run_id=config.get("run_id"),
         resume_step=config.get("resume_step"),
         on_progress=report,
+        node_id=worker_node_id(rank),
     )
     summary = train(recipe, ctx)
     if board is not None and ctx.rank == 0:  # the job's result travels back as a value

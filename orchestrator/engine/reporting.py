@@ -1,9 +1,12 @@
-"""What a job reports: the event log, rank 0's metric sink and lineage segments, the summary.
+"""What a job reports: the event log, rank 0's metric sink and lineage segments, the summary,
+every rank's system metrics.
 
 Every rank keeps the event log (the summary carries it); only rank 0 with a tracking URI
 and a run id streams metrics and events to MLflow, through an async
 :class:`~orchestrator.tracking.sink.MetricSink`. After an in-place rollback the sink
-switches to a new child run (a lineage segment).
+switches to a new child run (a lineage segment). Every rank of a tracked job samples its
+machine into the job's run (``tracking.system_metrics``,
+:mod:`orchestrator.tracking.system`), from :meth:`Reporter.open` to :meth:`Reporter.close`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,22 @@ from orchestrator.rundir import RunDir
 class Reporter:
     """The event log of one rank, and rank 0's MLflow sink for metrics, events and segments."""
 
-    def __init__(self, run_dir: RunDir, rank: int, tracking_uri: str | None, run_id: str | None):
+    def __init__(
+        self,
+        run_dir: RunDir,
+        rank: int,
+        tracking_uri: str | None,
+        run_id: str | None,
+        node_id: str | None = None,
+    ):
         self.run_dir = run_dir
         self.rank = rank
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.node_id = node_id  # this rank's system-metrics name (None: ``rank<R>``)
         self.events: list[dict[str, Any]] = []
         self.sink: Any = None
+        self.system: Any = None  # this rank's SystemMetrics while open
         self.segment_run_id: str | None = run_id
 
     @property
@@ -54,8 +66,10 @@ class Reporter:
             self.sink.flush(timeout_s=timeout_s)
 
     def open(self, recipe: Any, data: Any, engine: Any, world_size: int) -> None:
-        """Rank 0: open the sink, record the worker's facts and the events so far; after a
-        restart, close the segments the dead worker left open."""
+        """Every rank of a tracked job: start its system metrics. Rank 0: open the sink,
+        record the worker's facts and the events so far; after a restart, close the
+        segments the dead worker left open."""
+        self._start_system_metrics(recipe.tracking)
         if not self.tracked:
             return
         from orchestrator.recipe.loader import recipe_dict
@@ -78,6 +92,18 @@ class Reporter:
             with contextlib.suppress(Exception):
                 close_segments(uri, run_id, "KILLED", "worker died; job restarted")
 
+    def _start_system_metrics(self, tracking: Any) -> None:
+        if not (tracking.system_metrics and self.tracking_uri and self.run_id):
+            return
+        from orchestrator.tracking.system import SystemMetrics, node_id_of
+
+        self.system = SystemMetrics.start(
+            self.tracking_uri,
+            self.run_id,  # the job's run, also after a rollback: the machine is the job's
+            self.node_id or node_id_of(self.rank),
+            tracking.system_metrics_interval_s,
+        )
+
     def new_segment(
         self, kind: str, restored_step: int, payload: dict[str, Any], segment: int, rollbacks: int
     ) -> None:
@@ -95,7 +121,11 @@ class Reporter:
         self.sink = MetricSink(self.tracking_uri, self.segment_run_id, spool_dir=self.run_dir.spool)
 
     def close(self, status: str) -> None:
-        """Drain the sink; end the current rollback segment run (the controller ends the job's)."""
+        """Stop this rank's system metrics (its last samples logged); drain the sink; end the
+        current rollback segment run (the controller ends the job's)."""
+        system, self.system = self.system, None
+        if system is not None:
+            system.stop()
         if self.sink is None:
             return
         self.sink.close()

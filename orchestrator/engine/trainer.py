@@ -41,6 +41,7 @@ from orchestrator.engine.recovery import LoopState
 from orchestrator.engine.remote import CheckpointMirror, is_remote, push_export, run_storage_uri
 from orchestrator.engine.replay import replay_step
 from orchestrator.engine.reporting import Reporter
+from orchestrator.engine.steptime import StepClock
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.engine.throughput import Throughput
 from orchestrator.errors import RollbackExhausted, TrackingError
@@ -66,7 +67,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerContext:
-    """Where this job lives and how it reports. Identical on every rank but for ``rank``."""
+    """Where this job lives and how it reports. Identical on every rank but for ``rank`` and
+    ``node_id``."""
 
     run_dir: Path
     rank: int = 0
@@ -76,6 +78,9 @@ class WorkerContext:
     resume_step: int | None = None
     on_progress: Callable[[dict[str, Any]], None] | None = None
     stop_after_steps: int | None = None
+    # this rank's name in MLflow's system metrics (system/<node_id>/...); the launcher
+    # names the rank and its machine, e.g. rank0-1a2b3c4d; None: rank<R>
+    node_id: str | None = None
 
 
 class StepHook:
@@ -158,7 +163,9 @@ class Trainer:
         }
         self.loop = LoopState()
         self.protected_steps: set[int] = set()
-        self.reporter = Reporter(self.rundir, ctx.rank, ctx.tracking_uri, ctx.run_id)
+        self.reporter = Reporter(
+            self.rundir, ctx.rank, ctx.tracking_uri, ctx.run_id, node_id=ctx.node_id
+        )
         self.state = TrainState(
             recipe=recipe,
             total_steps=recipe.schedule.steps,
@@ -172,6 +179,7 @@ class Trainer:
         self.last_decision = Decision()
         self.last_recovery_s = 0.0
         self._prev_start = 0.0
+        self.step_clock = StepClock()  # the time/* split of each logged step
         self._local_loss = float("nan")  # this rank's loss of the step in progress (replay)
 
     @property
@@ -299,6 +307,8 @@ class Trainer:
     def _step(self) -> dict[str, float]:
         state, schedule, techniques = self.state, self.recipe.schedule, self.techniques
         started = time.perf_counter()
+        clock = self.step_clock
+        clock.begin(self.built.engine.device)
         state._begin_step()
         for technique in techniques:
             technique.on_step_begin(state)
@@ -311,13 +321,19 @@ class Trainer:
         engine.train()
         loss_sum = 0.0
         for micro in range(schedule.grad_accumulation):
+            clock.mark()
             batch = _on_device(self.batches.micro_batch_at(self.loop.cursor, micro), engine.device)
             self.throughput.count(batch)
+            clock.lap("data")
             loss = self.task.loss(engine, batch)
+            clock.lap("forward")
             engine.backward(loss)
+            clock.lap("backward")
             loss_sum += float(loss.detach())
             if micro < schedule.grad_accumulation - 1:
+                clock.mark()
                 engine.step()
+                clock.lap("optimizer")
         self._local_loss = loss_sum / schedule.grad_accumulation
         loss_avg = all_reduce_floats([self._local_loss])[0] / self.ctx.world_size
         state._update(loss=loss_avg)
@@ -326,7 +342,9 @@ class Trainer:
         before = self._decide(
             Capability.DECIDES_BEFORE_STEP, [t.on_before_optimizer_step(state) for t in techniques]
         )
+        clock.mark()
         skipped = self.built.gate.engine_step(engine, skip=before.action >= Action.SKIP_STEP)
+        clock.lap("optimizer")
         self.loop.skipped_steps += int(skipped)
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
@@ -347,6 +365,8 @@ class Trainer:
             "skipped": float(skipped),
             **state.metrics,
         }
+        if state.step % schedule.log_every == 0:  # logged: the split (on CUDA, its one wait)
+            metrics.update(clock.metrics())
         view = MappingProxyType(dict(metrics))
         ends = [t.on_step_end(state, view) for t in techniques]
         metrics.update(reduce_metrics(state._take_metrics(), self.ctx.world_size))

@@ -317,6 +317,19 @@ class TrackingConfig(Section):
         description="Record the exported model (`checkpoint.export`) in MLflow as a logged "
         "model of the run (mlflow.transformers flavor), linked to its final metrics.",
     )
+    system_metrics: bool = Field(
+        True,
+        description="Every worker logs MLflow's system metrics into the run: CPU, RAM, disk, "
+        "network and, with `nvidia-ml-py` installed (`pip install regimen[gpu-metrics]`), "
+        "each GPU's utilisation, memory and power; named `system/rank<R>-<node>/<metric>`, "
+        "shown in the MLflow UI's System metrics tab.",
+    )
+    system_metrics_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between system-metric samples on each worker (MLflow's "
+        "`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides it).",
+    )
 
 
 class SweepConfig(Section):

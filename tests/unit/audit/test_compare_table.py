@@ -46,6 +46,12 @@ def test_metrics_side_by_side_summary_first_and_missing_as_none() -> None:
     assert "recipe keys that differ (1)" in text and "1.25" in text
 
 
+def test_the_workers_system_metrics_stay_out_of_the_side_by_side() -> None:
+    machine = {f"system/rank{r}-1a2b3c4d/cpu_utilization_percentage": 50.0 for r in range(30)}
+    a = _v("a", metrics={"final_loss": 1.5, **machine, "tokens_per_s": 9.0, "time/step_s": 0.1})
+    assert list(metrics_side_by_side([a])) == ["final_loss", "time/step_s", "tokens_per_s"]
+
+
 def _experiment() -> list[RunView]:
     def job(rid: str, lr: str, loss: float | None, start: int, **tags: str) -> RunView:
         return _v(
