@@ -97,8 +97,11 @@ def run(
 ) -> None:
     """Train a recipe (every sweep variant) on Ray; MLflow records everything."""
     from orchestrator.control.controller import run_variants
+    from orchestrator.timeline import PROCESS, PROCESS_START, process_start_time
 
+    PROCESS.mark(PROCESS_START, at=process_start_time())
     loaded, variants = _load(recipe, overrides)
+    PROCESS.mark("driver.recipe")
     with _Progress(enabled=not as_json and sys.stderr.isatty()) as progress:
         results = run_variants(
             variants, recipe_name=loaded.recipe.name, address=address, on_progress=progress.update,

@@ -112,6 +112,7 @@ class ProgressBoard:
 
 def _worker_entry(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
+    entered = time.time()  # rank 0's start-up marks travel back in the summary
     import ray.train
 
     from orchestrator.envrefs import resolve_env_refs
@@ -122,6 +123,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     recipe = load_recipe_text(config["recipe_yaml"], name="recipe.yaml")
     _select_accelerator(worker_accelerator(recipe.resources, ray.get_gpu_ids()))
     from orchestrator.engine.loop import WorkerContext, train  # imports DeepSpeed
+
+    marks = {"worker.entry": entered, "worker.imported": time.time()}
 
     board = config.get("progress")
     last = [0.0]
@@ -140,6 +143,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
         run_id=config.get("run_id"),
         resume_step=config.get("resume_step"),
         on_progress=report,
+        marks=marks,
     )
     summary = train(recipe, ctx)
     if board is not None and ctx.rank == 0:  # the job's result travels back as a value

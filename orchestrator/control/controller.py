@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.engine.remote import is_remote, run_storage_uri
 from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.jobspec import JobSpec, absolute_tracking_uri
+from orchestrator.recipe.storage import is_remote
 from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
+from orchestrator.timeline import PROCESS, Timeline, phase_seconds
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -83,6 +84,8 @@ def open_job_run(spec: JobSpec) -> tuple[str, Path]:
     run_dir = RunDir(spec.run_dir(run_id)).create().root
     storage_tags = {"regimen.run_dir": str(run_dir)}
     if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
+        from orchestrator.engine.remote import run_storage_uri  # (imports torch)
+
         storage_tags["regimen.storage_uri"] = run_storage_uri(
             recipe.checkpoint.storage, run_dir.name
         )
@@ -107,8 +110,12 @@ def run_job(
     from orchestrator.tracking.runs import end_run, log_summary
 
     recipe, tracking = spec.recipe, spec.recipe.tracking
+    timeline = Timeline(PROCESS.marks)  # this job's marks (driver and rank 0), from the start
+    timeline.mark("run.begin")
     new_run_id, run_dir = open_job_run(spec)
+    timeline.mark("run.ready")
     result = JobResult(variant=spec.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir))
+    result.extra["startup"] = timeline.marks
     board = ProgressBoard.remote()  # type: ignore[attr-defined]
     trainer = make_trainer(recipe, spec.worker_config(run_dir, new_run_id), progress=board)
     outcome: dict[str, BaseException | None] = {"error": None}
@@ -122,6 +129,7 @@ def run_job(
     worker = threading.Thread(target=fit, name=f"fit-{spec.name}", daemon=True)
     heartbeat = DriverHeartbeat(tracking.uri, [new_run_id]).__enter__()
     try:
+        timeline.mark("workers.begin")
         worker.start()
         while worker.is_alive():
             worker.join(timeout=0.5)
@@ -146,6 +154,7 @@ def run_job(
         return result
     finally:
         heartbeat.__exit__()
+    timeline.mark("fit.done")
     replay_leftover_metrics(tracking.uri, run_dir)
     _fill_from_summary(result, _job_summary(board, run_dir))
     log_checkpoints(tracking.uri, new_run_id, run_dir)
@@ -160,12 +169,15 @@ def run_job(
         }.items()
         if v is not None
     }
+    metrics.update({f"startup/{k}_s": v for k, v in phase_seconds(timeline.marks).items()})
     exported = result.extra.get("export") or {}
     tags = {"regimen.checkpoint": result.checkpoint or ""}
     if exported.get("path"):
         tags["regimen.export"] = exported.get("uri") or exported["path"]
     log_summary(tracking.uri, new_run_id, metrics, tags=tags, model_id=exported.get("model_id"))
     end_run(tracking.uri, new_run_id, "FINISHED")
+    timeline.mark("run.ended")
+    result.extra["startup"] = timeline.to_dict()
     return result
 
 
@@ -218,6 +230,8 @@ def _fill_from_summary(result: JobResult, summary: dict[str, Any] | None) -> Non
     result.rollbacks = int(summary.get("rollbacks") or 0)
     result.checkpoint = summary.get("checkpoint")
     result.extra["skipped_steps"] = summary.get("skipped_steps", 0)
+    if isinstance(result.extra.get("startup"), dict):  # rank 0's marks join the driver's
+        result.extra["startup"].update(summary.get("startup") or {})
     if summary.get("export"):  # the final model: path, uri (mirrored), model_id (MLflow)
         result.extra["export"] = summary["export"]
     if summary.get("eval_accuracy") is not None:
@@ -247,20 +261,28 @@ def run_variants(
     from orchestrator.cluster.fit import check_variants, cluster_nodes, jobs_at_once
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.tracking.record import DriverHeartbeat, driver_tags
-    from orchestrator.tracking.runs import end_run, open_run
+    from orchestrator.tracking.runs import StoreOpening, end_run, open_run
 
     if any(v.recipe.uses_tokenizer for v in variants):
         from orchestrator.data.preflight import check_recipes
 
         check_recipes(v.recipe for v in variants)  # before Ray starts: a bad tokenizer fails fast
-    ensure_ray(address)
+    tracking = variants[0].recipe.tracking
+    tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
+    store = StoreOpening(tracking.uri)  # MLflow's store opens while Ray starts
+    PROCESS.mark("ray.begin")
+    try:
+        ensure_ray(address)
+        PROCESS.mark("ray.ready")
+    finally:
+        store.wait()
+    PROCESS.mark("store.begin", at=store.began_at)
+    PROCESS.mark("store.ready", at=store.ready_at)
     nodes = cluster_nodes()
     check_variants(variants, nodes)
     job_tags = (
         {"regimen.job_id": os.environ["REGIMEN_JOB_ID"]} if "REGIMEN_JOB_ID" in os.environ else {}
     )
-    tracking = variants[0].recipe.tracking
-    tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
 
     def spec_of(variant: Variant, parent_run_id: str | None = None) -> JobSpec:
         return JobSpec.of(variant.name, variant.recipe, parent_run_id=parent_run_id, tags=job_tags)
