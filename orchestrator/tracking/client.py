@@ -90,7 +90,11 @@ def store_template() -> Path:
     """The migrated, empty sqlite store of this MLflow version that new stores copy."""
     import importlib.metadata
 
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "regimen")
+    try:
+        default = Path.home() / ".cache" / "regimen"
+    except RuntimeError:  # no home directory (some containers)
+        default = Path(tempfile.gettempdir()) / "regimen-cache"
+    root = Path(os.environ.get(CACHE_ENV) or default)
     return root / f"mlflow-{importlib.metadata.version('mlflow')}-empty.db"
 
 
