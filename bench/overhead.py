@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -36,59 +35,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _rank_env(rank: int, world: int, port: int) -> None:
-    """The torch.distributed environment of one spawned rank."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK="0",
-    )
-
-
 def bare_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
     """The bare DeepSpeed loop on one rank (no Ray, no Regimen loop)."""
-    _rank_env(rank, world, port)
-    import deepspeed
-    import torch
-    import torch.distributed as dist
+    from bench.bare_deepspeed import bare_train
 
-    from orchestrator.data import BatchSource, build_data
-    from orchestrator.engine.ds_config import build_ds_config
-    from orchestrator.engine.models import build_model
-    from orchestrator.recipe.loader import load_recipe
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    recipe = load_recipe(recipe_path).recipe
-    data = build_data(recipe.data)
-    source = BatchSource(data.train, recipe.seed, recipe.schedule.micro_batch_size, rank, world)
-    model = build_model(recipe.model, recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr, foreach=False)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=build_ds_config(recipe)
-    )
-    times = []
-    cursor = 0
-    for _ in range(recipe.schedule.steps):
-        t0 = time.perf_counter()
-        batch = source.micro_batch_at(cursor, 0)
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        float(loss.detach())
-        cursor += recipe.global_batch_size
-        times.append(time.perf_counter() - t0)
+    times = bare_train(recipe_path, rank, world, port)["step_times"]
     if rank == 0:
         Path(out).write_text(json.dumps(times))
-    dist.destroy_process_group()
 
 
 def loop_worker(rank: int, world: int, port: int, recipe_path: str, out: str) -> None:
     """Regimen's own training loop on one rank, without Ray and without MLflow: the share
     of the overhead that is the loop's (hooks, all-reduced loss and verdicts)."""
-    _rank_env(rank, world, port)
+    from bench.bare_deepspeed import rank_env
+
+    rank_env(rank, world, port)
     import torch.distributed as dist
 
     from orchestrator.engine.loop import StepHook, Trainer, WorkerContext

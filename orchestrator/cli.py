@@ -107,8 +107,11 @@ def run(
     """Train a recipe (every sweep variant) on Ray; MLflow records everything."""
     from orchestrator.control.controller import run_variants
     from orchestrator.recipe.jobspec import absolute_tracking_uri
+    from orchestrator.timeline import PROCESS, PROCESS_START, process_start_time
 
+    PROCESS.mark(PROCESS_START, at=process_start_time())
     loaded, variants = _load(recipe, overrides)
+    PROCESS.mark("driver.recipe")
     with _library_log(verbose, "run") as chatter:
         with _Progress(enabled=not as_json and sys.stderr.isatty()) as progress:
             results = run_variants(

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+# the migrated MLflow store template new stores copy: the session's own, not the user's cache
+os.environ.setdefault("REGIMEN_CACHE_DIR", tempfile.mkdtemp(prefix="regimen-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -127,6 +127,7 @@ def run_rank(config: dict[str, Any], rank: int, world_size: int) -> dict[str, An
 
     ``config`` is :meth:`JobSpec.worker_config` plus ``progress`` (the job's
     :class:`ProgressBoard`, or None)."""
+    entered = time.time()  # rank 0's start-up marks travel back in the summary
     from orchestrator.envrefs import resolve_env_refs
     from orchestrator.recipe.loader import load_recipe_text
 
@@ -134,6 +135,8 @@ def run_rank(config: dict[str, Any], rank: int, world_size: int) -> dict[str, An
     recipe = load_recipe_text(config["recipe_yaml"], name="recipe.yaml")
     _select_accelerator(worker_accelerator(recipe.resources, ray.get_gpu_ids()))
     from orchestrator.engine.loop import WorkerContext, train  # imports DeepSpeed
+
+    marks = {"worker.entry": entered, "worker.imported": time.time()}
 
     board = config.get("progress")
     last = [0.0]
@@ -153,6 +156,7 @@ def run_rank(config: dict[str, Any], rank: int, world_size: int) -> dict[str, An
         resume_step=config.get("resume_step"),
         on_progress=report,
         node_id=worker_node_id(rank),
+        marks=marks,
     )
     summary = train(recipe, ctx)
     if board is not None and ctx.rank == 0:  # the job's result travels back as a value

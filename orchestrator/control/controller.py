@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.engine.remote import is_remote, run_storage_uri
 from orchestrator.errors import RegimenError
 from orchestrator.recipe.expand import Variant
 from orchestrator.recipe.jobspec import JobSpec, absolute_tracking_uri
+from orchestrator.recipe.storage import is_remote
 from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
+from orchestrator.timeline import PROCESS, Timeline, phase_seconds
 
 if TYPE_CHECKING:
     from orchestrator.cluster.workers import WorkerPool
@@ -87,6 +88,8 @@ def open_job_run(spec: JobSpec) -> tuple[str, Path]:
     run_dir = RunDir(spec.run_dir(run_id)).create().root
     storage_tags = {"regimen.run_dir": str(run_dir)}
     if is_remote(recipe.checkpoint.storage):  # where `regimen resume` finds it from anywhere
+        from orchestrator.engine.remote import run_storage_uri  # (imports torch)
+
         storage_tags["regimen.storage_uri"] = run_storage_uri(
             recipe.checkpoint.storage, run_dir.name
         )
@@ -115,10 +118,13 @@ def run_job(
     from orchestrator.tracking.runs import end_run, log_summary
 
     recipe, tracking = spec.recipe, spec.recipe.tracking
+    timeline = Timeline(PROCESS.marks)  # this job's marks (driver and rank 0), from the start
+    timeline.mark("run.begin")
     resources = recipe.resources
     job: WorkerJob | None = None
     if resources.launcher == "workers":
         # the actors start (and import the engine) while the driver opens the MLflow run
+        timeline.mark("workers.begin")
         group = pool.acquire(resources) if pool is not None else WorkerGroup(resources)
         job = WorkerJob(resources, group, new_group=lambda: WorkerGroup(resources))
     try:
@@ -127,10 +133,12 @@ def run_job(
         if job is not None:
             job.stop()
         raise
+    timeline.mark("run.ready")
     result = JobResult(
         variant=spec.name, run_id=new_run_id, status="RUNNING", run_dir=str(run_dir),
         parent_run_id=spec.parent_run_id,
     )  # fmt: skip
+    result.extra["startup"] = timeline.marks
     board = ProgressBoard.remote()  # type: ignore[attr-defined]
     config = spec.worker_config(run_dir, new_run_id)
     outcome: dict[str, BaseException | None] = {"error": None}
@@ -152,6 +160,8 @@ def run_job(
     worker = threading.Thread(target=fit, name=f"fit-{spec.name}", daemon=True)
     heartbeat = DriverHeartbeat(tracking.uri, [new_run_id]).__enter__()
     try:
+        if job is None:  # Ray Train's workers start with the fit
+            timeline.mark("workers.begin")
         worker.start()
         while worker.is_alive():
             worker.join(timeout=0.5)
@@ -179,6 +189,7 @@ def run_job(
         return result
     finally:
         heartbeat.__exit__()
+    timeline.mark("fit.done")
     if job is not None:
         if pool is not None:
             pool.release(job.group)  # warm for the next variant
@@ -200,12 +211,15 @@ def run_job(
         }.items()
         if v is not None
     }
+    metrics.update({f"startup/{k}_s": v for k, v in phase_seconds(timeline.marks).items()})
     exported = result.extra.get("export") or {}
     tags = {"regimen.checkpoint": result.checkpoint or ""}
     if exported.get("path"):
         tags["regimen.export"] = exported.get("uri") or exported["path"]
     log_summary(tracking.uri, new_run_id, metrics, tags=tags, model_id=exported.get("model_id"))
     end_run(tracking.uri, new_run_id, "FINISHED")
+    timeline.mark("run.ended")
+    result.extra["startup"] = timeline.to_dict()
     return result
 
 
@@ -258,6 +272,8 @@ def _fill_from_summary(result: JobResult, summary: dict[str, Any] | None) -> Non
     result.rollbacks = int(summary.get("rollbacks") or 0)
     result.checkpoint = summary.get("checkpoint")
     result.extra["skipped_steps"] = summary.get("skipped_steps", 0)
+    if isinstance(result.extra.get("startup"), dict):  # rank 0's marks join the driver's
+        result.extra["startup"].update(summary.get("startup") or {})
     if summary.get("export"):  # the final model: path, uri (mirrored), model_id (MLflow)
         result.extra["export"] = summary["export"]
     if summary.get("eval_accuracy") is not None:
@@ -292,20 +308,28 @@ def run_variants(
     from orchestrator.cluster.launch import ensure_ray
     from orchestrator.cluster.workers import WorkerPool
     from orchestrator.tracking.record import DriverHeartbeat, driver_tags
-    from orchestrator.tracking.runs import end_run, open_run
+    from orchestrator.tracking.runs import StoreOpening, end_run, open_run
 
     if any(v.recipe.uses_tokenizer for v in variants):
         from orchestrator.data.preflight import check_recipes
 
         check_recipes(v.recipe for v in variants)  # before Ray starts: a bad tokenizer fails fast
-    ensure_ray(address)
+    tracking = variants[0].recipe.tracking
+    tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
+    store = StoreOpening(tracking.uri)  # MLflow's store opens while Ray starts
+    PROCESS.mark("ray.begin")
+    try:
+        ensure_ray(address)
+        PROCESS.mark("ray.ready")
+    finally:
+        store.wait()
+    PROCESS.mark("store.begin", at=store.began_at)
+    PROCESS.mark("store.ready", at=store.ready_at)
     nodes = cluster_nodes()
     check_variants(variants, nodes)
     job_tags = (
         {"regimen.job_id": os.environ["REGIMEN_JOB_ID"]} if "REGIMEN_JOB_ID" in os.environ else {}
     )
-    tracking = variants[0].recipe.tracking
-    tracking = tracking.model_copy(update={"uri": absolute_tracking_uri(tracking.uri)})
 
     def spec_of(variant: Variant, parent_run_id: str | None = None) -> JobSpec:
         return JobSpec.of(variant.name, variant.recipe, parent_run_id=parent_run_id, tags=job_tags)

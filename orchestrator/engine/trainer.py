@@ -19,7 +19,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -61,6 +61,7 @@ from orchestrator.techniques.base import (
     has,
 )
 from orchestrator.techniques.registry import build_techniques
+from orchestrator.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class WorkerContext:
     # this rank's name in MLflow's system metrics (system/<node_id>/...); the launcher
     # names the rank and its machine, e.g. rank0-1a2b3c4d; None: rank<R>
     node_id: str | None = None
+    marks: dict[str, float] = field(default_factory=dict)  # start-up marks taken before
 
 
 class StepHook:
@@ -181,6 +183,7 @@ class Trainer:
         self._prev_start = 0.0
         self.step_clock = StepClock()  # the time/* split of each logged step
         self._local_loss = float("nan")  # this rank's loss of the step in progress (replay)
+        self.timeline = Timeline(ctx.marks)  # where start-up and the end go (summary["startup"])
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -215,6 +218,7 @@ class Trainer:
         )
         self.task = task_for(recipe.model)
         self.model = build_task_model(recipe.model, recipe.seed, attention_implementation(recipe))
+        self.timeline.mark("worker.model")
         self.context = Context(
             recipe=recipe, state=state, model=self.model, task=self.task, data=self.data,
             rank=ctx.rank, world_size=ctx.world_size, engine_of=self._engine,
@@ -234,6 +238,7 @@ class Trainer:
         self.built = initialize_engine(
             self.model, self.techniques, recipe, ctx.rank, ctx.world_size
         )
+        self.timeline.mark("worker.engine")
         self.throughput = Throughput.for_run(
             self.model, self.built.engine.device, recipe.precision, ctx.world_size
         )
@@ -454,6 +459,7 @@ class Trainer:
         try:
             self._build()
             self.reporter.open(self.recipe, self.data, self.built.engine, self.ctx.world_size)
+            self.timeline.mark("worker.tracking")
             summary = self._train()
             status = "FINISHED" if summary["finished"] else "KILLED"
             return summary
@@ -471,6 +477,7 @@ class Trainer:
             finally:
                 self.reporter.close(status)
                 self._close_techniques(raise_errors=status != "FAILED")
+                self.timeline.mark("worker.closed")
 
     def _close_techniques(self, raise_errors: bool) -> None:
         errors: list[Exception] = []
@@ -493,6 +500,8 @@ class Trainer:
         while state.step < recipe.schedule.steps:
             last_metrics = self.run_step()
             steps_this_run += 1
+            if steps_this_run == 1:
+                self.timeline.mark("worker.first_step")
             if self.last_decision.action == Action.ROLLBACK:
                 continue  # already logged at the spike's step; nothing to checkpoint
             due = recipe.schedule.eval_every and state.step % recipe.schedule.eval_every == 0
@@ -509,9 +518,11 @@ class Trainer:
                 self.checkpoint()
             if ctx.stop_after_steps is not None and steps_this_run >= ctx.stop_after_steps:
                 return self._summary(last_metrics, None, finished=False)
+        self.timeline.mark("worker.steps_done")
         # the last step's periodic eval already measured this model: one eval_loss point a step
         eval_loss = self.evaluate() if evaluated_at != state.step else None
         final = self.checkpoint(final=True) if recipe.checkpoint.at_end else None
+        self.timeline.mark("worker.checkpoint")
         state._begin_step()  # what techniques record at the end is logged at the last step
         for technique in self.techniques:
             technique.on_train_end(state)
@@ -520,6 +531,7 @@ class Trainer:
             last_metrics.update(self.eval_results)
             self.reporter.log(state.step, dict(self.eval_results))
         exported = self.export()
+        self.timeline.mark("worker.exported")
         return self._summary(last_metrics, final, finished=True, exported=exported)
 
     def export(self) -> dict[str, Any] | None:
@@ -579,6 +591,7 @@ class Trainer:
             "finished": finished,
             "data_fingerprint": self.data.fingerprint,
             "events": self.events,
+            "startup": self.timeline.marks,  # live: the marks of closing join it
         }
         for technique in self.techniques:
             if has(technique, Capability.SUMMARIZES):

@@ -15,6 +15,7 @@ import json
 import platform
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -187,6 +188,36 @@ def open_run(
             end_run(tracking_uri, run_id, "FAILED", reason=str(exc))
         raise
     return run_id
+
+
+class StoreOpening:
+    """Open this process's client of ``tracking_uri`` in a background thread: import MLflow,
+    and create (seed or migrate) a new sqlite store, while the driver's main thread starts Ray
+    (``ray.init`` must run there: Ray's processes die with the thread that started them).
+    :meth:`wait` joins it and raises what opening raised (a ``TrackingError``)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.error: BaseException | None = None
+        self.began_at = time.time()
+        self.ready_at: float | None = None
+        self._thread = threading.Thread(target=self._open, name="regimen-store", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            with mlflow_errors("open the tracking store", self.tracking_uri):
+                mlflow_client(self.tracking_uri)
+            self.ready_at = time.time()
+        except BaseException as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        """Until the store is open (in short joins: Ctrl-C stays prompt); its error, if any."""
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.2)
+        if self.error is not None:
+            raise self.error
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_RECIPE
+from orchestrator.timeline import PHASES, PROCESS_START, phase_seconds
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +49,9 @@ def _regimen(tmp_path: Path, *args: str, timeout: int = 400) -> subprocess.Compl
 
 def test_run_records_everything_in_mlflow(tmp_path):
     recipe = _write_recipe(tmp_path)
+    launched = time.time()
     proc = _regimen(tmp_path, "run", str(recipe), "--json", "optimizer.lr=0.005")
+    wall = time.time() - launched
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -78,6 +82,28 @@ def test_run_records_everything_in_mlflow(tmp_path):
     assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(exported["model_id"], 16)]
     linked = {m.key for m in client.get_logged_model(exported["model_id"]).metrics or []}
     assert {"final_loss", "final_eval_loss", "steps"} <= linked
+    _check_startup(summary["startup"], wall, run.data.metrics)
+
+
+def _check_startup(marks: dict[str, float], wall: float, metrics: dict[str, float]) -> None:
+    """The driver's and rank 0's start-up marks: every phase present, in order, adding up
+    to about the wall time; their lengths are the run's startup/* metrics."""
+    phases = phase_seconds(marks)
+    assert [label for label, _, _ in PHASES] == list(phases)  # every phase, both processes
+    assert all(seconds >= 0 for seconds in phases.values()), phases
+    # the MLflow store opens while Ray starts; the MLflow run opens while the workers start
+    overlapping = {"mlflow_store", "mlflow_run_open"}
+    serial = [m for label, begin, end in PHASES if label not in overlapping for m in (begin, end)]
+    assert serial == sorted(serial, key=marks.__getitem__)  # one after the other
+    span = marks["run.ended"] - marks[PROCESS_START]
+    assert 0 < wall - span < 15  # what is left: Ray's shutdown and the exit
+    covered = sum(s for label, s in phases.items() if label not in overlapping)
+    assert 0.75 * span <= covered <= span + 0.01, (covered, span, phases)
+    logged = {k: v for k, v in metrics.items() if k.startswith("startup/")}
+    # logged with the summary, before the run ends: all but the last phase
+    expected = {f"startup/{label}_s" for label in phases} - {"startup/end_driver_mlflow_s"}
+    assert logged.keys() == expected
+    assert logged["startup/first_step_s"] == pytest.approx(phases["first_step"], abs=1e-3)
 
 
 def test_bad_recipe_launches_nothing(tmp_path):

@@ -37,6 +37,7 @@ RANKS = {
     "screen": 65,  # the terminal: library log routing, closing lines (for cli; over rundir)
     "envrefs": 10,  # ${env:NAME} references: resolved by recipe, kept by tracking's redaction
     "factories": 10,
+    "timeline": 10,  # wall-clock phase marks (driver and rank 0)
     "": 10,  # orchestrator/__init__.py
 }
 HEAVY = ("torch", "deepspeed", "ray", "mlflow", "transformers", "datasets")
