@@ -67,6 +67,13 @@ def test_interrupt_outside_a_command_exits_130_too(monkeypatch, capsys):
     assert got == 130 and "interrupted" in err
 
 
+def _no_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads other tests left running in this process would (rightly) keep the normal exit."""
+    import threading
+
+    monkeypatch.setattr(threading, "enumerate", lambda: [threading.main_thread()])
+
+
 @pytest.mark.parametrize(("status", "code"), [("FINISHED", 0), ("FAILED", 1)])
 def test_a_ray_jobs_driver_exits_after_its_exit_handlers_without_teardown(
     monkeypatch, capsys, recipe, status, code
@@ -93,6 +100,7 @@ def test_a_ray_jobs_driver_exits_after_its_exit_handlers_without_teardown(
     monkeypatch.setenv("REGIMEN_JOB_ID", "regimen-tiny-0001")
     monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("handlers"))
     monkeypatch.setattr(os, "_exit", fake_exit)
+    _no_other_threads(monkeypatch)
     with pytest.raises(Left):
         main(["run", recipe, "--json"])
     assert calls == ["handlers", f"_exit {code}"]
@@ -144,6 +152,7 @@ def test_the_submit_command_leaves_without_teardown(monkeypatch, capsys, recipe)
     monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("handlers"))
     monkeypatch.setattr(os, "_exit", fake_exit)
     monkeypatch.setattr(sys, "argv", ["regimen", "submit", recipe, "--address", "http://x"])
+    _no_other_threads(monkeypatch)
     with pytest.raises(Left):
         main()
     assert calls == ["handlers", "_exit 0"]
@@ -152,3 +161,27 @@ def test_the_submit_command_leaves_without_teardown(monkeypatch, capsys, recipe)
     with pytest.raises(SystemExit):  # the same command called in process exits normally
         main(["submit", recipe, "--address", "http://x"])
     assert calls == []
+
+
+def test_a_thread_still_running_keeps_the_normal_exit(monkeypatch, capsys, recipe):
+    """os._exit would kill a thread still at work; then the driver exits the normal way."""
+    import atexit
+    import os
+    import threading
+
+    def fake(variants: Any, **_: Any) -> list[JobResult]:
+        return [JobResult(variant=v.name, run_id="r1", status="FINISHED") for v in variants]
+
+    monkeypatch.setattr(controller, "run_variants", fake)
+    monkeypatch.setenv("REGIMEN_JOB_ID", "regimen-tiny-0001")
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: pytest.fail("fast exit taken"))
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("fast exit taken"))
+    release = threading.Event()
+    busy = threading.Thread(target=release.wait, daemon=False)
+    busy.start()
+    try:
+        got, _ = _exit_code(capsys, "run", recipe, "--json")
+    finally:
+        release.set()
+        busy.join()
+    assert got == 0

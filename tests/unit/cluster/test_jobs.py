@@ -261,3 +261,23 @@ def test_one_client_per_dashboard_and_token(no_token, dashboard, monkeypatch):
     with pytest.raises(jobs.ClusterError):
         jobs.client(dashboard)
     assert len(made) == 3
+
+
+def test_the_runtime_env_holds_only_what_the_job_needs(monkeypatch):
+    """Every runtime_env field costs the job's start (a pip/uv/conda field builds an env on
+    each node): a plain recipe ships its staged recipe and four variables, nothing else."""
+    for name in jobs.FORWARDED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    shipment, _, _ = jobs.prepare(TINY)
+    try:
+        env = shipment.runtime_env
+        assert set(env) == {"working_dir", "env_vars"}
+        assert [p.name for p in Path(env["working_dir"]).iterdir()] == ["recipe.yaml"]
+        assert set(env["env_vars"]) == {
+            "REGIMEN_JOB_ID", "RAY_OVERRIDE_JOB_RUNTIME_ENV", "RAY_JOB_STOP_WAIT_TIME_S",
+        }  # fmt: skip
+        assert "exec regimen run recipe.yaml --address auto" in shipment.entrypoint
+    finally:
+        import shutil
+
+        shutil.rmtree(shipment.workdir)
