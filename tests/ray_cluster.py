@@ -33,6 +33,7 @@ class Cluster:
     token: str
     env: dict[str, str]
     root: Path
+    temp_dir: Path  # the cluster's Ray temp dir: session_latest/logs holds its logs
 
 
 def ray_cli(args: list[str], env: dict[str, str], tries: int = 2) -> None:
@@ -126,7 +127,9 @@ def ray_cluster(root: Path, second_node: bool = False, cpus: int = 2) -> Iterato
                 ],
                 env,
             )  # fmt: skip
-        yield Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, env, root)
+        yield Cluster(
+            f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, env, root, temp_dir
+        )
     finally:
         kill_cluster(temp_dir, gcs_port)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -7,6 +7,7 @@ Registered on the main app by :func:`register`. Every command takes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -33,6 +34,11 @@ AddressOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 JobArg = Annotated[str, typer.Argument(help="Job id (as printed by `regimen submit`).")]
+
+
+# --wait looks the job's MLflow runs up at most this often while it streams the log (each
+# look opens the tracking store; on a small machine that competes with the job itself)
+ANNOUNCE_EVERY_S = 3.0
 
 
 class JobFailed(RegimenError):
@@ -84,18 +90,19 @@ def submit(
         else:
             print(job_id)
         return
-    start = time.monotonic()
     shown: set[str] = set()
-    details = None
-    for chunk in jobs.follow(address, job_id):
+    announced = 0.0
+    for chunk in jobs.follow(address, job_id, timeout=timeout):
         sys.stderr.write(chunk)
-        _announce_runs(address, job_id, shown)
-        if timeout is not None and time.monotonic() - start > timeout:
-            break
+        sys.stderr.flush()
+        if time.monotonic() - announced > ANNOUNCE_EVERY_S:
+            with contextlib.suppress(jobs.ClusterError):  # the final report says it again
+                _announce_runs(jobs.mlflow_runs(jobs.info(address, job_id)), shown)
+            announced = time.monotonic()
     details = jobs.wait(address, job_id, timeout=30)
-    _announce_runs(address, job_id, shown)
     state = jobs.status_name(details)
     runs = jobs.mlflow_runs(details)
+    _announce_runs(runs, shown)
     if as_json:
         print(json.dumps({**jobs.job_json(details), "runs": runs}, default=str))
     else:
@@ -105,12 +112,8 @@ def submit(
         raise JobFailed(f"job {job_id} ended {state}: `regimen logs {job_id}` shows why")
 
 
-def _announce_runs(address: str | None, job_id: str, shown: set[str]) -> None:
-    try:
-        details = jobs.info(address, job_id)
-    except Exception:
-        return
-    for r in jobs.mlflow_runs(details):
+def _announce_runs(runs: list[dict[str, Any]], shown: set[str]) -> None:
+    for r in runs:
         if r["run_id"] not in shown:
             shown.add(r["run_id"])
             err.print(f"MLflow run {r['run_id']} ({r['role']}: {r['name']})")

@@ -15,6 +15,7 @@ or ``~/.ray/auth_token``, and is sent as ``Authorization: Bearer <token>``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import secrets
@@ -30,6 +31,7 @@ from orchestrator.errors import RegimenError, UsageError
 
 FORWARDED_ENV = ("REGIMEN_DEBUG", "REGIMEN_WORKER_LOGS")  # never secrets: job env is visible
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+POLL_S = 0.25  # how often `submit --wait` and `logs --follow` read the job's state
 JOB_TAG = "regimen.job_id"
 TOKEN_FIX = (
     "set RAY_AUTH_TOKEN to the cluster's token (on the head node: `cat ~/.ray/auth_token` "
@@ -68,16 +70,28 @@ def _dashboard_url(address: str | None) -> str:
 
 
 def client(address: str | None) -> Any:
-    """A connected ``JobSubmissionClient``; auth and connection failures become ``ClusterError``."""
+    """A connected ``JobSubmissionClient``; auth and connection failures become ``ClusterError``.
+
+    One per dashboard URL and token in a process: making one asks the cluster for its
+    version, and ``submit --wait`` reads the job's state several times a second.
+    """
     from ray.job_submission import JobSubmissionClient
 
     url = _dashboard_url(address)
     token = auth_token()
+    key = (url, token)
+    if key in _CLIENTS:
+        return _CLIENTS[key]
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        return JobSubmissionClient(url, headers=headers)
+        made = JobSubmissionClient(url, headers=headers)
     except Exception as exc:
         raise _cluster_error(exc, url, token) from None
+    _CLIENTS[key] = made
+    return made
+
+
+_CLIENTS: dict[tuple[str, str | None], Any] = {}
 
 
 def _cluster_error(exc: BaseException, url: str, token: str | None) -> ClusterError:
@@ -301,23 +315,68 @@ def logs(address: str | None, job_id: str) -> str:
     return str(_call(client(address), "get_job_logs", job_id))
 
 
-def follow(address: str | None, job_id: str) -> Iterator[str]:
-    """Log chunks as the job writes them, until it ends."""
+def is_over(details: Any) -> bool:
+    """True once Ray reports the job SUCCEEDED, FAILED or STOPPED."""
+    return status_name(details) in TERMINAL
+
+
+def follow(
+    address: str | None, job_id: str, *, poll: float = POLL_S, timeout: float | None = None
+) -> Iterator[str]:
+    """Log chunks as the job writes them, until Ray reports it over (or ``timeout`` s pass).
+
+    Ray's log tail closes its stream only seconds after the job ended (it re-reads the
+    file once a second until it has met its end twice more), so the job's state is read
+    every ``poll`` seconds alongside. Once the job is over, what the tail has not
+    delivered yet is read in one request (the chunks are the log file in order, so it is
+    the log past their length) and the iterator ends.
+    """
     import asyncio
 
     c = client(address)
     _call(c, "get_job_info", job_id)
     agen = c.tail_job_logs(job_id)
     loop = asyncio.new_event_loop()
+    shown = 0  # characters of the log yielded so far
+    pending: Any = None  # the tail's next chunk, being awaited
+    tailing = True
+    checked = time.monotonic()
+    end = None if timeout is None else checked + timeout
     try:
         while True:
-            try:
-                chunk = loop.run_until_complete(agen.__anext__())
-            except StopAsyncIteration:
+            if tailing and pending is None:
+                pending = loop.create_task(agen.__anext__())
+            if pending is not None:
+                loop.run_until_complete(asyncio.wait({pending}, timeout=poll))
+            else:
+                time.sleep(poll)
+            if pending is not None and pending.done():
+                task, pending = pending, None
+                try:
+                    chunk = task.result()
+                except StopAsyncIteration:
+                    return  # Ray closes the tail after the job's end: that was the whole log
+                except Exception:
+                    tailing = False  # a broken stream: keep polling, fetch the log at the end
+                else:
+                    shown += len(chunk)
+                    yield chunk
+                if time.monotonic() - checked < poll:
+                    continue
+            checked = time.monotonic()
+            if is_over(_call(c, "get_job_info", job_id)):
+                rest = str(_call(c, "get_job_logs", job_id))[shown:]
+                if rest:
+                    yield rest
                 return
-            yield chunk
+            if end is not None and checked > end:
+                return
     finally:
-        loop.run_until_complete(agen.aclose())
+        if pending is not None:
+            pending.cancel()
+            loop.run_until_complete(asyncio.gather(pending, return_exceptions=True))
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(agen.aclose())
         loop.close()
 
 
@@ -328,13 +387,15 @@ def stop(address: str | None, job_id: str) -> bool:
     return bool(_call(c, "stop_job", job_id))
 
 
-def wait(address: str | None, job_id: str, timeout: float | None = None, poll: float = 1.0) -> Any:
+def wait(
+    address: str | None, job_id: str, timeout: float | None = None, poll: float = POLL_S
+) -> Any:
     """Poll until the job is terminal (or ``timeout`` seconds pass); returns its details."""
     c = client(address)
     end = None if timeout is None else time.monotonic() + timeout
     while True:
         details = _call(c, "get_job_info", job_id)
-        if str(details.status) in TERMINAL or str(getattr(details.status, "value", "")) in TERMINAL:
+        if is_over(details):
             return details
         if end is not None and time.monotonic() > end:
             return details
@@ -462,6 +523,7 @@ __all__ = [
     "client",
     "follow",
     "info",
+    "is_over",
     "jobs",
     "logs",
     "mlflow_runs",

@@ -79,11 +79,15 @@ def test_submit_wait_logs_status_list(cluster: Cluster) -> None:
     recipe, uri = _write(cluster, "submitted")
     proc = _regimen(cluster, recipe.parent, "submit", str(recipe), "--address", cluster.url,
                     "--wait", "--json", "optimizer.lr=0.004")  # fmt: skip
+    returned = time.time()
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     done = json.loads(proc.stdout.strip().splitlines()[-1])
     job = done["job_id"]
     assert done["status"] == "SUCCEEDED", proc.stderr[-6000:]
+    # --wait notices the end within a poll, not when Ray's log tail closes (4-5 s later)
+    assert returned - done["end_time"] / 1000 < 3.0, (returned, done["end_time"])
+    assert "FINISHED" in proc.stderr  # the job's log arrived whole, up to its last lines
     assert done["metadata"]["regimen.recipe"] == "submitted"
     assert [r["status"] for r in done["runs"]] == ["FINISHED"]
     run = mlflow.MlflowClient(uri).get_run(done["runs"][0]["run_id"])

@@ -65,3 +65,123 @@ def test_interrupt_outside_a_command_exits_130_too(monkeypatch, capsys):
     monkeypatch.setattr(cli, "app", interrupted)
     got, err = _exit_code(capsys, "run", "x.yaml")
     assert got == 130 and "interrupted" in err
+
+
+def _no_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads other tests left running in this process would (rightly) keep the normal exit."""
+    import threading
+
+    monkeypatch.setattr(threading, "enumerate", lambda: [threading.main_thread()])
+
+
+@pytest.mark.parametrize(("status", "code"), [("FINISHED", 0), ("FAILED", 1)])
+def test_a_ray_jobs_driver_exits_after_its_exit_handlers_without_teardown(
+    monkeypatch, capsys, recipe, status, code
+):
+    """In a job from `regimen submit` the process leaves by os._exit once every exit
+    handler ran (the job ends, and `submit --wait` returns, without the 1-2 s teardown of
+    torch and Ray); elsewhere it exits normally (the test above)."""
+    import atexit
+    import os
+
+    calls: list[str] = []
+
+    def fake(variants: Any, **_: Any) -> list[JobResult]:
+        return [JobResult(variant=v.name, run_id="r1", status=status) for v in variants]
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(got: int) -> None:
+        calls.append(f"_exit {got}")
+        raise Left
+
+    monkeypatch.setattr(controller, "run_variants", fake)
+    monkeypatch.setenv("REGIMEN_JOB_ID", "regimen-tiny-0001")
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("handlers"))
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    _no_other_threads(monkeypatch)
+    with pytest.raises(Left):
+        main(["run", recipe, "--json"])
+    assert calls == ["handlers", f"_exit {code}"]
+
+
+def test_a_ray_jobs_driver_runs_its_exit_handlers_and_flushes(tmp_path):
+    """The real thing in a subprocess: piped stdout (buffered) arrives whole, and an exit
+    handler registered by the command still runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+        "from orchestrator.cli import main\n"
+        "main(['schema'])\n"
+    )
+    env = {**os.environ, "REGIMEN_JOB_ID": "regimen-tiny-0001"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "properties" in json.loads(proc.stdout)
+    assert "handler ran" in proc.stderr
+
+
+def test_the_submit_command_leaves_without_teardown(monkeypatch, capsys, recipe):
+    """`regimen submit` (the process's own command line, not an in-process call) also
+    leaves by os._exit after its exit handlers: `--wait` returns 0.6 s sooner."""
+    import atexit
+    import os
+    import sys
+
+    from orchestrator.cluster import jobs
+
+    calls: list[str] = []
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(got: int) -> None:
+        calls.append(f"_exit {got}")
+        raise Left
+
+    monkeypatch.delenv("REGIMEN_JOB_ID", raising=False)
+    monkeypatch.setattr(jobs, "submit", lambda *a, **k: ("job-1", [object()], []))
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("handlers"))
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(sys, "argv", ["regimen", "submit", recipe, "--address", "http://x"])
+    _no_other_threads(monkeypatch)
+    with pytest.raises(Left):
+        main()
+    assert calls == ["handlers", "_exit 0"]
+    assert capsys.readouterr().out.strip() == "job-1"
+    calls.clear()
+    with pytest.raises(SystemExit):  # the same command called in process exits normally
+        main(["submit", recipe, "--address", "http://x"])
+    assert calls == []
+
+
+def test_a_thread_still_running_keeps_the_normal_exit(monkeypatch, capsys, recipe):
+    """os._exit would kill a thread still at work; then the driver exits the normal way."""
+    import atexit
+    import os
+    import threading
+
+    def fake(variants: Any, **_: Any) -> list[JobResult]:
+        return [JobResult(variant=v.name, run_id="r1", status="FINISHED") for v in variants]
+
+    monkeypatch.setattr(controller, "run_variants", fake)
+    monkeypatch.setenv("REGIMEN_JOB_ID", "regimen-tiny-0001")
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: pytest.fail("fast exit taken"))
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("fast exit taken"))
+    release = threading.Event()
+    busy = threading.Thread(target=release.wait, daemon=False)
+    busy.start()
+    try:
+        got, _ = _exit_code(capsys, "run", recipe, "--json")
+    finally:
+        release.set()
+        busy.join()
+    assert got == 0

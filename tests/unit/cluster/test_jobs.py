@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,12 +76,15 @@ def test_factory_code_travels_as_py_modules(tmp_path, monkeypatch):
         jobs.prepare(path)
 
 
+_VERSION = b'{"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}'
+
+
 class _Refuse(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         auth = self.headers.get("Authorization")
         code = 401 if not auth else 403 if auth != "Bearer good" else 200
         body = {401: b"Unauthorized: Missing authentication token",
-                403: b"Forbidden: Invalid authentication token", 200: b"{}"}[code]  # fmt: skip
+                403: b"Forbidden: Invalid authentication token", 200: _VERSION}[code]  # fmt: skip
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -197,3 +200,100 @@ def test_submit_verbose_makes_the_jobs_regimen_run_verbose(monkeypatch, verbose,
     monkeypatch.setattr(jobs, "client", lambda address: FakeClient())
     assert jobs.submit("http://head:8265", TINY, verbose=verbose)[0] == "job-1"
     assert sent["entrypoint"].endswith(f"regimen run recipe.yaml --address auto {tail}")
+
+
+class _StuckTailClient:
+    """A JobSubmissionClient stand-in whose log tail, like Ray's, stays open for seconds
+    after the job ended; the job is over after ``running`` state reads."""
+
+    def __init__(self, running: int, log: str = "line 1\nline 2\nline 3\n") -> None:
+        self.running, self.log, self.reads, self.closed = running, log, 0, False
+
+    def get_job_info(self, job_id: str) -> object:
+        from types import SimpleNamespace
+
+        self.reads += 1
+        return SimpleNamespace(status="RUNNING" if self.reads <= self.running else "SUCCEEDED")
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self.log
+
+    async def tail_job_logs(self, job_id: str) -> AsyncIterator[str]:
+        import asyncio
+
+        try:
+            yield self.log[:7]  # "line 1\n"; the rest is never delivered by the tail
+            await asyncio.sleep(3600)
+        finally:
+            self.closed = True
+
+
+@pytest.mark.timeout(60)  # the old follow waited for the tail: forever here
+def test_follow_ends_when_the_job_does_not_when_the_tail_closes(monkeypatch):
+    """`submit --wait` / `logs --follow` return within a poll of the job's end, with the
+    whole log exactly once, although Ray's tail has not closed (it does seconds later)."""
+    import time
+
+    fake = _StuckTailClient(running=3)
+    monkeypatch.setattr(jobs, "client", lambda address: fake)
+    t0 = time.monotonic()
+    chunks = list(jobs.follow("http://x", "job-1", poll=0.05))
+    assert time.monotonic() - t0 < 1.0
+    assert "".join(chunks) == fake.log and chunks[0] == "line 1\n"
+    assert fake.closed  # the tail's stream was shut, not left behind
+    assert fake.reads == 4  # one check before tailing, then every poll until it ended
+
+
+@pytest.mark.timeout(60)  # the old follow waited for the tail: forever here
+def test_follow_gives_up_after_its_timeout(monkeypatch):
+    import time
+
+    fake = _StuckTailClient(running=10**9)
+    monkeypatch.setattr(jobs, "client", lambda address: fake)
+    t0 = time.monotonic()
+    assert list(jobs.follow("http://x", "job-1", poll=0.05, timeout=0.3)) == ["line 1\n"]
+    assert 0.3 <= time.monotonic() - t0 < 1.5
+
+
+def test_one_client_per_dashboard_and_token(no_token, dashboard, monkeypatch):
+    """Making a client asks the cluster for its version: `--wait` reads the job's state
+    four times a second through one client, not a new one each time."""
+    monkeypatch.setattr(jobs, "_CLIENTS", {})
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "good")
+    made = []
+    real = __import__("ray.job_submission", fromlist=["JobSubmissionClient"])
+
+    class Counting(real.JobSubmissionClient):
+        def __init__(self, *args, **kwargs):
+            made.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(real, "JobSubmissionClient", Counting)
+    assert jobs.client(dashboard) is jobs.client(dashboard + "/")
+    assert len(made) == 1
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "other")
+    with pytest.raises(jobs.ClusterError, match="rejected"):
+        jobs.client(dashboard)  # another token is another client, and a refusal is not kept
+    with pytest.raises(jobs.ClusterError):
+        jobs.client(dashboard)
+    assert len(made) == 3
+
+
+def test_the_runtime_env_holds_only_what_the_job_needs(monkeypatch):
+    """Every runtime_env field costs the job's start (a pip/uv/conda field builds an env on
+    each node): a plain recipe ships its staged recipe and four variables, nothing else."""
+    for name in jobs.FORWARDED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    shipment, _, _ = jobs.prepare(TINY)
+    try:
+        env = shipment.runtime_env
+        assert set(env) == {"working_dir", "env_vars"}
+        assert [p.name for p in Path(env["working_dir"]).iterdir()] == ["recipe.yaml"]
+        assert set(env["env_vars"]) == {
+            "REGIMEN_JOB_ID", "RAY_OVERRIDE_JOB_RUNTIME_ENV", "RAY_JOB_STOP_WAIT_TIME_S",
+        }  # fmt: skip
+        assert "exec regimen run recipe.yaml --address auto" in shipment.entrypoint
+    finally:
+        import shutil
+
+        shutil.rmtree(shipment.workdir)
