@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -81,6 +82,10 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+# a training rank's process: the worker group's actor, or Ray Train's worker
+WORKER_PROCESS = re.compile(r"RankWorker|TrainWorker")
+
+
 def _du(path: Path) -> int:
     """Bytes of the committed checkpoints under ``path`` (a save or delete in progress,
     ``.tmp-*``, is transient and not what retention promises to bound)."""
@@ -102,7 +107,7 @@ def _long_run(tmp_path: Path, steps: int) -> None:
     start = time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - start < 3000:
-            workers = [p for p in _tree(proc.pid) if "TrainWorker" in " ".join(_cmdline(p))]
+            workers = [p for p in _tree(proc.pid) if WORKER_PROCESS.search(" ".join(_cmdline(p)))]
             ckpts = list((tmp_path / "runs").glob("*/checkpoints"))
             dirs = [p for p in ckpts[0].iterdir() if p.name.startswith("step-")] if ckpts else []
             if workers and dirs:  # warm-up ends with the first checkpoint (engine built, ran)

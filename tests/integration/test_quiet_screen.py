@@ -25,7 +25,8 @@ CHATTER = ("INFO worker.py", "Started a local Ray", "mlflow.store", "Token authe
 
 
 def _regimen(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a cache of its own: no migrated store template yet, so MLflow migrates (and says so)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "REGIMEN_CACHE_DIR": str(cwd / "cache")}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
@@ -61,7 +62,8 @@ def test_run_shows_regimen_lines_and_where_to_look_and_verbose_brings_the_chatte
     assert (run_dir / "export/config.json").is_file()
     log = (run_dir / "logs/driver.log").read_text()
     assert log.startswith("=== regimen run (")
-    for pattern in ("Started a local Ray", "Creating initial MLflow database tables", "Token auth"):
+    # (Ray's token warning comes only where it has to set token auth up: not asserted here)
+    for pattern in ("Started a local Ray", "Creating initial MLflow database tables"):
         assert pattern in log, log
 
     proc, screen = _regimen(loud, "run", "tiny.yaml", "--verbose", "--json")
