@@ -356,15 +356,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     if code == 130:
         err.print("interrupted: the MLflow runs still open were marked KILLED")
-    fast = bool(os.environ.get("REGIMEN_JOB_ID")) or (argv is None and sys.argv[1:2] == ["submit"])
+    fast = bool(os.environ.get("REGIMEN_JOB_ID")) or (
+        argv is None and sys.argv[1:2] in ([c] for c in FAST_EXIT_COMMANDS)
+    )
     _finish(code if isinstance(code, int) else 0, fast=fast)
+
+
+# commands whose process leaves without the interpreter's teardown (see _finish)
+FAST_EXIT_COMMANDS = ("submit", "run", "resume", "rollback", "export")
 
 
 def _finish(code: int, *, fast: bool) -> NoReturn:
     """Exit with ``code``; with ``fast``, skip the interpreter's teardown.
 
     ``fast`` is for a Ray job's driver (``REGIMEN_JOB_ID`` is set: a job started by
-    ``regimen submit``) and for the ``regimen submit`` command itself: the process runs
+    ``regimen submit``) and for the commands of :data:`FAST_EXIT_COMMANDS` run as a
+    process: Ray is shut down first, outside its exit handler (which sleeps 0.5 s "for
+    log messages" that ``log_to_driver: False`` never sends), then the process runs
     every exit handler (Ray's shutdown, the metric sink, MLflow, logging), flushes its
     output and leaves. Finalizing the modules of torch, DeepSpeed and Ray takes another
     1-2 s on a small node (0.6 s for the submitting client), and the job counts as ended
@@ -374,6 +382,11 @@ def _finish(code: int, *, fast: bool) -> NoReturn:
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if fast and not any(t.is_alive() and not t.daemon for t in others):
         import atexit
+
+        ray = sys.modules.get("ray")
+        worker_logs = os.environ.get("REGIMEN_WORKER_LOGS", "0") == "1"  # those need the sleep
+        if ray is not None and ray.is_initialized() and not worker_logs:
+            ray.shutdown()
 
         atexit._run_exitfuncs()
         sys.stdout.flush()

@@ -177,6 +177,7 @@ class RankWorker:
         _select_accelerator(worker_accelerator(resources, ray.get_gpu_ids()))
         self.rank = -1
         self.world_size = 0
+        self.jobs_run = 0
 
     def describe(self) -> tuple[str, list[Any], int]:
         """(node id, GPU ids Ray gave this actor, process id)."""
@@ -219,14 +220,14 @@ class RankWorker:
 
     def run(self, config: dict[str, Any]) -> dict[str, Any]:
         """Run one job on this rank: ``launch.run_rank``."""
+        import gc
+
         from orchestrator.cluster.launch import run_rank
 
-        try:
-            return run_rank(config, self.rank, self.world_size)
-        finally:
-            import gc
-
+        if self.jobs_run:  # the last job's engine (released) goes now, not on its way out
             gc.collect()
+        self.jobs_run += 1
+        return run_rank(config, self.rank, self.world_size)
 
     def memory(self) -> int:
         """This process's resident memory in bytes (its peak where psutil is missing)."""

@@ -614,5 +614,4 @@ def train(recipe: Recipe, ctx: WorkerContext) -> dict[str, Any]:
         if built is not None:
             release_engine(built.engine)
             trainer.built = None  # type: ignore[assignment]
-        del trainer
-        gc.collect()
+        del trainer  # collected before this process's next job (RankWorker), not on the way out

@@ -5,6 +5,7 @@ on a CPU-only machine, so every test here is what such a driver sees."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,6 +61,30 @@ def test_ensure_ray_forwards_no_accelerator_from_the_driver(
     launch.ensure_ray(address="ray://head:10001")
     env = seen["runtime_env"]["env_vars"]
     assert "DS_ACCELERATOR" not in env and env["RAY_TRAIN_V2_ENABLED"] == "1"
+
+
+def test_embedded_ray_passes_the_workers_variables_through_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No job-level runtime_env on the embedded Ray (it costs ray.init its agent and keeps
+    the prestarted workers idle): its processes inherit the variables from the driver's
+    environment while ray.init starts them, and the driver's own environment is left as it
+    was; a value the user set wins."""
+    seen: dict[str, Any] = {}
+
+    def init(**kwargs: Any) -> None:
+        seen.update(kwargs, environ=dict(os.environ))
+
+    monkeypatch.setattr(launch.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch.ray, "init", init)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    launch.ensure_ray()
+    assert "runtime_env" not in seen
+    assert seen["environ"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert seen["environ"]["RAY_TRAIN_V2_ENABLED"] == "1"
+    assert seen["environ"]["OMP_NUM_THREADS"] == "3"  # the user's
+    assert "TOKENIZERS_PARALLELISM" not in os.environ and os.environ["OMP_NUM_THREADS"] == "3"
 
 
 def _run_worker_entry(
