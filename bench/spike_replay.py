@@ -28,14 +28,9 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def _recipe(args: argparse.Namespace, root: Path) -> Any:
-    import yaml
+    from bench.quickstart import quickstart_recipe
 
-    from orchestrator.recipe.dotted import deep_merge
-    from orchestrator.recipe.loader import load_recipe_data
-
-    quick = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
-    data = deep_merge(
-        quick,
+    return quickstart_recipe(
         {
             "data": {"seq_len": args.seq_len},
             "schedule": {"steps": args.steps, "eval_every": 0},
@@ -44,9 +39,8 @@ def _recipe(args: argparse.Namespace, root: Path) -> Any:
             "tracking": {"uri": f"sqlite:///{root}/mlflow.db"},
             "stability": {"replay": "always"},
             "techniques": {"fault_injection": {"transient_spike_at_step": args.fault_at}},
-        },
+        }
     )
-    return load_recipe_data(data, "<bench>")
 
 
 def main() -> None:

@@ -32,23 +32,17 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def _recipe(args: argparse.Namespace, root: Path) -> Any:
-    import yaml
+    from bench.quickstart import quickstart_recipe
 
-    from orchestrator.recipe.dotted import deep_merge
-    from orchestrator.recipe.loader import load_recipe_data
-
-    quick = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
-    data = deep_merge(
-        quick,
+    return quickstart_recipe(
         {
             "schedule": {"steps": args.blocks * 2 * args.block, "eval_every": 0, "log_every": 1},
             "checkpoint": {"every": 0, "storage": str(root / "runs"), "at_end": False},
             "resources": {"workers": 1, "threads_per_worker": 1},
             # the bench starts and stops the monitor itself
             "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "system_metrics": False},
-        },
+        }
     )
-    return load_recipe_data(data, "<bench>")
 
 
 def _sample_ms(system: Any, samples: int = 20) -> float:
