@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from orchestrator.rundir import RunDir
 
@@ -255,11 +256,19 @@ class Job:
 
 
 def without_credentials(uri: str) -> str:
-    """``uri`` with any ``user:password@`` removed (it is printed)."""
+    """``uri`` with any ``user:password@`` and any secret-looking query parameter
+    (``password``, ``token``, ``secret``, ``key``, ``auth`` ...) removed: it is printed."""
     parts = urlsplit(uri)
-    if not parts.netloc or "@" not in parts.netloc:
+    netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    query = urlencode(
+        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET.search(k)]
+    )
+    if netloc == parts.netloc and query == parts.query:
         return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+SECRET = re.compile(r"pass|token|secret|key|auth|cred|signature", re.IGNORECASE)
 
 
 def mlflow_view(tracking_uri: str) -> str:

@@ -117,6 +117,16 @@ def test_mlflow_view_for_each_store(tmp_path):
     assert "s3cret" not in audit_command(["r1"], "http://bob:s3cret@h:5000", "sqlite:////d")
 
 
+def test_secrets_in_a_store_uri_query_are_not_printed():
+    """A token or password in the tracking URI's query never reaches the screen; the
+    store's other options stay (the printed command still opens the same store)."""
+    uri = "postgresql://db:5432/ml?sslmode=require&password=s3cret&api_token=t0k"
+    view = mlflow_view(uri)
+    assert "s3cret" not in view and "t0k" not in view and "sslmode=require" in view
+    assert mlflow_view("https://h:5000/?Auth=abc") == "open https://h:5000/"
+    assert "abc" not in audit_command(["r1"], "https://h/?access_key=abc", "sqlite:////d")
+
+
 def test_audit_names_the_store_only_when_it_is_not_the_default():
     assert audit_command(["r1"], "sqlite:////d/mlflow.db", "sqlite:////d/mlflow.db") == (
         "regimen audit r1"
