@@ -57,6 +57,16 @@ def _build_hf(cfg: ModelConfig, attn: str) -> torch.nn.Module:
                 f"model.path: cannot load a pretrained model from '{cfg.path}' ({exc}): "
                 "give a local directory written by save_pretrained"
             ) from None
+        except RuntimeError as exc:
+            if "mismatch" not in str(exc).lower():
+                raise
+            keys = ", ".join(f"model.config.{k}" for k in cfg.config) or "the saved config"
+            raise UsageError(
+                f"{keys}: the override changes the shapes of the weights saved in "
+                f"'{cfg.path}', so they cannot be loaded; a pretrained model takes only "
+                "overrides that keep its shapes (dropout, rope scaling, ...): remove it, or "
+                "train a new model with kind: hf_config"
+            ) from None
         return model
     config = hf_config(cfg.architecture, cfg.config)
     return transformers.AutoModelForCausalLM.from_config(

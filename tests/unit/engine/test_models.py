@@ -61,6 +61,15 @@ def test_pretrained_config_overrides_take_effect_and_typos_are_refused(tmp_path)
         )
 
 
+def test_a_pretrained_override_that_changes_the_weight_shapes_is_a_clear_error(tmp_path):
+    """model.config.hidden_size on a pretrained model cannot load its weights: a UsageError
+    naming the key (exit 2), not transformers' size-mismatch traceback."""
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(tmp_path / "m")
+    wider = {"hidden_size": TINY["hidden_size"] * 2}
+    with pytest.raises(UsageError, match=r"model.config.hidden_size: the override changes"):
+        build_model(ModelConfig(kind="hf_pretrained", path=str(tmp_path / "m"), config=wider), 0)
+
+
 def test_pretrained_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="model.path"):
         build_model(ModelConfig(kind="hf_pretrained", path=str(tmp_path / "nope")), seed=0)
