@@ -107,7 +107,6 @@ def run(
 ) -> None:
     """Train a recipe (every sweep variant) on Ray; MLflow records everything."""
     from orchestrator.control.controller import run_variants
-    from orchestrator.recipe.jobspec import absolute_tracking_uri
     from orchestrator.timeline import PROCESS, PROCESS_START, process_start_time
 
     PROCESS.mark(PROCESS_START, at=process_start_time())
@@ -123,7 +122,7 @@ def run(
         logs = chatter.keep_in(r.run_dir for r in results)
     for r in results:
         _status_line(r)
-    _closing(results, absolute_tracking_uri(variants[0].recipe.tracking.uri), logs, chatter)
+    _closing(results, variants[0].recipe.tracking.uri, logs, chatter)
     if as_json:
         summary = results[0].to_json() if len(results) == 1 else _sweep_summary(results)
         print(json.dumps(summary, default=str))
@@ -151,7 +150,8 @@ def _status_line(r: Any, continues: str | None = None) -> None:
 
 
 def _closing(results: list[Any], tracking_uri: str, logs: list[Path], chatter: Any) -> None:
-    """The last lines: where to look at what ran (orchestrator.screen.closing_lines)."""
+    """The last lines: where to look at what ran in the store ``tracking_uri``
+    (orchestrator.screen.closing_lines)."""
     import dataclasses
 
     from orchestrator.recipe.jobspec import absolute_tracking_uri
@@ -164,7 +164,8 @@ def _closing(results: list[Any], tracking_uri: str, logs: list[Path], chatter: A
     ]
     default = absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     leftover = str(chatter.path) if chatter.path and not logs else None
-    for line in closing_lines(jobs, tracking_uri, default_uri=default, log_file=leftover):
+    uri = absolute_tracking_uri(tracking_uri)
+    for line in closing_lines(jobs, uri, default_uri=default, log_file=leftover):
         err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -230,13 +231,12 @@ def _continue(
     run_id: str, tracking_uri: str, as_json: bool, address: str | None, verbose: bool, **kw: Any
 ) -> None:
     from orchestrator.control.resume import continue_run
-    from orchestrator.recipe.jobspec import absolute_tracking_uri
 
     with _library_log(verbose, "rollback" if kw else "resume") as chatter:
         r = continue_run(run_id, tracking_uri=tracking_uri, address=address, **kw)
         logs = chatter.keep_in([r.run_dir])
     _status_line(r, continues=run_id)
-    _closing([r], absolute_tracking_uri(tracking_uri), logs, chatter)
+    _closing([r], tracking_uri, logs, chatter)
     if as_json:
         print(json.dumps({**r.to_json(), "parent_run_id": run_id}, default=str))
     if r.status != "FINISHED":
@@ -356,9 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     if code == 130:
         err.print("interrupted: the MLflow runs still open were marked KILLED")
-    fast = bool(os.environ.get("REGIMEN_JOB_ID")) or (
-        argv is None and sys.argv[1:2] in ([c] for c in FAST_EXIT_COMMANDS)
-    )
+    command = sys.argv[1] if argv is None and len(sys.argv) > 1 else None
+    fast = bool(os.environ.get("REGIMEN_JOB_ID")) or command in FAST_EXIT_COMMANDS
     _finish(code if isinstance(code, int) else 0, fast=fast)
 
 

@@ -2,14 +2,15 @@
 
 A :class:`WorkerGroup` reserves a placement group (one bundle per rank,
 ``fit.bundle_of``, strategy ``resources.placement``) and starts one actor per bundle.
-Each actor chooses DeepSpeed's accelerator and imports the engine (torch, DeepSpeed,
-transformers) once, in its constructor; the group then sets up ``torch.distributed``
-itself (gloo on the CPU, NCCL on CUDA; rank 0's node IP and a free port there). It runs
+Each actor chooses DeepSpeed's accelerator in its constructor and, in ``setup``, imports
+the engine (torch, DeepSpeed, transformers, MLflow) once and joins the group's
+``torch.distributed`` world (gloo on the CPU, NCCL on CUDA; rank 0's node IP and a free
+port there), in a background start that overlaps the driver opening the MLflow run. It runs
 one job at a time (:meth:`WorkerGroup.run`), every rank calling ``launch.run_rank``,
 the same per-rank entry as the Ray Train launcher.
 
 A group that saw a failure (a rank raised, an actor died) is torn down, never reused: a
-gloo group with a collective in flight is broken. :func:`run_on_workers` applies the
+gloo group with a collective in flight is broken. :class:`WorkerJob` applies the
 failure policy (:class:`FailurePolicy`, a decision per failure, as Ray Train v2 does):
 while ``resources.max_restarts`` allows, a fresh group reruns the job, whose loop resumes
 from the run directory's latest complete checkpoint. A :class:`WorkerPool` keeps groups
