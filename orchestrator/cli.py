@@ -370,8 +370,9 @@ def _finish(code: int, *, fast: bool) -> NoReturn:
 
     ``fast`` is for a Ray job's driver (``REGIMEN_JOB_ID`` is set: a job started by
     ``regimen submit``) and for the commands of :data:`FAST_EXIT_COMMANDS` run as a
-    process: Ray is shut down first, outside its exit handler (which sleeps 0.5 s "for
-    log messages" that ``log_to_driver: False`` never sends), then the process runs
+    process: Ray is shut down first (:func:`~orchestrator.cluster.launch.stop_ray`),
+    outside its exit handler (which sleeps 0.5 s "for log messages" that
+    ``log_to_driver: False`` never sends), then the process runs
     every exit handler (Ray's shutdown, the metric sink, MLflow, logging), flushes its
     output and leaves. Finalizing the modules of torch, DeepSpeed and Ray takes another
     1-2 s on a small node (0.6 s for the submitting client), and the job counts as ended
@@ -382,10 +383,11 @@ def _finish(code: int, *, fast: bool) -> NoReturn:
     if fast and not any(t.is_alive() and not t.daemon for t in others):
         import atexit
 
-        ray = sys.modules.get("ray")
         worker_logs = os.environ.get("REGIMEN_WORKER_LOGS", "0") == "1"  # those need the sleep
-        if ray is not None and ray.is_initialized() and not worker_logs:
-            ray.shutdown()
+        if "ray" in sys.modules and not worker_logs:
+            from orchestrator.cluster.launch import stop_ray
+
+            stop_ray()
 
         atexit._run_exitfuncs()
         sys.stdout.flush()

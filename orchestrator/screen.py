@@ -23,8 +23,6 @@ log file).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import logging
 import os
 import re
@@ -60,10 +58,14 @@ LIBRARY_LOGGERS = (
     "filelock",
     "py.warnings",  # warnings.warn, with logging.captureWarnings
 )
-# Libraries that *replace* their loggers' handlers when imported (``logger.handlers = [...]``):
-# imported before the takeover. Those that add one (``addHandler``: Ray, DeepSpeed,
-# transformers) may be imported at any time (see _Routed).
-CONFIGURED_AT_IMPORT = ("mlflow",)
+# MLflow *replaces* its loggers' handlers when imported (``logger.handlers = [...]``), which
+# would undo a takeover. While a command runs, an MLflow not imported yet is told not to
+# (MLFLOW_CONFIGURE_LOGGING=false), so it can be imported later, off the critical path (the
+# store opens in a thread while Ray starts: importing it first cost the driver 0.9 s), and
+# its levels are set here instead, as MLflow sets them. Libraries that add a handler
+# (``addHandler``: Ray, DeepSpeed, transformers) may be imported at any time (see _Routed).
+MLFLOW_CONFIGURE = "MLFLOW_CONFIGURE_LOGGING"
+MLFLOW_LEVELS = {"sqlalchemy.engine": "WARNING", "alembic": "WARNING", "huey": "WARNING"}
 CAPTURE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -95,9 +97,8 @@ class _Routed(list):  # type: ignore[type-arg]
 class LibraryLog:
     """Route the libraries' log records into a capture file for one command (a context
     manager); with ``verbose`` they reach the terminal too. ``stream`` is where Regimen's
-    own warnings go (default: ``sys.stderr`` when each is written). ``imports`` are the
-    modules to import first, because they configure their loggers at import; ``title``
-    heads the section :meth:`keep_in` writes.
+    own warnings go (default: ``sys.stderr`` when each is written); ``title`` heads the
+    section :meth:`keep_in` writes.
 
     On leaving, the capture file is deleted once kept in a run directory (or when empty);
     otherwise it stays where :attr:`path` says, and a command that failed says so on the
@@ -108,25 +109,30 @@ class LibraryLog:
         *,
         verbose: bool = False,
         stream: IO[str] | None = None,
-        imports: Sequence[str] = CONFIGURED_AT_IMPORT,
         loggers: Sequence[str] = LIBRARY_LOGGERS,
         title: str = "regimen",
     ) -> None:
         self.verbose = verbose
         self.title = title
         self.stream = stream
-        self.imports = tuple(imports)
         self.loggers = tuple(loggers)
         self.path: Path | None = None
         self.kept: list[Path] = []
         self._saved: dict[str, _Saved] = {}
+        self._levels: dict[str, int] = {}
+        self._configure_set = False
         self._handler: logging.Handler | None = None
         self._own: logging.Handler | None = None
 
     def __enter__(self) -> LibraryLog:
-        for name in self.imports:
-            with contextlib.suppress(ImportError):  # not installed: nothing of it to route
-                importlib.import_module(name)
+        if "mlflow" not in sys.modules and MLFLOW_CONFIGURE not in os.environ:
+            os.environ[MLFLOW_CONFIGURE] = "false"
+            self._configure_set = True
+            mlflow_level = os.environ.get("MLFLOW_LOGGING_LEVEL", "INFO").upper()
+            for name, level in {"mlflow": mlflow_level, **MLFLOW_LEVELS}.items():
+                logger = logging.getLogger(name)
+                self._levels[name] = logger.level
+                logger.setLevel(level)
         fd, name = tempfile.mkstemp(prefix="regimen-driver-", suffix=".log")
         os.close(fd)
         self.path = Path(name)
@@ -159,6 +165,12 @@ class LibraryLog:
             logger.handlers = saved.handlers + held
             logger.propagate = saved.propagate and not held
         self._saved.clear()
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._levels.clear()
+        if self._configure_set:
+            os.environ.pop(MLFLOW_CONFIGURE, None)
+            self._configure_set = False
         if self._own is not None:
             logging.getLogger("orchestrator").removeHandler(self._own)
         if self._handler is not None:
@@ -341,8 +353,8 @@ def _paths(job: Job, indent: str) -> list[str]:
 
 __all__ = [
     "CAPTURE_FORMAT",
-    "CONFIGURED_AT_IMPORT",
     "LIBRARY_LOGGERS",
+    "MLFLOW_CONFIGURE",
     "Job",
     "LibraryLog",
     "audit_command",

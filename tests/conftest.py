@@ -215,10 +215,8 @@ def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One embedded local Ray for the whole session (starting Ray costs seconds)."""
-    import ray
-
-    from orchestrator.cluster.launch import ensure_ray
+    from orchestrator.cluster.launch import ensure_ray, stop_ray
 
     ensure_ray(num_cpus=2)
     yield
-    ray.shutdown()
+    stop_ray()

@@ -284,3 +284,37 @@ def test_a_sweep_ends_with_its_parent_and_one_line_per_variant(
     assert f"  tiny-0  FINISHED run r1  checkpoint {dirs[0].checkpoints / 'step-8'}\n" in err
     assert all(RAY_LINE in d.driver_log.read_text() for d in dirs)  # each variant's run dir
     assert RAY_LINE not in err
+
+
+MLFLOW_IMPORTED_MID_COMMAND = """
+import json, logging, os, sys, tempfile
+from pathlib import Path
+terminal = tempfile.TemporaryFile("w+")
+os.dup2(terminal.fileno(), 2)  # the terminal: this process's stderr
+from orchestrator.screen import LibraryLog
+assert "mlflow" not in sys.modules
+with LibraryLog(verbose=sys.argv[1] == "verbose") as log:
+    import mlflow  # as the store-opening thread does, after the takeover
+    logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    logging.getLogger("alembic.runtime.migration").info("alembic info stays below its level")
+    captured = Path(str(log.path)).read_text()
+    told = os.environ.get("MLFLOW_CONFIGURE_LOGGING")
+sys.stderr.flush()
+terminal.seek(0)
+print(json.dumps({"captured": captured, "terminal": terminal.read(), "told": told,
+                  "after": os.environ.get("MLFLOW_CONFIGURE_LOGGING")}))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_mlflow_imported_during_the_command_is_routed_too(verbose):
+    """MLflow sets its loggers' handlers at import; imported after the takeover (off the
+    driver's critical path), it is told not to, and its lines are still routed, at its
+    own levels (INFO for mlflow, WARNING for alembic)."""
+    from fresh_python import run_fresh
+
+    out = run_fresh(MLFLOW_IMPORTED_MID_COMMAND, "verbose" if verbose else "quiet")
+    assert out["told"] == "false" and out["after"] is None  # only while the command runs
+    assert MLFLOW_LINE in out["captured"] and "alembic info" not in out["captured"]
+    assert (MLFLOW_LINE in out["terminal"]) is verbose
+    assert "alembic info" not in out["terminal"]

@@ -170,3 +170,39 @@ def test_submit_ships_no_accelerator_from_the_submitting_machine(
         shutil.rmtree(shipment.workdir)
     with pytest.raises(UsageError, match="each worker chooses its accelerator"):
         jobs.prepare(TINY, [], env={"DS_ACCELERATOR": "cpu"})
+
+
+def test_stop_ray_kills_the_embedded_monitor_before_the_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The autoscaler monitor would hold ``ray.shutdown`` for a second (it reports its
+    SIGTERM to the GCS already gone); it is dead before the shutdown starts, the other
+    processes are left to Ray's own shutdown."""
+    import subprocess
+
+    monitor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    node = SimpleNamespace(
+        all_processes={
+            "monitor": [SimpleNamespace(process=monitor)],
+            "raylet": [SimpleNamespace(process=raylet)],
+        }
+    )
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(launch.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(launch.ray._private.worker, "_global_node", node, raising=False)
+    monkeypatch.setattr(
+        launch.ray, "shutdown", lambda: seen.update(monitor=monitor.poll(), raylet=raylet.poll())
+    )
+    try:
+        launch.stop_ray()
+    finally:
+        raylet.kill()
+        raylet.wait()
+    assert seen == {"monitor": -9, "raylet": None}
+
+
+def test_stop_ray_without_ray_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch.ray, "shutdown", lambda: pytest.fail("shut down twice"))
+    launch.stop_ray()
