@@ -60,8 +60,9 @@ class RollbackExhausted(RegimenError):
 
 class BadWorker(RollbackExhausted):
     """A technique stopped the job because one rank's hardware looks faulty: anomalies on
-    ``rank`` that did not reproduce on replay (the spike guard), the last at ``step``. The
-    driver may restart the job without that rank's node (``cluster/workers.py``)."""
+    ``rank`` that did not reproduce on replay (the spike guard). ``step``: the loop's step
+    when it stopped (as in ``stopped.json``). The driver may restart the job without that
+    rank's node (``cluster/workers.py``)."""
 
     def __init__(self, message: str, rank: int, step: int = -1) -> None:
         super().__init__(message)

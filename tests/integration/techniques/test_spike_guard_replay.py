@@ -77,9 +77,9 @@ def test_repeated_transient_faults_fail_the_job_naming_the_rank(tmp_path, gloo_w
     assert "did not reproduce on replay" in msg and "rank 0" in msg
     assert "Restart the job without that node" in msg
     # the rank travels as a value, for the driver to restart the job without its node
-    assert isinstance(info.value, BadWorker) and (info.value.rank, info.value.step) == (0, 9)
+    assert isinstance(info.value, BadWorker) and (info.value.rank, info.value.step) == (0, 10)
     rundir = RunDir(tmp_path / "bad")
-    assert rundir.read_stopped() == Stopped(9, msg, bad_rank=0)
+    assert rundir.read_stopped() == Stopped(10, msg, bad_rank=0)  # stopped in step 9 (of 0..)
     with pytest.raises(BadWorker, match="did not reproduce"):  # a restart on the same nodes
         check_not_stopped(rundir)
 
