@@ -25,7 +25,7 @@ from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
 from orchestrator.timeline import PROCESS, Timeline, phase_seconds
 
 if TYPE_CHECKING:
-    from orchestrator.cluster.workers import WorkerPool
+    from orchestrator.cluster.workers import WorkerJob, WorkerPool
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -183,6 +183,7 @@ def run_job(
     except Exception as exc:
         stop_workers()
         result.status, result.error = "FAILED", _root_cause(exc)
+        _note_restarts(result, job)
         replay_leftover_metrics(tracking.uri, run_dir)
         log_checkpoints(tracking.uri, new_run_id, run_dir)
         end_run(tracking.uri, new_run_id, "FAILED", reason=result.error)
@@ -196,8 +197,7 @@ def run_job(
             pool.release(job.group)  # warm for the next variant
         else:
             job.group.shutdown()
-        if job.restarts:
-            result.extra["restarts"] = job.restarts
+    _note_restarts(result, job)
     replay_leftover_metrics(tracking.uri, run_dir)
     _fill_from_summary(result, _job_summary(board, run_dir))
     log_checkpoints(tracking.uri, new_run_id, run_dir)
@@ -222,6 +222,14 @@ def run_job(
     timeline.mark("run.ended")
     result.extra["startup"] = timeline.to_dict()
     return result
+
+
+def _note_restarts(result: JobResult, job: WorkerJob | None) -> None:
+    """The job's restarts, and the nodes it was moved off, in its result (``--json``)."""
+    if job is not None and job.restarts:
+        result.extra["restarts"] = job.restarts
+    if job is not None and job.excluded:
+        result.extra["excluded_nodes"] = sorted(job.excluded)
 
 
 def _restart_recorder(tracking_uri: str, run_id: str) -> Callable[[dict[str, Any]], None]:

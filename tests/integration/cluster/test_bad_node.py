@@ -95,6 +95,7 @@ def test_a_job_restarts_without_the_node_whose_worker_faults(tmp_path: Path) -> 
     assert result["restarts"] == 1
 
     (faulty,) = [node for node, second in facts["nodes"].items() if second]
+    assert result["excluded_nodes"] == [faulty]
     groups: dict[str, set[str]] = {}
     for pg, node in facts["actors"]:
         groups.setdefault(pg, set()).add(node)
@@ -139,6 +140,7 @@ def test_on_the_single_node_embedded_ray_the_job_fails_at_once_saying_why(
     assert "did not reproduce on replay" in result.error and "rank 0" in result.error
     assert "No automatic restart without node" in result.error
     assert "no other alive node" in result.error
+    assert "excluded_nodes" not in result.extra and "restarts" not in result.extra
     client = mlflow.MlflowClient(recipe.tracking.uri)
     assert client.get_run(result.run_id).info.status == "FAILED"
     assert "bad_worker" in [e["kind"] for e in read_events(recipe.tracking.uri, result.run_id)]
