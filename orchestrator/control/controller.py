@@ -143,8 +143,8 @@ def run_job(
     config = spec.worker_config(run_dir, new_run_id)
     outcome: dict[str, BaseException | None] = {"error": None}
     if job is not None:
-        moved = _restart_recorder(tracking.uri, new_run_id)
-        start: Callable[[], Any] = lambda: job.run({**config, "progress": board}, moved)  # noqa: E731
+        on_restart = _restart_recorder(tracking.uri, new_run_id)
+        start: Callable[[], Any] = lambda: job.run({**config, "progress": board}, on_restart)  # noqa: E731
     else:
         start = make_trainer(recipe, config, progress=board).fit
 
