@@ -58,6 +58,22 @@ class RollbackExhausted(RegimenError):
     """The spike guard used up its rollback budget; the message lists steps and actions tried."""
 
 
+class BadWorker(RollbackExhausted):
+    """A technique stopped the job because one rank's hardware looks faulty: anomalies on
+    ``rank`` that did not reproduce on replay (the spike guard). ``step``: the loop's step
+    when it stopped (as in ``stopped.json``). The driver may restart the job without that
+    rank's node (``cluster/workers.py``)."""
+
+    def __init__(self, message: str, rank: int, step: int = -1) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.step = step
+
+    def __reduce__(self) -> tuple[type[BadWorker], tuple[str, int, int]]:
+        # travels from a Ray actor to the driver as itself (Ray pickles the cause)
+        return (type(self), (str(self), self.rank, self.step))
+
+
 class TrainingFailed(RegimenError):
     """A job failed for another reason (e.g. worker crashes past the restart budget)."""
 

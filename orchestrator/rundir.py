@@ -84,19 +84,29 @@ def _read_json(path: Path) -> Any:
 
 @dataclass(frozen=True)
 class Stopped:
-    """``stopped.json``: a technique stopped training at ``step`` for ``reason``."""
+    """``stopped.json``: a technique stopped training at ``step`` for ``reason``; with
+    ``bad_rank``, because that rank's hardware looks faulty."""
 
     step: int
     reason: str
+    bad_rank: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as written to disk."""
-        return {"step": self.step, "reason": self.reason}
+        out: dict[str, Any] = {"step": self.step, "reason": self.reason}
+        if self.bad_rank is not None:
+            out["bad_rank"] = self.bad_rank
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Stopped:
         """The record read back (``step`` may be missing in hand-written files)."""
-        return cls(step=int(data.get("step", -1)), reason=str(data["reason"]))
+        bad = data.get("bad_rank")
+        return cls(
+            step=int(data.get("step", -1)),
+            reason=str(data["reason"]),
+            bad_rank=int(bad) if bad is not None else None,
+        )
 
 
 @dataclass(frozen=True)

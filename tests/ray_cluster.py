@@ -95,9 +95,15 @@ def _ports() -> list[str]:
 
 
 @contextlib.contextmanager
-def ray_cluster(root: Path, second_node: bool = False, cpus: int = 2) -> Iterator[Cluster]:
-    """A head node (and a second node with the custom resource ``second_node``), up for the
-    ``with`` block and killed after it."""
+def ray_cluster(
+    root: Path,
+    second_node: bool = False,
+    cpus: int = 2,
+    second_node_env: dict[str, str] | None = None,
+) -> Iterator[Cluster]:
+    """A head node (and a second node with the custom resource ``second_node``, whose Ray
+    processes, workers included, also see ``second_node_env``), up for the ``with`` block
+    and killed after it."""
     temp_dir = Path("/tmp") / f"rgm-{secrets.token_hex(3)}"  # short: unix socket paths
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
@@ -125,7 +131,7 @@ def ray_cluster(root: Path, second_node: bool = False, cpus: int = 2) -> Iterato
                     "start", f"--address=127.0.0.1:{gcs_port}", f"--num-cpus={cpus}",
                     '--resources={"second_node": 1}', "--disable-usage-stats", *_ports(),
                 ],
-                env,
+                {**env, **(second_node_env or {})},
             )  # fmt: skip
         yield Cluster(
             f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, env, root, temp_dir

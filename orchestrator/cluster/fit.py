@@ -8,7 +8,8 @@ cluster does not cause a refusal.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import UsageError
@@ -119,11 +120,42 @@ def jobs_at_once(resources: Any, nodes: Iterable[Mapping[str, float]]) -> int:
     return max(1, sum(per_node) // workers)
 
 
-def cluster_nodes() -> list[dict[str, float]]:
-    """Total resources of each alive node of the connected Ray cluster."""
+@dataclass(frozen=True)
+class NodeInfo:
+    """One alive node of the cluster: its Ray node id, host name and total resources."""
+
+    node_id: str
+    host: str
+    resources: dict[str, float]
+
+
+def alive_nodes() -> list[NodeInfo]:
+    """The alive nodes of the connected Ray cluster."""
     import ray
 
-    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    return [
+        NodeInfo(
+            str(n["NodeID"]),
+            str(n.get("NodeManagerHostname") or n.get("NodeManagerAddress") or "?"),
+            dict(n.get("Resources", {})),
+        )
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of each alive node of the connected Ray cluster."""
+    return [n.resources for n in alive_nodes()]
+
+
+def fit_without(resources: Any, nodes: Sequence[NodeInfo], exclude: Collection[str]) -> list[str]:
+    """Why ``resources`` can never be placed on the alive ``nodes`` outside ``exclude``
+    (node ids); an empty list: it can."""
+    left = [n.resources for n in nodes if n.node_id not in exclude]
+    if not left:
+        return ["the cluster has no other alive node (a single node, such as the embedded Ray)"]
+    return fit_problems(resources, left, name="the other nodes")
 
 
 def check_variants(variants: Iterable[Any], nodes: list[dict[str, float]] | None = None) -> None:

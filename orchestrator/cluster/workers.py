@@ -13,7 +13,11 @@ A group that saw a failure (a rank raised, an actor died) is torn down, never re
 gloo group with a collective in flight is broken. :class:`WorkerJob` applies the
 failure policy (:class:`FailurePolicy`, a decision per failure, as Ray Train v2 does):
 while ``resources.max_restarts`` allows, a fresh group reruns the job, whose loop resumes
-from the run directory's latest complete checkpoint. A :class:`WorkerPool` keeps groups
+from the run directory's latest complete checkpoint. A job stopped because one rank's
+hardware looks faulty (:class:`~orchestrator.errors.BadWorker`: the spike guard's
+non-reproducible anomalies) restarts the same way on a group placed without that rank's
+node (a ``ray.io/node-id`` label selector), if the other nodes can hold it; else it fails
+saying why. A :class:`WorkerPool` keeps groups
 that finished cleanly, so a sweep's variants pay process start, imports and process-group
 setup once per concurrency slot.
 """
@@ -24,16 +28,18 @@ import contextlib
 import enum
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from orchestrator.cluster.fit import bundle_of
-from orchestrator.errors import RegimenError, UsageError
+from orchestrator.cluster.fit import NodeInfo, alive_nodes, bundle_of, fit_without
+from orchestrator.errors import BadWorker, RegimenError, UsageError
+from orchestrator.rundir import RunDir
 
 PoolKey = tuple[int, tuple[tuple[str, float], ...], str, str]
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries its node id as this label
 
 
 class WorkerGroupError(RegimenError):
@@ -137,6 +143,11 @@ def death_reason(text: str) -> str:
     return (errors[-1] if errors else lines[0] if lines else "")[:500]
 
 
+def node_selector(exclude: Collection[str]) -> dict[str, str]:
+    """A bundle label selector that keeps a bundle off the nodes ``exclude`` (node ids)."""
+    return {NODE_ID_LABEL: "!in(" + ",".join(sorted(exclude)) + ")"}
+
+
 def pool_key(resources: Any) -> PoolKey:
     """Groups are interchangeable between jobs with equal keys: same world size, same
     per-worker resources, same placement strategy, same device."""
@@ -148,21 +159,29 @@ class Decision(enum.Enum):
     """What the failure policy says to do with a failed job."""
 
     RESTART = "restart"
+    RESTART_WITHOUT_NODE = "restart_without_node"  # a fresh group off the bad rank's node
     RAISE = "raise"
 
 
 @dataclass(frozen=True)
 class FailurePolicy:
     """Restart a failed job on a fresh group while ``max_restarts`` allows; a cancelled
-    job is never restarted."""
+    job is never restarted. A job a bad worker stopped (:class:`BadWorker`) restarts only
+    without that worker's node, and only where the other nodes can hold it: on the same
+    nodes its deliberate stop would stand. Every restart counts toward ``max_restarts``."""
 
     max_restarts: int
 
-    def decide(self, error: BaseException, restarts_done: int) -> Decision:
-        """The decision for ``error``, after ``restarts_done`` restarts of this job."""
-        if isinstance(error, Cancelled):
+    def decide(
+        self, error: BaseException, restarts_done: int, *, fits_without_node: bool = False
+    ) -> Decision:
+        """The decision for ``error``, after ``restarts_done`` restarts of this job;
+        ``fits_without_node``: the job fits the cluster without the bad worker's node."""
+        if isinstance(error, Cancelled) or restarts_done >= self.max_restarts:
             return Decision.RAISE
-        return Decision.RESTART if restarts_done < self.max_restarts else Decision.RAISE
+        if isinstance(error, BadWorker):
+            return Decision.RESTART_WITHOUT_NODE if fits_without_node else Decision.RAISE
+        return Decision.RESTART
 
 
 # -- the actors -----------------------------------------------------------------------------
@@ -250,18 +269,22 @@ class WorkerGroup:
     for that. After a failure, or :meth:`shutdown`, the group is unusable.
     """
 
-    def __init__(self, resources: Any) -> None:
+    def __init__(self, resources: Any, exclude_nodes: Collection[str] = ()) -> None:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.resources = resources
         self.key = pool_key(resources)
         self.device = str(resources.device)
+        self.exclude_nodes = frozenset(exclude_nodes)  # node ids no bundle may land on
         bundle = bundle_of(resources)
         workers = int(resources.workers)
         self._lock = threading.Lock()
         self._dead = False
-        self.pg = placement_group([dict(bundle)] * workers, strategy=resources.placement)
+        selector = [node_selector(self.exclude_nodes)] * workers if self.exclude_nodes else None
+        self.pg = placement_group(
+            [dict(bundle)] * workers, strategy=resources.placement, bundle_label_selector=selector
+        )
         custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
         self.actors = [
             RankWorker.options(  # type: ignore[attr-defined]
@@ -276,6 +299,7 @@ class WorkerGroup:
             for i in range(workers)
         ]
         self.pids: list[int] = []
+        self.nodes: list[str] = []  # each actor's Ray node id, in actor order
         self.ranks: list[int] = []
         self._start_error: BaseException | None = None
         # placement, imports and the process group proceed while the driver goes on
@@ -353,6 +377,7 @@ class WorkerGroup:
         try:
             described = self._call("describe", [()] * len(self.actors))
             self.pids = [pid for _, _, pid in described]
+            self.nodes = [node for node, _, _ in described]
             slots = plan_ranks([(node, gpus) for node, gpus, _ in described], self.device)
             head = next(i for i, s in enumerate(slots) if s.rank == 0)
             addr, port = ray.get(self.actors[head].address.remote())
@@ -383,6 +408,12 @@ class WorkerGroup:
         refs = [a.run.remote(config) for a in self.actors]
         results = self._gather(refs)
         return results[self.ranks.index(0)]
+
+    def node_of(self, rank: int) -> str | None:
+        """The Ray node id ``rank`` ran on (None: the group never got that far)."""
+        if rank not in self.ranks or len(self.nodes) != len(self.ranks):
+            return None
+        return self.nodes[self.ranks.index(rank)]
 
     def memory(self) -> list[int]:
         """Resident memory of each actor, in actor order (bytes)."""
@@ -456,25 +487,53 @@ class WorkerPool:
             group.shutdown()
 
 
+@dataclass(frozen=True)
+class BadNode:
+    """The node of the rank a :class:`BadWorker` stop (``fault``) named, and whether the
+    job can go on without it: ``problems`` says why not (empty: the other nodes can hold
+    the job)."""
+
+    fault: BadWorker
+    node_id: str | None
+    host: str | None
+    problems: tuple[str, ...]
+
+    def where(self) -> str:
+        """The node in words, e.g. ``node 1a2b3c4d (host gpu-7)``."""
+        if self.node_id is None:
+            return f"rank {self.fault.rank}'s node"
+        return f"node {self.node_id[:8]} (host {self.host or '?'})"
+
+
 class WorkerJob:
     """One job on worker groups, with restarts: :meth:`run` blocks; :meth:`stop` (any
-    thread) kills the group in use at once."""
+    thread) kills the group in use at once.
+
+    ``new_group(exclude_nodes)`` makes each fresh group; ``nodes`` lists the cluster's alive
+    nodes (what a restart without a bad node must fit on)."""
 
     def __init__(
         self,
         resources: Any,
         group: WorkerGroup | None = None,
         *,
-        new_group: Callable[[], WorkerGroup] | None = None,
+        new_group: Callable[[frozenset[str]], WorkerGroup] | None = None,
+        nodes: Callable[[], Sequence[NodeInfo]] = alive_nodes,
     ) -> None:
+        self.resources = resources
         self.policy = FailurePolicy(int(resources.max_restarts))
-        self._new_group = new_group or (lambda: WorkerGroup(resources))
-        self.group = group if group is not None else self._new_group()
+        self._new_group = new_group or (lambda exclude: WorkerGroup(resources, exclude))
+        self._nodes = nodes
+        self.group = group if group is not None else self._new_group(frozenset())
         self.restarts = 0
+        self.excluded: dict[str, BadNode] = {}  # node id -> why: no group of this job goes there
         self._stopped = threading.Event()
 
-    def run(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Run the job, restarting on a fresh group while the policy says so."""
+    def run(
+        self, config: dict[str, Any], on_restart: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Run the job, restarting on a fresh group while the policy says so.
+        ``on_restart`` hears of each restart without a node (the facts, as a dict)."""
         while True:
             try:
                 return self.group.run(config)
@@ -482,13 +541,69 @@ class WorkerJob:
                 error = next(iter(exc.worker_failures.values()), exc)
                 if self._stopped.is_set():
                     error = Cancelled("stopped")
-                if self.policy.decide(error, self.restarts) is Decision.RAISE:
+                bad = self._bad_node(error) if isinstance(error, BadWorker) else None
+                decision = self.policy.decide(
+                    error, self.restarts, fits_without_node=bad is not None and not bad.problems
+                )
+                if decision is Decision.RAISE:
+                    if bad is not None:
+                        raise self._not_moved(exc, bad) from exc
                     raise
                 self.restarts += 1
-                self.group = self._new_group()
+                if decision is Decision.RESTART_WITHOUT_NODE and bad is not None:
+                    self._move_off(bad, config, on_restart)
+                self.group = self._new_group(frozenset(self.excluded))
                 if self._stopped.is_set():  # stopped while the new group was made
                     self.group.shutdown()
                     raise
+
+    def _bad_node(self, fault: BadWorker) -> BadNode:
+        node = self.group.node_of(fault.rank)
+        if node is None:
+            return BadNode(fault, None, None, ("the worker group does not know its node",))
+        nodes = list(self._nodes())
+        host = next((n.host for n in nodes if n.node_id == node), None)
+        problems = fit_without(self.resources, nodes, {*self.excluded, node})
+        return BadNode(fault, node, host, tuple(problems))
+
+    def _move_off(
+        self,
+        bad: BadNode,
+        config: Mapping[str, Any],
+        on_restart: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        """Exclude ``bad``'s node from every later group and lift the job's stop record
+        (the stop was about that node; the restart resumes from the latest checkpoint)."""
+        if bad.node_id is not None:
+            self.excluded[bad.node_id] = bad
+        if config.get("run_dir"):
+            RunDir(config["run_dir"]).clear_stopped()
+        if on_restart is not None:
+            on_restart(
+                {
+                    "rank": bad.fault.rank,
+                    "node_id": bad.node_id,
+                    "host": bad.host,
+                    "step": bad.fault.step,
+                    "restart": self.restarts,
+                    "max_restarts": self.policy.max_restarts,
+                    "excluded_nodes": sorted(self.excluded),
+                }
+            )
+
+    def _not_moved(self, exc: WorkerGroupError, bad: BadNode) -> WorkerGroupError:
+        """The failure as it was, plus why no restart without the bad node happened."""
+        if self.restarts >= self.policy.max_restarts:
+            n = self.policy.max_restarts
+            why = f"resources.max_restarts is {n} and {self.restarts} restart(s) are done"
+        else:
+            why = "; ".join(bad.problems)
+        fault = bad.fault
+        note = BadWorker(
+            f"{fault} No automatic restart without {bad.where()}: {why}.", fault.rank, fault.step
+        )
+        failed = next(iter(exc.worker_failures), fault.rank)
+        return WorkerGroupError(f"{exc} (not restarted: {why})", {failed: note})
 
     def stop(self) -> None:
         """Kill the current group; :meth:`run` raises instead of restarting."""

@@ -25,7 +25,7 @@ from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
 from orchestrator.timeline import PROCESS, Timeline, phase_seconds
 
 if TYPE_CHECKING:
-    from orchestrator.cluster.workers import WorkerPool
+    from orchestrator.cluster.workers import WorkerJob, WorkerPool
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -126,7 +126,7 @@ def run_job(
         # the actors start (and import the engine) while the driver opens the MLflow run
         timeline.mark("workers.begin")
         group = pool.acquire(resources) if pool is not None else WorkerGroup(resources)
-        job = WorkerJob(resources, group, new_group=lambda: WorkerGroup(resources))
+        job = WorkerJob(resources, group, new_group=lambda ex: WorkerGroup(resources, ex))
     try:
         new_run_id, run_dir = open_job_run(spec)
     except BaseException:
@@ -143,7 +143,8 @@ def run_job(
     config = spec.worker_config(run_dir, new_run_id)
     outcome: dict[str, BaseException | None] = {"error": None}
     if job is not None:
-        start: Callable[[], Any] = lambda: job.run({**config, "progress": board})  # noqa: E731
+        on_restart = _restart_recorder(tracking.uri, new_run_id)
+        start: Callable[[], Any] = lambda: job.run({**config, "progress": board}, on_restart)  # noqa: E731
     else:
         start = make_trainer(recipe, config, progress=board).fit
 
@@ -182,6 +183,7 @@ def run_job(
     except Exception as exc:
         stop_workers()
         result.status, result.error = "FAILED", _root_cause(exc)
+        _note_restarts(result, job)
         replay_leftover_metrics(tracking.uri, run_dir)
         log_checkpoints(tracking.uri, new_run_id, run_dir)
         end_run(tracking.uri, new_run_id, "FAILED", reason=result.error)
@@ -195,8 +197,7 @@ def run_job(
             pool.release(job.group)  # warm for the next variant
         else:
             job.group.shutdown()
-        if job.restarts:
-            result.extra["restarts"] = job.restarts
+    _note_restarts(result, job)
     replay_leftover_metrics(tracking.uri, run_dir)
     _fill_from_summary(result, _job_summary(board, run_dir))
     log_checkpoints(tracking.uri, new_run_id, run_dir)
@@ -221,6 +222,39 @@ def run_job(
     timeline.mark("run.ended")
     result.extra["startup"] = timeline.to_dict()
     return result
+
+
+def _note_restarts(result: JobResult, job: WorkerJob | None) -> None:
+    """The job's restarts, and the nodes it was moved off, in its result (``--json``)."""
+    if job is not None and job.restarts:
+        result.extra["restarts"] = job.restarts
+    if job is not None and job.excluded:
+        result.extra["excluded_nodes"] = sorted(job.excluded)
+
+
+def _restart_recorder(tracking_uri: str, run_id: str) -> Callable[[dict[str, Any]], None]:
+    """What the driver records when the job restarts without a bad worker's node: a
+    ``restart_without_node`` event and the ``regimen.excluded_nodes`` tag (a warning, not a
+    failure, while MLflow is unreachable)."""
+    import logging
+
+    from orchestrator.errors import TrackingError
+    from orchestrator.tracking.runs import log_event, set_tags
+
+    def record(facts: dict[str, Any]) -> None:
+        logging.getLogger(__name__).warning(
+            "run %s: restarting without node %s (host %s): rank %s looked faulty",
+            run_id, facts["node_id"], facts["host"], facts["rank"],
+        )  # fmt: skip
+        try:
+            log_event(tracking_uri, run_id, "restart_without_node", int(facts["step"]), facts)
+            set_tags(
+                tracking_uri, run_id, {"regimen.excluded_nodes": ",".join(facts["excluded_nodes"])}
+            )
+        except TrackingError as exc:
+            logging.getLogger(__name__).warning("%s", exc)
+
+    return record
 
 
 def replay_leftover_metrics(tracking_uri: str, run_dir: Path) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from orchestrator.distributed import all_gather_objects
 from orchestrator.engine.checkpoint import CheckpointInfo, CheckpointStore
-from orchestrator.errors import CheckpointError, RollbackExhausted
+from orchestrator.errors import BadWorker, CheckpointError, RollbackExhausted
 from orchestrator.rundir import RunDir, Stopped
 from orchestrator.techniques.base import Capability, Decision, Technique, TrainState, has
 
@@ -151,16 +151,25 @@ def protected(
 
 
 def check_not_stopped(run_dir: RunDir) -> None:
-    """A job that a STOP decision ended does not start again (until `regimen resume`)."""
+    """A job that a STOP decision ended does not start again (until `regimen resume`, or
+    the driver restarting it without a bad worker's node, clears the record)."""
     stopped = run_dir.read_stopped()
     if stopped is not None:
-        raise RollbackExhausted(stopped.reason)
+        raise stop_error(stopped)
 
 
-def record_stop(run_dir: RunDir, rank: int, step: int, reason: str) -> None:
+def record_stop(run_dir: RunDir, rank: int, stopped: Stopped) -> None:
     """Rank 0: write ``stopped.json`` (a Ray Train restart must not retry a deliberate stop)."""
     if rank == 0:
-        run_dir.write_stopped(Stopped(step=step, reason=reason))
+        run_dir.write_stopped(stopped)
+
+
+def stop_error(stopped: Stopped) -> RollbackExhausted:
+    """The error a STOP ends the job with: :class:`BadWorker` (naming the rank, for the
+    driver) when a rank's hardware is the cause, else :class:`RollbackExhausted`."""
+    if stopped.bad_rank is not None:
+        return BadWorker(stopped.reason, stopped.bad_rank, stopped.step)
+    return RollbackExhausted(stopped.reason)
 
 
 def apply_manual_segment(

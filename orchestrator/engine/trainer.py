@@ -44,10 +44,10 @@ from orchestrator.engine.reporting import Reporter
 from orchestrator.engine.steptime import StepClock
 from orchestrator.engine.tasks import build_task_model, eval_metrics, task_for
 from orchestrator.engine.throughput import Throughput
-from orchestrator.errors import RollbackExhausted, TrackingError
+from orchestrator.errors import TrackingError
 from orchestrator.recipe.hf_models import attention_implementation
 from orchestrator.recipe.schema import Recipe
-from orchestrator.rundir import RunDir
+from orchestrator.rundir import RunDir, Stopped
 from orchestrator.techniques.base import (
     Action,
     BatchStream,
@@ -386,8 +386,9 @@ class Trainer:
             recovery.rollback(self, end)
         elif end.action == Action.STOP:
             reason = end.message or f"a technique stopped training at step {state.step}"
-            recovery.record_stop(self.rundir, self.ctx.rank, state.step, reason)
-            raise RollbackExhausted(reason)
+            stopped = Stopped(state.step, reason, end.bad_rank)
+            recovery.record_stop(self.rundir, self.ctx.rank, stopped)
+            raise recovery.stop_error(stopped)
         return metrics
 
     def rebuild_engine(self) -> None:

@@ -59,6 +59,8 @@ class Decision:
     zero the optimizer moments. ``reason``: why (goes into the rollback event and lineage).
     ``message``: for STOP, the error the job fails with. ``retry``: for SKIP_STEP, the step's
     batch is drawn again by the next step (the cursor does not move on): a transient fault.
+    ``bad_rank``: for STOP, the rank whose hardware the technique suspects (the same answer
+    on every rank); the driver may restart the job without that rank's node.
     """
 
     action: Action = Action.PROCEED
@@ -68,6 +70,7 @@ class Decision:
     reason: Mapping[str, Any] = field(default_factory=dict)
     message: str = ""
     retry: bool = False
+    bad_rank: int | None = None
 
     @classmethod
     def proceed(cls) -> Decision:
@@ -98,9 +101,12 @@ class Decision:
         return cls(Action.ROLLBACK, to_step, ranges, reset_moments, dict(reason or {}))
 
     @classmethod
-    def stop(cls, message: str, reason: Mapping[str, Any] | None = None) -> Decision:
-        """End the job deliberately (a restart must not retry it)."""
-        return cls(Action.STOP, reason=dict(reason or {}), message=message)
+    def stop(
+        cls, message: str, reason: Mapping[str, Any] | None = None, bad_rank: int | None = None
+    ) -> Decision:
+        """End the job deliberately (a restart must not retry it). With ``bad_rank``: the
+        cause is that rank's hardware, so a restart without its node may go on."""
+        return cls(Action.STOP, reason=dict(reason or {}), message=message, bad_rank=bad_rank)
 
 
 def combine(decisions: Iterable[Decision]) -> Decision:
@@ -108,8 +114,9 @@ def combine(decisions: Iterable[Decision]) -> Decision:
 
     Rollbacks merge: the earliest ``to_step`` (None is the newest checkpoint, the latest
     bound), the union of the skip ranges, ``reset_moments`` if any asks, the reasons merged
-    with the earlier technique's keys winning. Stops join their messages. Skips retry the
-    batch if any asks (a skipped batch is not lost by drawing it again).
+    with the earlier technique's keys winning. Stops join their messages and keep the first
+    suspect rank. Skips retry the batch if any asks (a skipped batch is not lost by drawing
+    it again).
     """
     top = [d for d in decisions if d.action > Action.PROCEED]
     if not top:
@@ -130,6 +137,7 @@ def combine(decisions: Iterable[Decision]) -> Decision:
         reason=reason,
         message="; ".join(d.message for d in same if d.message),
         retry=action == Action.SKIP_STEP and any(d.retry for d in same),
+        bad_rank=next((d.bad_rank for d in same if d.bad_rank is not None), None),
     )
 
 

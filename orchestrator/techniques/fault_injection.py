@@ -7,7 +7,8 @@ Faults, each by step index (the 0-based optimizer step being run):
   the factor for ``spike_steps`` steps: the spike is real (gradients scale with it).
 * ``transient_spike_at_step``: the loss of that step's first pass (its micro-batches) is
   multiplied by ``spike_factor``; a re-run of the step (the spike guard's replay) is clean,
-  like a bit flip on one pass of a bad GPU.
+  like a bit flip on one pass of a bad GPU. With ``transient_spike_env``, only on the
+  ranks whose environment sets that variable (one node of a test cluster).
 * ``poison_samples: [start, end)``: every global batch holding one of these stream positions
   has its loss multiplied by ``spike_factor`` each time it is drawn (replays and retries
   included): bad data, a spike that reproduces.
@@ -196,7 +197,9 @@ class FaultInjection(Technique):
             self._loss_factor *= cfg.spike_factor
         if cfg.transient_spike_at_step == step and "transient_spike" not in self.fired:
             self._fire("transient_spike", state, mark=state.rank == 0)
-            self._transient_passes = state.recipe.schedule.grad_accumulation
+            only = cfg.transient_spike_env  # a faulty node: only its ranks see the fault
+            if only is None or os.environ.get(only):
+                self._transient_passes = state.recipe.schedule.grad_accumulation
         if cfg.grad_blowup_at_step == step and "grad_blowup" not in self.fired:
             self._fire("grad_blowup", state, mark=state.rank == 0)
             self._grad_factor = cfg.grad_factor

@@ -373,7 +373,7 @@ class SpikeGuard(Technique):
             "`regimen resume RUN_ID`), or raise stability.max_transient."
         )
         state.emit("bad_worker", rank=suspect, host=host, transient=self.transients[rank])
-        return False, Decision.stop(message, reason=reason)
+        return False, Decision.stop(message, reason=reason, bad_rank=suspect)
 
     def _record_scores(self, state: TrainState) -> None:
         for name, value in self._scores.items():

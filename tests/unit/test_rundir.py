@@ -124,6 +124,13 @@ def test_stopped_without_step_reads_back() -> None:
     assert Stopped.from_json({"reason": "r"}) == Stopped(-1, "r")
 
 
+def test_a_bad_worker_stop_records_its_rank(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path).create()
+    rd.write_stopped(Stopped(step=9, reason="rank 1 looks faulty", bad_rank=1))
+    assert rd.read_stopped() == Stopped(9, "rank 1 looks faulty", 1)
+    assert json.loads(rd.stopped.read_text())["bad_rank"] == 1
+
+
 def test_no_other_module_spells_the_layout() -> None:
     found = set()
     for path in ROOT.rglob("*.py"):

@@ -26,6 +26,11 @@ class FaultInjectionConfig(TechniqueConfig):
         None, ge=0, description="Loss x spike_factor on that step's first pass only: a re-run "
         "of the step (spike guard replay) does not see it (a transient fault)."
     )  # fmt: skip
+    transient_spike_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Only the ranks whose "
+        "environment sets this variable (non-empty) see the transient spike: a faulty node "
+        "in tests (the variable set on that node's `ray start`)."
+    )  # fmt: skip
     poison_samples: tuple[int, int] | None = Field(
         None, description="Stream positions [start, end): the loss of every global batch "
         "holding one is x spike_factor whenever it is drawn (bad data: a spike that reproduces)."

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import tiny_recipe
 from orchestrator.engine.loop import Trainer, WorkerContext
-from orchestrator.errors import RollbackExhausted
+from orchestrator.engine.recovery import check_not_stopped
+from orchestrator.errors import BadWorker, RollbackExhausted
+from orchestrator.rundir import RunDir, Stopped
 
 pytestmark = pytest.mark.integration
 
@@ -74,6 +76,12 @@ def test_repeated_transient_faults_fail_the_job_naming_the_rank(tmp_path, gloo_w
     msg = str(info.value)
     assert "did not reproduce on replay" in msg and "rank 0" in msg
     assert "Restart the job without that node" in msg
+    # the rank travels as a value, for the driver to restart the job without its node
+    assert isinstance(info.value, BadWorker) and (info.value.rank, info.value.step) == (0, 10)
+    rundir = RunDir(tmp_path / "bad")
+    assert rundir.read_stopped() == Stopped(10, msg, bad_rank=0)  # stopped in step 9 (of 0..)
+    with pytest.raises(BadWorker, match="did not reproduce"):  # a restart on the same nodes
+        check_not_stopped(rundir)
 
 
 def test_replay_off_rolls_back_a_one_off_fault_as_before(tmp_path, gloo_world):

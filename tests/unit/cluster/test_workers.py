@@ -136,7 +136,7 @@ def test_job_restarts_on_a_fresh_group_until_max_restarts() -> None:
     first = FakeGroup(res, [WorkerDied("rank 1 died")])
     fresh: list[FakeGroup] = []
 
-    def new_group() -> FakeGroup:
+    def new_group(exclude: frozenset[str]) -> FakeGroup:
         fresh.append(FakeGroup(res, [{"steps": 10}]))
         return fresh[-1]
 
@@ -147,7 +147,7 @@ def test_job_restarts_on_a_fresh_group_until_max_restarts() -> None:
     again = WorkerJob(
         res,
         FakeGroup(res, [WorkerDied("a")]),  # type: ignore[arg-type]
-        new_group=lambda: FakeGroup(res, [WorkerDied("b")]),  # type: ignore[arg-type,return-value]
+        new_group=lambda ex: FakeGroup(res, [WorkerDied("b")]),  # type: ignore[arg-type,return-value]
     )
     with pytest.raises(WorkerGroupError, match="b"):
         again.run({})
@@ -160,7 +160,7 @@ def test_a_stopped_job_is_not_restarted() -> None:
     job = WorkerJob(
         res,
         FakeGroup(res, [WorkerDied("killed by stop")]),  # type: ignore[arg-type]
-        new_group=lambda: made.append(FakeGroup(res)) or made[-1],  # type: ignore[arg-type,func-returns-value]
+        new_group=lambda ex: made.append(FakeGroup(res)) or made[-1],  # type: ignore[arg-type,func-returns-value]
     )
     job.stop()
     with pytest.raises(WorkerGroupError):

@@ -43,6 +43,15 @@ def test_combine_takes_the_highest_action_and_merges_rollbacks():
     assert Decision.rollback(skip=[(5, 5), (3, 1)]).skip == ()  # empty ranges dropped
 
 
+def test_a_stop_keeps_the_suspect_rank_it_names():
+    assert Decision.stop("x").bad_rank is None
+    bad = Decision.stop("bad worker", bad_rank=2)
+    assert combine([Decision.skip_step(), bad]) is bad
+    joined = combine([Decision.stop("other"), bad, Decision.stop("third", bad_rank=0)])
+    assert joined.bad_rank == 2 and joined.message == "other; bad worker; third"
+    assert combine([Decision.stop("a"), Decision.stop("b")]).bad_rank is None
+
+
 def test_train_state_is_read_only_and_takes_requests(tmp_path):
     recipe = tiny_recipe(tmp_path)
     events: list[tuple[str, dict]] = []
