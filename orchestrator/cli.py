@@ -370,11 +370,11 @@ def _finish(code: int, *, fast: bool) -> NoReturn:
 
     ``fast`` is for a Ray job's driver (``REGIMEN_JOB_ID`` is set: a job started by
     ``regimen submit``) and for the commands of :data:`FAST_EXIT_COMMANDS` run as a
-    process: Ray is shut down first (:func:`~orchestrator.cluster.launch.stop_ray`),
-    outside its exit handler (which sleeps 0.5 s "for log messages" that
-    ``log_to_driver: False`` never sends), then the process runs
-    every exit handler (Ray's shutdown, the metric sink, MLflow, logging), flushes its
-    output and leaves. Finalizing the modules of torch, DeepSpeed and Ray takes another
+    process: it runs every exit handler but Ray's (the metric sink, MLflow, logging),
+    flushes its output, stops Ray (:func:`~orchestrator.cluster.launch.stop_ray`: an
+    embedded Ray's processes are killed, a connected driver disconnects; not Ray's exit
+    handler, which sleeps 0.5 s "for log messages" that ``log_to_driver: False`` never
+    sends) and leaves. Finalizing the modules of torch, DeepSpeed and Ray takes another
     1-2 s on a small node (0.6 s for the submitting client), and the job counts as ended
     (``submit --wait`` returns) only when its process is gone. Threads still running
     (none should be) keep the normal exit.
@@ -384,14 +384,16 @@ def _finish(code: int, *, fast: bool) -> NoReturn:
         import atexit
 
         worker_logs = os.environ.get("REGIMEN_WORKER_LOGS", "0") == "1"  # those need the sleep
-        if "ray" in sys.modules and not worker_logs:
-            from orchestrator.cluster.launch import stop_ray
-
-            stop_ray()
-
+        ray = sys.modules.get("ray") if not worker_logs else None
+        if ray is not None:  # stopped last, below: nothing may see it die before the end
+            atexit.unregister(ray.shutdown)
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
+        if ray is not None:
+            from orchestrator.cluster.launch import stop_ray
+
+            stop_ray(exiting=True)
         os._exit(code)
     sys.exit(code)
 

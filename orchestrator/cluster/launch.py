@@ -9,6 +9,7 @@ trains. A small ``ProgressBoard`` actor carries rank 0's progress back for the t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -63,7 +64,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def stop_ray() -> None:
+def stop_ray(*, exiting: bool = False) -> None:
     """Shut Ray down (idempotent); an embedded Ray without waiting on its autoscaler monitor.
 
     ``ray.shutdown`` stops the embedded Ray's processes one after another, each with a
@@ -72,11 +73,22 @@ def stop_ray() -> None:
     already gone, and so is killed only when its second runs out. An embedded cluster's
     monitor keeps no state, so it is killed outright first (about 1 s off every run's
     exit); the rest shut down as Ray does it. A connected driver only disconnects.
+
+    ``exiting``: this process leaves right after (``os._exit``; the CLI's fast exit). The
+    embedded cluster lives and dies with the command and holds nothing to keep (the
+    checkpoints, MLflow and the logs are written by then), so its processes, and theirs
+    (workers, agents), are killed at once, and Ray's own exit handler, which would wait on
+    them, is dropped: another 0.3 s (the driver's orderly disconnect). A connected driver
+    owns no processes: it disconnects as usual.
     """
     if not ray.is_initialized():
         return
     node = getattr(ray._private.worker, "_global_node", None)
     processes = getattr(node, "all_processes", None) or {}
+    if exiting and processes:
+        atexit.unregister(ray.shutdown)
+        _kill_trees([info.process.pid for infos in processes.values() for info in infos])
+        return
     for info in processes.get("monitor", []):
         process = info.process
         if process.poll() is None:
@@ -84,6 +96,21 @@ def stop_ray() -> None:
             with contextlib.suppress(Exception):
                 process.wait(timeout=1)  # reaped, so the shutdown sees it gone
     ray.shutdown()
+
+
+def _kill_trees(pids: Sequence[int]) -> None:
+    """SIGKILL the processes ``pids`` and all their descendants, all at once, without
+    waiting (the caller exits; the orphans are reaped by init)."""
+    import psutil
+
+    found: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(pid)
+            found += [top, *top.children(recursive=True)]  # before any dies: agents reparent
+    for process in found:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -206,3 +207,44 @@ def test_stop_ray_without_ray_does_nothing(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(launch.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(launch.ray, "shutdown", lambda: pytest.fail("shut down twice"))
     launch.stop_ray()
+
+
+def test_stop_ray_on_the_way_out_kills_every_ray_process_and_its_children(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exiting: the embedded cluster's processes and theirs (the raylet's workers and
+    agents) are killed at once, and Ray's own exit handler, which would wait on them, is
+    dropped; nothing is shut down the slow way."""
+    import atexit
+    import subprocess
+
+    import psutil
+
+    spawn_child = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "time.sleep(60)"
+    )
+    raylet = subprocess.Popen([sys.executable, "-c", spawn_child])
+    gcs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    parent = psutil.Process(raylet.pid)
+    deadline = time.monotonic() + 20
+    while not parent.children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (worker,) = parent.children()
+    node = SimpleNamespace(
+        all_processes={
+            "raylet": [SimpleNamespace(process=raylet)],
+            "gcs_server": [SimpleNamespace(process=gcs)],
+        }
+    )
+    dropped: list[Any] = []
+    monkeypatch.setattr(launch.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(launch.ray._private.worker, "_global_node", node, raising=False)
+    monkeypatch.setattr(launch.ray, "shutdown", lambda: pytest.fail("shut down the slow way"))
+    monkeypatch.setattr(atexit, "unregister", dropped.append)
+    launch.stop_ray(exiting=True)
+    assert raylet.wait(timeout=10) == -9 and gcs.wait(timeout=10) == -9
+    worker.wait(timeout=10)  # the raylet's child, killed too (psutil reaps or sees it gone)
+    assert not worker.is_running()
+    assert dropped == [launch.ray.shutdown]
