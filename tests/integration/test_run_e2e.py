@@ -96,7 +96,9 @@ def _check_startup(marks: dict[str, float], wall: float, metrics: dict[str, floa
     serial = [m for label, begin, end in PHASES if label not in overlapping for m in (begin, end)]
     assert serial == sorted(serial, key=marks.__getitem__)  # one after the other
     span = marks["run.ended"] - marks[PROCESS_START]
-    assert 0 < wall - span < 15  # what is left: Ray's shutdown and the exit
+    # what is left: Ray's stop and the exit (0.05 s); the process's start time (psutil,
+    # from the boot time in clock ticks) is only good to a few tenths of a second
+    assert -0.5 < wall - span < 15
     covered = sum(s for label, s in phases.items() if label not in overlapping)
     assert 0.75 * span <= covered <= span + 0.01, (covered, span, phases)
     logged = {k: v for k, v in metrics.items() if k.startswith("startup/")}
