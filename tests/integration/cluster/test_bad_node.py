@@ -46,7 +46,9 @@ import json, ray
 from ray.util.state import list_actors
 ray.init(address="{gcs}")
 nodes = {{n["NodeID"]: "second_node" in n["Resources"] for n in ray.nodes()}}
-actors = list_actors(filters=[("class_name", "=", "RankWorker")], detail=True, limit=100)
+actors = list_actors(  # this cluster's (another Ray may run on the machine: the suite's)
+    address="{url}", filters=[("class_name", "=", "RankWorker")], detail=True, limit=100
+)
 print(json.dumps({{"nodes": nodes, "actors": [[a.placement_group_id, a.node_id] for a in actors]}}))
 """
 
@@ -55,7 +57,7 @@ def _cluster_facts(c: Cluster) -> dict[str, Any]:
     """Every RankWorker actor the cluster ran (placement group, node) and which node is
     the second one, asked of Ray's state API from a client of the cluster."""
     proc = subprocess.run(
-        [sys.executable, "-c", ACTORS.format(gcs=c.gcs)],
+        [sys.executable, "-c", ACTORS.format(gcs=c.gcs, url=c.url)],
         env=c.env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
