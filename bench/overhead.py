@@ -4,7 +4,7 @@ Both train the same tiny LLaMA on the same byte data with 2 CPU workers (gloo,
 ZeRO-1, fp32), micro-batch 8, seq 128. The bare script is the minimal loop a
 person would write (forward, backward, step, loss.item()); Regimen runs its full
 loop (techniques, all-reduced verdicts, async MLflow metrics, checkpoints off
-the measured window) under Ray Train. The median step time over steps
+the measured window) on its worker group (the default launcher). The median step time over steps
 [warm, steps) is compared.
 
     python bench/overhead.py [--steps 120] [--warm 20] [--rounds 3]
@@ -174,7 +174,7 @@ def main() -> None:
     labels = {
         "bare": "bare DeepSpeed (2 ranks, gloo)",
         "loop": "Regimen loop, no Ray, no MLflow (2 ranks, gloo)",
-        "regimen": f"regimen run (Ray Train, 2 workers, MLflow) {' '.join(args.override)}",
+        "regimen": f"regimen run (worker group, 2 workers, MLflow) {' '.join(args.override)}",
         "system": f"regimen run + system metrics every {args.system_metrics} s",
     }
     print(f"per-round medians (s): {arms}  load average: {os.getloadavg()}")
