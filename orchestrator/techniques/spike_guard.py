@@ -135,7 +135,9 @@ class SpikeGuard(Technique):
         # the detector statistics as they were at each checkpoint (step -> histories): a
         # rollback takes them back with the model, a resume gets them from the checkpoint
         self.snapshots: dict[int, dict[str, list[float]]] = {}
-        self.transients: dict[int, int] = {}  # rank -> anomalies that did not reproduce
+        # "rank@host" -> anomalies that did not reproduce there: a count is of the hardware,
+        # so a rank restarted on another node (off a bad one) starts again from zero
+        self.transients: dict[str, int] = {}
         self.replays = 0
         self._retry_step = -1  # the step whose batch is retried (a transient fault)
         self._replay: Callable[[], Replay] | None = None
@@ -355,24 +357,25 @@ class SpikeGuard(Technique):
         if again is not None:
             state.emit("replay", **result)
             return True, Decision()
-        rank = -1 if suspect is None else suspect
-        self.transients[rank] = self.transients.get(rank, 0) + 1
         host = ranks[suspect][2] if suspect is not None else None
+        where_key = transient_key(suspect, host)
+        self.transients[where_key] = self.transients.get(where_key, 0) + 1
+        count = self.transients[where_key]
         state.emit("spike", at_step=step, streak=self.streak + 1, **found, replay="not reproduced")
         state.emit("replay", **result, rank=suspect, host=host, decision="retry")
         self._retry_step = step
         reason = {**found, "step": step, "replay": "not reproduced", "rank": suspect}
-        if self.transients[rank] < self.cfg.max_transient:
+        if count < self.cfg.max_transient:
             return False, Decision.retry_step(reason=reason)
         where = f"rank {suspect} (host {host})" if suspect is not None else "an unknown rank"
         message = (
-            f"spike guard: {self.transients[rank]} anomalies on {where} did not reproduce on "
+            f"spike guard: {count} anomalies on {where} did not reproduce on "
             f"replay (the last at step {step}: {found['detector']}={_fmt(found['value'])}), a "
             "transient fault (a bad accelerator or silent data corruption), not the data. "
             "Restart the job without that node (exclude it from the cluster, then "
             "`regimen resume RUN_ID`), or raise stability.max_transient."
         )
-        state.emit("bad_worker", rank=suspect, host=host, transient=self.transients[rank])
+        state.emit("bad_worker", rank=suspect, host=host, transient=count)
         return False, Decision.stop(message, reason=reason, bad_rank=suspect)
 
     def _record_scores(self, state: TrainState) -> None:
@@ -579,7 +582,7 @@ class SpikeGuard(Technique):
             "anomalies": self.anomalies,
             "warnings": _plain(self.warnings),
             "snapshots": {str(k): _plain(v) for k, v in self.snapshots.items()},
-            "transients": {str(k): v for k, v in self.transients.items()},
+            "transients": dict(self.transients),
             "replays": self.replays,
             "trend": self._trend_state(),
         }
@@ -604,8 +607,14 @@ class SpikeGuard(Technique):
             for k, v in state.get("snapshots", {}).items()
         }
         self._set_trend(state.get("trend"))
-        self.transients = {int(k): int(v) for k, v in state.get("transients", {}).items()}
+        self.transients = {str(k): int(v) for k, v in state.get("transients", {}).items()}
         self.replays = int(state.get("replays", 0))
+
+
+def transient_key(rank: int | None, host: str | None) -> str:
+    """Where non-reproducible anomalies are counted: one rank on one host (``-1``: no
+    rank stood out)."""
+    return "-1" if rank is None else f"{rank}@{host}"
 
 
 def _fmt(value: Any) -> str:

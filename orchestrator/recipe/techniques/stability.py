@@ -71,8 +71,8 @@ class StabilityConfig(TechniqueConfig):
         "every anomaly."
     )  # fmt: skip
     max_transient: int = Field(
-        3, ge=1, description="Non-reproducible anomalies on one rank before the job fails "
-        "asking for a restart without that node."
+        3, ge=1, description="Non-reproducible anomalies on one rank and host before the job "
+        "stops naming it; the driver restarts it without that node where the cluster allows."
     )  # fmt: skip
     indicators_every: int = Field(
         0, ge=0, description="Log leading indicators every N steps (update RMS, TEV, attention "

@@ -261,3 +261,46 @@ def test_a_flat_deterministic_loss_does_not_make_a_tiny_uptick_a_trend():
     z-score, which calls any jump from a flat history a spike, is off here."""
     guard, state = _trend_guard(loss_zscore=False), _state([])
     assert not any(_run_steps(guard, state, [2.0] * 40 + [2.001] * 5))
+
+
+# -- non-reproducible anomalies are counted per rank and host ------------------------------
+def _transient(guard, state, host, monkeypatch):
+    """One anomaly on this rank (world 1) that the re-run does not reproduce, on ``host``;
+    the guard's decision."""
+    from orchestrator.techniques import spike_guard
+    from orchestrator.techniques.base import Replay
+
+    monkeypatch.setattr(spike_guard.socket, "gethostname", lambda: host)
+    guard._replay = lambda: Replay(first_loss=200.0, loss=2.0, grad_sq=1.0, seconds=0.01)
+    state._begin_step()
+    state._update(loss=200.0)
+    found = {"detector": "loss_z", "value": 40.0}
+    _, decision = guard._confirm(state, found)
+    state._update(step=state.step + 1)
+    return decision
+
+
+def test_transient_faults_count_per_host_so_a_moved_rank_starts_again(monkeypatch):
+    """max_transient faults on one rank's host stop the job naming the rank (the driver
+    then restarts it without that node); restored from a checkpoint on another host, the
+    same rank's count starts from zero, so one more fault there is retried, not a stop."""
+    from orchestrator.techniques.base import Action
+
+    guard, events = _guard(max_transient=2), []
+    state = _state(events)
+    for i in range(12):
+        _step(guard, state, _healthy(i, 3.0))
+    retried = _transient(guard, state, "gpu-7", monkeypatch)
+    assert retried.action is Action.SKIP_STEP and retried.retry
+    stop = _transient(guard, state, "gpu-7", monkeypatch)
+    assert stop.action is Action.STOP and stop.bad_rank == 0 and "host gpu-7" in stop.message
+    assert guard.transients == {"0@gpu-7": 2}
+
+    moved = _guard(max_transient=2)
+    moved.load_state_dict(guard.state_dict())  # the checkpoint the restart resumes from
+    state = _state(events)
+    for i in range(12):
+        _step(moved, state, _healthy(i, 3.0))
+    retried = _transient(moved, state, "gpu-8", monkeypatch)
+    assert retried.action is Action.SKIP_STEP and retried.retry
+    assert moved.transients == {"0@gpu-7": 2, "0@gpu-8": 1}
