@@ -435,12 +435,30 @@ class WorkerGroup:
 
 
 class WorkerPool:
-    """Warm groups kept between jobs, keyed by :func:`pool_key` (thread-safe)."""
+    """Warm groups kept between jobs, keyed by :func:`pool_key` (thread-safe). A node a job
+    found bad (:meth:`exclude`) is kept out of every later group of the pool, so a sweep's
+    other variants avoid it too."""
 
     def __init__(self) -> None:
         self._idle: dict[PoolKey, list[WorkerGroup]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._excluded: set[str] = set()
+
+    @property
+    def excluded(self) -> frozenset[str]:
+        """The node ids no new group of this pool goes to."""
+        with self._lock:
+            return frozenset(self._excluded)
+
+    def exclude(self, node_id: str) -> None:
+        """Keep later groups off ``node_id``; idle groups with a rank there are shut down."""
+        with self._lock:
+            self._excluded.add(node_id)
+            there = [g for gs in self._idle.values() for g in gs if node_id in g.nodes]
+            self._idle = {k: [g for g in gs if g not in there] for k, gs in self._idle.items()}
+        for group in there:
+            group.shutdown()
 
     def acquire(self, resources: Any) -> WorkerGroup:
         """An idle group for ``resources`` if one is kept, else a new one (starting).
@@ -462,12 +480,13 @@ class WorkerPool:
         return self._new(resources)
 
     def _new(self, resources: Any) -> WorkerGroup:
-        return WorkerGroup(resources)
+        return WorkerGroup(resources, self.excluded)
 
     def release(self, group: WorkerGroup) -> None:
-        """Keep ``group`` for the next job if it finished cleanly, else shut it down."""
+        """Keep ``group`` for the next job if it finished cleanly (and has no rank on an
+        excluded node), else shut it down."""
         with self._lock:
-            if group.healthy and not self._closed:
+            if group.healthy and not self._closed and not self._excluded & set(group.nodes):
                 self._idle.setdefault(group.key, []).append(group)
                 return
         group.shutdown()

@@ -126,7 +126,8 @@ def run_job(
         # the actors start (and import the engine) while the driver opens the MLflow run
         timeline.mark("workers.begin")
         group = pool.acquire(resources) if pool is not None else WorkerGroup(resources)
-        job = WorkerJob(resources, group, new_group=lambda ex: WorkerGroup(resources, ex))
+        shared = pool.excluded if pool is not None else frozenset()  # the sweep's bad nodes
+        job = WorkerJob(resources, group, new_group=lambda ex: WorkerGroup(resources, ex | shared))
     try:
         new_run_id, run_dir = open_job_run(spec)
     except BaseException:
@@ -143,7 +144,7 @@ def run_job(
     config = spec.worker_config(run_dir, new_run_id)
     outcome: dict[str, BaseException | None] = {"error": None}
     if job is not None:
-        on_restart = _restart_recorder(tracking.uri, new_run_id)
+        on_restart = _restart_recorder(tracking.uri, new_run_id, pool)
         start: Callable[[], Any] = lambda: job.run({**config, "progress": board}, on_restart)  # noqa: E731
     else:
         start = make_trainer(recipe, config, progress=board).fit
@@ -232,16 +233,21 @@ def _note_restarts(result: JobResult, job: WorkerJob | None) -> None:
         result.extra["excluded_nodes"] = sorted(job.excluded)
 
 
-def _restart_recorder(tracking_uri: str, run_id: str) -> Callable[[dict[str, Any]], None]:
-    """What the driver records when the job restarts without a bad worker's node: a
+def _restart_recorder(
+    tracking_uri: str, run_id: str, pool: WorkerPool | None = None
+) -> Callable[[dict[str, Any]], None]:
+    """What the driver does when the job restarts without a bad worker's node: a
     ``restart_without_node`` event and the ``regimen.excluded_nodes`` tag (a warning, not a
-    failure, while MLflow is unreachable)."""
+    failure, while MLflow is unreachable), and the node kept out of ``pool``'s later groups
+    (a sweep's other variants)."""
     import logging
 
     from orchestrator.errors import TrackingError
     from orchestrator.tracking.runs import log_event, set_tags
 
     def record(facts: dict[str, Any]) -> None:
+        if pool is not None and facts.get("node_id"):
+            pool.exclude(str(facts["node_id"]))
         logging.getLogger(__name__).warning(
             "run %s: restarting without node %s (host %s): rank %s looked faulty",
             run_id, facts["node_id"], facts["host"], facts["rank"],

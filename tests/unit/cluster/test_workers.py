@@ -114,6 +114,7 @@ class FakeGroup:
         self.key = pool_key(resources)
         self.outcomes = list(outcomes or [{"steps": 1}])
         self.dead = False
+        self.nodes: list[str] = []  # each rank's Ray node id, once placed
         FakeGroup.made.append(self)
 
     @property
@@ -208,3 +209,32 @@ def test_death_reason_is_the_error_that_killed_the_actor_else_the_first_line() -
     exited = "The actor died unexpectedly before finishing this task.\n\tclass_name: RankWorker"
     assert death_reason(exited) == "The actor died unexpectedly before finishing this task."
     assert death_reason("") == ""
+
+
+def test_a_node_excluded_by_one_job_is_kept_out_of_the_pools_later_groups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep: one variant's job moved off a bad node; the pool's idle group with a rank
+    there is shut down, a group on it that finishes later is not kept, and every new group
+    is placed without it."""
+    made: list[tuple[FakeGroup, frozenset[str]]] = []
+
+    def new(self: WorkerPool, res: Any) -> FakeGroup:
+        made.append((FakeGroup(res), self.excluded))
+        return made[-1][0]
+
+    monkeypatch.setattr(WorkerPool, "_new", new)
+    res = ResourcesConfig(workers=2)
+    pool = WorkerPool()
+    on_bad, elsewhere, busy = pool.acquire(res), pool.acquire(res), pool.acquire(res)
+    on_bad.nodes, elsewhere.nodes, busy.nodes = ["good", "bad"], ["good", "good"], ["bad", "x"]
+    pool.release(on_bad)
+    pool.release(elsewhere)
+    pool.exclude("bad")
+    assert not on_bad.healthy and pool.idle() == [elsewhere] and pool.excluded == {"bad"}
+    pool.release(busy)  # finished cleanly, but it has a rank on the bad node
+    assert not busy.healthy and pool.idle() == [elsewhere]
+    assert pool.acquire(res) is elsewhere
+    fresh = pool.acquire(res)
+    assert made[-1] == (fresh, frozenset({"bad"}))  # placed off the bad node
+    assert [ex for _, ex in made[:3]] == [frozenset()] * 3
