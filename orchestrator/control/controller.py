@@ -25,7 +25,7 @@ from orchestrator.rundir import METRICS_SPOOL_SUFFIX, RunDir
 from orchestrator.timeline import PROCESS, Timeline, phase_seconds
 
 if TYPE_CHECKING:
-    from orchestrator.cluster.workers import WorkerJob, WorkerPool
+    from orchestrator.cluster.workers import WorkerGroup, WorkerJob, WorkerPool
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -126,8 +126,7 @@ def run_job(
         # the actors start (and import the engine) while the driver opens the MLflow run
         timeline.mark("workers.begin")
         group = pool.acquire(resources) if pool is not None else WorkerGroup(resources)
-        shared = pool.excluded if pool is not None else frozenset()  # the sweep's bad nodes
-        job = WorkerJob(resources, group, new_group=lambda ex: WorkerGroup(resources, ex | shared))
+        job = WorkerJob(resources, group, new_group=_group_maker(resources, pool))
     try:
         new_run_id, run_dir = open_job_run(spec)
     except BaseException:
@@ -223,6 +222,20 @@ def run_job(
     timeline.mark("run.ended")
     result.extra["startup"] = timeline.to_dict()
     return result
+
+
+def _group_maker(
+    resources: Any, pool: WorkerPool | None
+) -> Callable[[frozenset[str]], WorkerGroup]:
+    """How a job's restart makes its fresh group: off the nodes the job excluded and, in a
+    sweep, off those any variant found bad by then (the pool's, read at each restart)."""
+    from orchestrator.cluster.workers import WorkerGroup
+
+    def make(excluded: frozenset[str]) -> WorkerGroup:
+        shared = pool.excluded if pool is not None else frozenset()
+        return WorkerGroup(resources, excluded | shared)
+
+    return make
 
 
 def _note_restarts(result: JobResult, job: WorkerJob | None) -> None:
